@@ -1,0 +1,130 @@
+"""``tiers status`` and ``tiers logs``: read what the supervisor records, change nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+import psycopg
+
+from tiers.cli.context import Context, handles_errors
+from tiers.cli.logtail import Follower, last_lines, prefixer
+from tiers.config import Topology
+from tiers.db import embedded
+from tiers.supervisor.plan import Phase
+from tiers.supervisor.statedir import StateDir
+
+_COLUMNS = ("NAME", "ROLE", "PID", "ADDRESS", "STATE", "RESTARTS", "DETAIL")
+
+
+def collect_status(state: StateDir, topology: Topology) -> dict[str, Any]:
+    """The stack as recorded by its supervisor, plus live replication state."""
+    running = state.is_locked()
+    recorded = state.read_status() or {}
+    services: list[dict[str, Any]] = recorded.get("services", [])
+    if not running:
+        for entry in services:
+            entry.update(state="stopped", pid=None)
+    else:
+        _add_replication(services, topology)
+    return {
+        "state_dir": str(state.path),
+        "running": running,
+        "supervisor_pid": recorded.get("supervisor_pid") if running else None,
+        "phase": recorded.get("phase", Phase.STOPPED.value) if running else Phase.STOPPED.value,
+        "services": [{k: v for k, v in e.items() if k != "pid_created"} for e in services],
+    }
+
+
+def _add_replication(services: list[dict[str, Any]], topology: Topology) -> None:
+    """What the primary says of each replica's WAL stream (pg_stat_replication)."""
+    replicas = [e for e in services if e.get("role") == "replica"]
+    if not replicas:
+        return
+    streams: dict[str, dict[str, Any]] = {}
+    try:
+        with psycopg.connect(embedded.conninfo(topology.db.primary_port, "postgres"),
+                             connect_timeout=2, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT application_name, state, "
+                "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint "
+                "FROM pg_stat_replication").fetchall()
+        for name, stream_state, lag in rows:
+            streams[name] = {"state": stream_state, "replay_lag_bytes": lag}
+    except psycopg.Error as exc:
+        for entry in replicas:
+            entry["replication"] = {"state": "unknown", "error": str(exc).strip()}
+        return
+    for entry in replicas:
+        entry["replication"] = streams.get(entry["name"], {"state": "not connected"})
+
+
+def print_status(state: StateDir, topology: Topology, *, as_json: bool) -> None:
+    status = collect_status(state, topology)
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    if not status["running"]:
+        click.echo(f"no stack is running in {status['state_dir']}")
+        if not status["services"]:
+            return
+    else:
+        click.echo(f"stack in {status['state_dir']}: {status['phase']} "
+                   f"(supervisor pid {status['supervisor_pid']})")
+    rows = [_COLUMNS]
+    for entry in status["services"]:
+        detail = entry.get("last_error") or ""
+        stream = entry.get("replication")
+        if stream:
+            lag = stream.get("replay_lag_bytes")
+            detail = f"replication {stream['state']}" + (f", lag {lag} B" if lag is not None
+                                                          else "")
+        rows.append((entry["name"], entry["role"], str(entry.get("pid") or "-"),
+                     entry["address"], entry["state"], str(entry["restarts"]), detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@handles_errors
+def status(ctx: Context, as_json: bool) -> None:
+    """Each service: name, role, pid, address, state, restarts."""
+    print_status(ctx.state, ctx.topology(), as_json=as_json)
+
+
+@click.command()
+@click.argument("service", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "--tail", "count", default=100, show_default=True,
+              help="Lines to show from the end of each log (-1 for all).")
+@click.pass_obj
+@handles_errors
+def logs(ctx: Context, service: str | None, follow: bool, count: int) -> None:
+    """Show the logs of one service, or of all of them prefixed by name."""
+    state = ctx.state
+    available = sorted(p.stem for p in state.logs.glob("*.log")) if state.logs.exists() else []
+    if service is not None and service not in available:
+        known = ", ".join(available) or "none yet"
+        raise click.UsageError(f"no logs for service {service!r} (known: {known})")
+    names = [service] if service else available
+    write = prefixer(names, sys.stdout)
+    for name in names:
+        for line in last_lines(state.log_path(name), count):
+            write(name, line)
+    if follow:
+        follower = Follower({n: state.log_path(n) for n in names}, write)
+        try:
+            while True:
+                follower.poll()
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+
+
+COMMANDS = (status, logs)

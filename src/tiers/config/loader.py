@@ -1,0 +1,298 @@
+"""Load ``tiers.toml`` into a validated :class:`~tiers.config.model.Topology`.
+
+The file is optional: with none, the defaults of ``tiers.config.model`` apply.
+Every mistake raises :class:`~tiers.errors.ConfigError` naming the file, the
+key and the reason, before anything starts. Example::
+
+    [proxy]
+    listen = "127.0.0.1:8400"
+
+    [app]
+    count = 2            # app servers
+    workers = 2          # prefork workers per server
+    port = 8401          # first server's port; the others count up (or: ports = [..])
+    app = "bookmarks.app:app"
+    pythonpath = ["examples"]
+
+    [db]
+    replicas = 1
+    port = 15432         # the primary; replicas count up (or: ports = [..])
+    data_dir = "db"      # relative to the state directory
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from tiers.config.model import (
+    Address,
+    AppConfig,
+    DbConfig,
+    ProxyConfig,
+    SupervisorConfig,
+    Topology,
+)
+from tiers.errors import ConfigError
+
+DEFAULT_FILE = "tiers.toml"
+
+# The demo service ships beside the package in a source checkout.
+_REPO_ROOT = Path(__file__).resolve().parents[3]
+DEMO_PYTHONPATH = _REPO_ROOT / "examples"
+DEMO_MIGRATIONS = DEMO_PYTHONPATH / "bookmarks" / "migrations"
+DEMO_APP = AppConfig.app
+
+
+def load_topology(path: Path | None = None, *, cwd: Path | None = None) -> Topology:
+    """Read ``path`` (or ``tiers.toml`` in ``cwd`` if present) and validate it.
+
+    Relative paths in the file are taken relative to the file's directory.
+    Raises ConfigError for an unreadable file, bad TOML, an unknown key, a
+    wrong type or an impossible value.
+    """
+    base = cwd or Path.cwd()
+    if path is None:
+        candidate = base / DEFAULT_FILE
+        if not candidate.exists():
+            return _build({}, "<defaults>", base)
+        path = candidate
+    source = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(source, "-", f"cannot read file: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "-", f"not valid TOML: {exc}") from exc
+    return _build(raw, source, path.resolve().parent)
+
+
+def parse_topology(text: str, source: str = "<string>", base: Path | None = None) -> Topology:
+    """Like :func:`load_topology` for TOML text already in memory (used by tests)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "-", f"not valid TOML: {exc}") from exc
+    return _build(raw, source, base or Path.cwd())
+
+
+class _Section:
+    """Typed access to one table of the file that remembers which keys were used."""
+
+    def __init__(self, source: str, name: str, raw: Any) -> None:
+        if not isinstance(raw, dict):
+            raise ConfigError(source, name, "must be a table")
+        self.source = source
+        self.name = name
+        self.raw: dict[str, Any] = raw
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, f"{self.name}.{key}", reason)
+
+    def check_keys(self, allowed: set[str]) -> None:
+        unknown = sorted(set(self.raw) - allowed)
+        if unknown:
+            raise self.fail(unknown[0], f"unknown key (known: {', '.join(sorted(allowed))})")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        if key not in self.raw:
+            return default
+        value = self.raw[key]
+        # bool is an int in Python; a count of `true` is a mistake, not 1.
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.fail(key, f"expected {_kind_name(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise self.fail(key, f"expected {_kind_name(kinds)}, got {type(value).__name__}")
+        if float in kinds and isinstance(value, int):
+            return float(value)
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int | None = None) -> int:
+        value: int = self.get(key, int, default)
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise self.fail(key, f"must be {bounds}, got {value}")
+        return value
+
+    def seconds(self, key: str, default: float, low: float = 0.001) -> float:
+        value: float = self.get(key, (int, float), default)
+        if value < low:
+            raise self.fail(key, f"must be at least {low} seconds, got {value}")
+        return value
+
+    def port(self, key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"a port must be an integer, got {value!r}")
+        if not 1 <= value <= 65535:
+            raise self.fail(key, f"port {value} is outside 1-65535")
+        return value
+
+    def ports(self, count: int, default_base: int) -> tuple[int, ...]:
+        """``ports = [..]`` (exactly ``count`` of them) or ``port = base`` counting up."""
+        if "ports" in self.raw and "port" in self.raw:
+            raise self.fail("ports", "give either 'port' (the first) or 'ports' (all), not both")
+        if "ports" in self.raw:
+            listed = self.raw["ports"]
+            if not isinstance(listed, list):
+                raise self.fail("ports", "must be a list of integers")
+            if len(listed) != count:
+                raise self.fail("ports", f"needs exactly {count} ports, got {len(listed)}")
+            return tuple(self.port("ports", p) for p in listed)
+        base = self.port("port", self.raw.get("port", default_base))
+        if base + count - 1 > 65535:
+            raise self.fail("port", f"{count} ports from {base} run past 65535")
+        return tuple(range(base, base + count))
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+             list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _parse_address(section: _Section, key: str, default: Address) -> Address:
+    text = section.get(key, str, None)
+    if text is None:
+        return default
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise section.fail(key, f"expected 'host:port', got {text!r}")
+    return Address(host.strip("[]"), section.port(key, int(port_text)))
+
+
+def _resolve(base: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _build(raw: dict[str, Any], source: str, base: Path) -> Topology:
+    sections = {"proxy", "app", "db", "supervisor"}
+    unknown = sorted(set(raw) - sections)
+    if unknown:
+        known = ", ".join(sorted(sections))
+        raise ConfigError(source, unknown[0], f"unknown section (known: {known})")
+    proxy = _build_proxy(_Section(source, "proxy", raw.get("proxy", {})))
+    app = _build_app(_Section(source, "app", raw.get("app", {})), base)
+    db = _build_db(_Section(source, "db", raw.get("db", {})), base)
+    supervisor = _build_supervisor(_Section(source, "supervisor", raw.get("supervisor", {})))
+    topology = Topology(source=source, proxy=proxy, app=app, db=db, supervisor=supervisor)
+    _check_ports_unique(topology)
+    return topology
+
+
+def _build_proxy(s: _Section) -> ProxyConfig:
+    d = ProxyConfig()
+    s.check_keys({f.name for f in fields(ProxyConfig)})
+    health_path = s.get("health_path", str, d.health_path)
+    if not health_path.startswith("/"):
+        raise s.fail("health_path", "must start with '/'")
+    return ProxyConfig(
+        listen=_parse_address(s, "listen", d.listen),
+        health_path=health_path,
+        health_interval=s.seconds("health_interval", d.health_interval),
+        health_timeout=s.seconds("health_timeout", d.health_timeout),
+        health_fall=s.integer("health_fall", d.health_fall, 1),
+        health_rise=s.integer("health_rise", d.health_rise, 1),
+        connect_timeout=s.seconds("connect_timeout", d.connect_timeout),
+        read_timeout=s.seconds("read_timeout", d.read_timeout),
+        client_idle_timeout=s.seconds("client_idle_timeout", d.client_idle_timeout),
+        header_timeout=s.seconds("header_timeout", d.header_timeout),
+        access_log=s.get("access_log", bool, d.access_log),
+    )
+
+
+def _build_app(s: _Section, base: Path) -> AppConfig:
+    d = AppConfig()
+    s.check_keys({f.name for f in fields(AppConfig)} | {"port"})
+    count = s.integer("count", d.count, 1, 64)
+    app_path = s.get("app", str, d.app)
+    module, sep, attr = app_path.partition(":")
+    if not module or (sep and not attr):
+        raise s.fail("app", f"expected 'module:attribute', got {app_path!r}")
+    if "pythonpath" in s.raw:
+        listed = s.get("pythonpath", (list, str), [])
+        entries = [listed] if isinstance(listed, str) else listed
+        if not all(isinstance(e, str) for e in entries):
+            raise s.fail("pythonpath", "must be a list of directory paths")
+        pythonpath = tuple(_resolve(base, e) for e in entries)
+    elif app_path == DEMO_APP:
+        pythonpath = (DEMO_PYTHONPATH,)
+    else:
+        pythonpath = (base,)
+    for entry in pythonpath:
+        if not entry.is_dir():
+            raise s.fail("pythonpath", f"{entry} is not a directory")
+    migrations_text = s.get("migrations", str, None)
+    if migrations_text is not None:
+        migrations: Path | None = _resolve(base, migrations_text) if migrations_text else None
+    elif app_path == DEMO_APP:
+        migrations = DEMO_MIGRATIONS
+    else:
+        migrations = None
+    if migrations is not None and not migrations.is_dir():
+        raise s.fail("migrations", f"{migrations} is not a directory")
+    return AppConfig(
+        count=count,
+        workers=s.integer("workers", d.workers, 1, 256),
+        threads=s.integer("threads", d.threads, 1, 256),
+        app=app_path,
+        host=s.get("host", str, d.host),
+        ports=s.ports(count, d.ports[0]),
+        pythonpath=pythonpath,
+        migrations=migrations,
+        max_requests=s.integer("max_requests", d.max_requests, 0),
+        max_requests_jitter=s.integer("max_requests_jitter", d.max_requests_jitter, 0),
+        graceful_timeout=s.seconds("graceful_timeout", d.graceful_timeout),
+    )
+
+
+def _build_db(s: _Section, base: Path) -> DbConfig:
+    d = DbConfig()
+    s.check_keys({f.name for f in fields(DbConfig)} | {"port"})
+    replicas = s.integer("replicas", d.replicas, 0, 16)
+    data_dir_text = s.get("data_dir", str, None)
+    database = s.get("database", str, d.database)
+    if not database.isidentifier():
+        raise s.fail("database", f"must be a plain identifier, got {database!r}")
+    user = s.get("system_user", str, d.system_user)
+    if not user or not all(c.isalnum() or c in "_-" for c in user):
+        raise s.fail("system_user", f"not a valid user name: {user!r}")
+    return DbConfig(
+        replicas=replicas,
+        host=s.get("host", str, d.host),
+        ports=s.ports(replicas + 1, d.ports[0]),
+        # A relative data_dir is relative to the state directory, resolved later.
+        data_dir=Path(data_dir_text).expanduser() if data_dir_text else None,
+        database=database,
+        system_user=user,
+    )
+
+
+def _build_supervisor(s: _Section) -> SupervisorConfig:
+    d = SupervisorConfig()
+    s.check_keys({f.name for f in fields(SupervisorConfig)})
+    initial = s.seconds("backoff_initial", d.backoff_initial)
+    maximum = s.seconds("backoff_max", d.backoff_max)
+    if maximum < initial:
+        raise s.fail("backoff_max", f"must be at least backoff_initial ({initial})")
+    return SupervisorConfig(
+        ready_timeout=s.seconds("ready_timeout", d.ready_timeout),
+        stop_timeout=s.seconds("stop_timeout", d.stop_timeout),
+        backoff_initial=initial,
+        backoff_max=maximum,
+        max_failed_starts=s.integer("max_failed_starts", d.max_failed_starts, 1),
+    )
+
+
+def _check_ports_unique(t: Topology) -> None:
+    taken: dict[int, str] = {}
+    claims = [("proxy.listen", t.proxy.listen.port)]
+    claims += [("app.ports", p) for p in t.app.ports]
+    claims += [("db.ports", p) for p in t.db.ports]
+    for key, port in claims:
+        if port in taken:
+            raise ConfigError(t.source, key, f"port {port} is already used by {taken[port]}")
+        taken[port] = key

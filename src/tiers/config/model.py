@@ -1,0 +1,107 @@
+"""The topology model: frozen, typed values that the loader validates once.
+
+Nothing here reads files or the environment; ``tiers.config.loader`` builds
+these objects from ``tiers.toml`` (or from the defaults) and every other
+module receives them ready to use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Address:
+    """A TCP address a service listens on."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The reverse proxy in front of the app servers."""
+
+    listen: Address = Address("127.0.0.1", 8400)
+    # Active health check of every app server: a dead one is out after
+    # ``health_fall`` failed checks, i.e. within about interval * fall + timeout.
+    health_path: str = "/_tiers/health"
+    health_interval: float = 0.25
+    health_timeout: float = 0.5
+    health_fall: int = 2
+    health_rise: int = 2
+    connect_timeout: float = 1.0
+    read_timeout: float = 30.0
+    client_idle_timeout: float = 15.0
+    header_timeout: float = 10.0
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The application tier: ``count`` gunicorn servers running one WSGI app."""
+
+    count: int = 2
+    workers: int = 2
+    threads: int = 1
+    app: str = "bookmarks.app:app"
+    host: str = "127.0.0.1"
+    ports: tuple[int, ...] = (8401, 8402)
+    pythonpath: tuple[Path, ...] = ()
+    migrations: Path | None = None
+    max_requests: int = 1000
+    max_requests_jitter: int = 100
+    graceful_timeout: float = 10.0
+
+    def addresses(self) -> list[Address]:
+        return [Address(self.host, port) for port in self.ports]
+
+
+@dataclass(frozen=True)
+class DbConfig:
+    """A PostgreSQL primary and ``replicas`` streaming replicas, embedded."""
+
+    replicas: int = 1
+    host: str = "127.0.0.1"
+    # The primary's port first, then one per replica.
+    ports: tuple[int, ...] = (15432, 15433)
+    # None means ``<state dir>/db``.
+    data_dir: Path | None = None
+    database: str = "tiers"
+    # The unprivileged system user that runs PostgreSQL when tiers runs as root.
+    system_user: str = "tiers"
+
+    @property
+    def primary_port(self) -> int:
+        return self.ports[0]
+
+    @property
+    def replica_ports(self) -> tuple[int, ...]:
+        return self.ports[1:]
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    """How processes are started, restarted and stopped."""
+
+    ready_timeout: float = 60.0
+    stop_timeout: float = 10.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    # A service that exits this many times in a row without becoming ready is failed.
+    max_failed_starts: int = 5
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The whole stack as one value; ``source`` names where it came from."""
+
+    source: str = "<defaults>"
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+    db: DbConfig = field(default_factory=DbConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)

@@ -1,0 +1,49 @@
+"""The one error tree of tiers.
+
+    TiersError
+     +-- ConfigError          a topology file or value is wrong (names file, key, reason)
+     +-- StateError           the state directory is locked, stale or unusable
+     +-- ServiceError         a service could not be prepared, started or stopped
+     |    +-- ReadinessTimeout  a service did not become ready in time
+     +-- DatabaseError        a database node could not be reached or answered wrongly
+     +-- ProxyError           the proxy could not start (bad listen address, no backends)
+
+Foreign errors (OSError, psycopg errors, ...) are translated where they cross
+into tiers, with ``raise ... from exc`` so the cause stays visible.
+"""
+
+from __future__ import annotations
+
+
+class TiersError(Exception):
+    """Base of every error tiers raises on purpose."""
+
+
+class ConfigError(TiersError):
+    """A topology value is wrong; the message names the file, the key and the reason."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        self.source = source
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{source}: {key}: {reason}")
+
+
+class StateError(TiersError):
+    """The state directory cannot be used as asked (already running, not running, unusable)."""
+
+
+class ServiceError(TiersError):
+    """A service could not be prepared, started or stopped."""
+
+
+class ReadinessTimeout(ServiceError):
+    """A service did not pass its readiness check within its deadline."""
+
+
+class DatabaseError(TiersError):
+    """A database node could not be reached or gave an unexpected answer."""
+
+
+class ProxyError(TiersError):
+    """The proxy could not start or was configured inconsistently."""

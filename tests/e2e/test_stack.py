@@ -1,0 +1,186 @@
+"""The walking skeleton end to end: `tiers up -d` runs proxy, app servers and replicated
+PostgreSQL for real; bookmarks are read back through the proxy; a killed app server costs
+no request; `down` leaves nothing; data survives the next `up`."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.stackctl import StackHandle, make_handle, tear_down
+
+
+@pytest.fixture(scope="module")
+def running_stack() -> Iterator[StackHandle]:
+    root = Path(tempfile.mkdtemp(prefix="tiers-e2e-"))
+    root.chmod(0o755)
+    handle = make_handle(root)
+    try:
+        handle.tiers("up", "-d")
+        yield handle
+    finally:
+        tear_down(handle)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def browser() -> urllib.request.OpenerDirector:
+    """A client that keeps cookies and follows redirects, like a person's browser."""
+    return urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+
+def post_bookmark(client: urllib.request.OpenerDirector, base: str, url: str,
+                  comment: str) -> tuple[str, str]:
+    form = urllib.parse.urlencode({"url": url, "title": f"Title of {url}", "user": "alice",
+                                   "comment": comment}).encode()
+    with client.open(f"{base}/bookmarks", data=form, timeout=10) as response:
+        return response.geturl(), response.read().decode()
+
+
+def test_status_shows_every_service_ready_and_the_replica_streaming(
+        running_stack: StackHandle) -> None:
+    status = running_stack.status()
+    assert status["running"] is True
+    assert status["phase"] == "running"
+    roles = [s["role"] for s in status["services"]]
+    assert roles == ["primary", "replica", "app", "app", "proxy"]
+    for service in status["services"]:
+        assert service["state"] == "ready", service
+        assert isinstance(service["pid"], int)
+    replica = status["services"][1]
+    assert replica["replication"]["state"] == "streaming"
+
+
+def test_home_page_through_the_proxy(running_stack: StackHandle) -> None:
+    with urllib.request.urlopen(running_stack.base_url + "/", timeout=10) as response:
+        assert response.status == 200
+        assert "text/html" in response.headers["Content-Type"]
+        page = response.read().decode()
+    assert "<form" in page and "bookmarks" in page.lower()
+    access_log = running_stack.state_dir / "logs" / "access.log"
+    running_stack.wait_for(lambda: "uri:/\t" in access_log.read_text(), 5, "access log line")
+
+
+def test_a_posted_bookmark_is_on_the_page_the_redirect_leads_to(
+        running_stack: StackHandle) -> None:
+    client = browser()
+    for attempt in range(50):
+        comment = f"read-your-writes check {attempt} {time.time_ns()}"
+        final_url, page = post_bookmark(client, running_stack.base_url,
+                                        f"https://example.com/article/{attempt}", comment)
+        assert re.search(r"/entry/\d+$", final_url), final_url
+        assert comment in page, f"attempt {attempt}: the new bookmark is missing"
+
+
+def test_killing_an_app_server_fails_no_get_and_it_comes_back(
+        running_stack: StackHandle) -> None:
+    victim = running_stack.service("app1")
+    failures = []
+    killed_at = None
+    for index in range(500):
+        if index == 100:
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed_at = time.monotonic()
+        try:
+            with urllib.request.urlopen(running_stack.base_url + "/", timeout=10) as response:
+                response.read()
+                if response.status != 200:
+                    failures.append((index, response.status))
+        except (urllib.error.URLError, OSError) as exc:
+            failures.append((index, repr(exc)))
+    assert failures == []
+    assert killed_at is not None
+
+    def back() -> bool:
+        now = running_stack.service("app1")
+        return now["state"] == "ready" and now["pid"] != victim["pid"]
+
+    running_stack.wait_for(back, max(0.0, 10 - (time.monotonic() - killed_at)) + 0.5,
+                           "app1 to be restarted and ready")
+    assert running_stack.service("app1")["restarts"] >= 1
+
+
+def test_a_second_up_on_a_running_state_dir_is_refused(running_stack: StackHandle) -> None:
+    done = running_stack.tiers("up", "-d", check=False, timeout=30)
+    assert done.returncode == 1
+    assert "already running" in done.stderr
+
+
+def test_down_leaves_nothing_and_up_reuses_the_data(open_tmp: Path) -> None:
+    handle = make_handle(open_tmp, apps=1)
+    try:
+        handle.tiers("up", "-d")
+        client = browser()
+        _, page = post_bookmark(client, handle.base_url, "https://example.org/kept",
+                                "kept across restarts")
+        assert "kept across restarts" in page
+        processes = handle.processes()
+        assert len(processes) >= 5  # supervisor, postgres x2 (+ their workers), app, proxy
+
+        handle.tiers("down")
+        assert [p for p in processes if p.is_running() and p.status() != "zombie"] == []
+        assert handle.status()["running"] is False
+
+        handle.tiers("up", "-d")
+        with urllib.request.urlopen(handle.base_url + "/", timeout=10) as response:
+            assert "https://example.org/kept" in response.read().decode()
+    finally:
+        tear_down(handle)
+
+
+def test_foreground_up_streams_prefixed_logs_and_stops_on_sigint(open_tmp: Path) -> None:
+    import subprocess
+    import sys
+
+    handle = make_handle(open_tmp, apps=1, replicas=0)
+    command = [sys.executable, "-m", "tiers", "--state-dir", str(handle.state_dir),
+               "--file", str(handle.topology), "up"]
+    output = open_tmp / "up.out"
+    with open(output, "wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
+                                   cwd=open_tmp)
+    try:
+        handle.wait_for(lambda: "all services are ready" in output.read_text(), 120,
+                        "foreground stack to be ready")
+        processes = handle.processes()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+        text = output.read_text()
+        assert re.search(r"^db-primary \| .*database system is ready", text, re.MULTILINE)
+        assert re.search(r"^app1\s+\| ", text, re.MULTILINE)
+        assert [p for p in processes if p.is_running() and p.status() != "zombie"] == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        tear_down(handle)
+
+
+def test_a_service_that_fails_on_every_start_gives_up_cleanly(open_tmp: Path) -> None:
+    (open_tmp / "broken.py").write_text("raise RuntimeError('this app cannot start')\n")
+    handle = make_handle(open_tmp, apps=1, replicas=0, extra=(
+        "[supervisor]\nbackoff_initial = 0.1\nmax_failed_starts = 2\n"))
+    text = handle.topology.read_text().replace(
+        "[app]\n", f'[app]\napp = "broken:app"\npythonpath = ["{open_tmp}"]\n')
+    handle.topology.write_text(text)
+    try:
+        done = handle.tiers("up", "-d", check=False)
+        assert done.returncode == 1
+        assert "did not start" in done.stderr
+        assert "app1" in done.stderr and "failed on every start" in done.stderr
+        handle.wait_for(lambda: not handle.status()["running"], 30, "supervisor to exit")
+        assert handle.processes() == []
+    finally:
+        tear_down(handle)
