@@ -184,7 +184,6 @@ def _mirror_install(install: Path, target: Path) -> Path:
     for directory, _, _ in os.walk(partial):
         os.chmod(directory, 0o755)
     partial.rename(target)
-    os.chmod(target.parent, 0o755)
     return target
 
 
