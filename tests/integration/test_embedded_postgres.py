@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,45 +12,9 @@ import psycopg
 import pytest
 
 from tests.conftest import require
-from tests.e2e.stackctl import free_ports
+from tests.integration.pgcluster import Cluster, wait_connect
 from tiers.db import embedded
 from tiers.db.embedded import RunAs
-
-
-def wait_connect(port: int, timeout: float = 30.0) -> psycopg.Connection[tuple[object, ...]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return psycopg.connect(embedded.conninfo(port, "postgres"), connect_timeout=1,
-                                   autocommit=True)
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-class Cluster:
-    def __init__(self, root: Path) -> None:
-        self.run_as = embedded.resolve_run_as("tiers")
-        self.layout = embedded.prepare_layout(root / "db", self.run_as)
-        self.ports = free_ports(2)
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, port: int) -> None:
-        self.procs.append(subprocess.Popen(
-            embedded.server_argv(self.layout, name, port), cwd=self.layout.root,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            **self.run_as.popen_kwargs()))  # type: ignore[call-overload]
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs.clear()
 
 
 @pytest.fixture
