@@ -33,3 +33,44 @@ def open_tmp() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_dsn() -> Iterator[str]:
+    """A real PostgreSQL server (embedded, one per test session) and a superuser DSN."""
+    from tests.integration.pgcluster import Cluster, wait_connect
+
+    root = Path(tempfile.mkdtemp(prefix="tiers-pg-"))
+    root.chmod(0o755)
+    cluster = Cluster(root, nodes=1)
+    try:
+        from tiers.db import embedded
+
+        embedded.init_primary(cluster.layout, cluster.run_as, "db-primary")
+        cluster.start("db-primary", cluster.ports[0])
+        wait_connect(cluster.ports[0]).close()
+        yield cluster.dsn(0)
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_database(postgres_admin_dsn: str) -> Iterator[str]:
+    """A database of its own on the session's server, dropped afterwards."""
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = f"tiers_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    params = conninfo_to_dict(postgres_admin_dsn)
+    params["dbname"] = name
+    try:
+        yield make_conninfo(**params)  # type: ignore[arg-type]
+    finally:
+        with psycopg.connect(postgres_admin_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -1,0 +1,136 @@
+"""An in-memory Store with a primary and one lagging replica, for tests of the pages.
+
+Every write gets the next LSN as its causal token. Reads follow the same rule
+as tiers' router: a read whose token the replica has not reached, sees the
+primary (everything); any other read sees only what the replica has replayed
+(``replica_position``, which tests advance with ``catch_up``). A page that
+forgets to pass the reader's token therefore shows stale data here, as it
+would with a real lagging replica.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from bookmarks.forms import NewBookmark
+from bookmarks.store import (
+    BOOKMARKS_LIMIT,
+    HOT_LIMIT,
+    RECENT_LIMIT,
+    Bookmark,
+    Entry,
+    EntryPage,
+    FrontPage,
+    Saved,
+)
+from tiers.db.router import format_lsn, parse_lsn
+
+HOT_WINDOW = timedelta(hours=24)
+
+
+@dataclass
+class _EntryRow:
+    id: int
+    url: str
+    title: str
+    created_at: datetime
+    lsn: int
+
+
+@dataclass
+class _BookmarkRow:
+    entry_id: int
+    user: str
+    created_at: datetime
+    # (lsn, comment) for each save, oldest first: a snapshot takes the last it has replayed.
+    versions: list[tuple[int, str]] = field(default_factory=list)
+
+
+class MemoryStore:
+    """A Store in memory; ``read_tokens`` records the token of every read, for assertions."""
+
+    def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[int, _EntryRow] = {}
+        self._by_url: dict[str, int] = {}
+        self._bookmarks: dict[tuple[int, str], _BookmarkRow] = {}
+        self.position = 0
+        self.replica_position = 0
+        self.read_tokens: list[str | None] = []
+
+    def catch_up(self) -> None:
+        """Let the replica replay everything written so far."""
+        self.replica_position = self.position
+
+    def _visible(self, token: str | None) -> int:
+        """The position a read sees: the replica's if it has the token, else the primary's."""
+        self.read_tokens.append(token)
+        if token is not None and parse_lsn(token) > self.replica_position:
+            return self.position
+        return self.replica_position
+
+    def _entry(self, row: _EntryRow, at: int) -> Entry:
+        users = sum(
+            1 for b in self._bookmarks.values() if b.entry_id == row.id and b.versions[0][0] <= at
+        )
+        return Entry(row.id, row.url, row.title, row.created_at, users)
+
+    def _bookmarks_at(self, at: int) -> list[tuple[_BookmarkRow, str]]:
+        seen = []
+        for row in self._bookmarks.values():
+            comments = [comment for lsn, comment in row.versions if lsn <= at]
+            if comments:
+                seen.append((row, comments[-1]))
+        return seen
+
+    def front_page(self, token: str | None) -> FrontPage:
+        with self._lock:
+            at = self._visible(token)
+            entries = [row for row in self._entries.values() if row.lsn <= at]
+            entries.sort(key=lambda row: (row.created_at, row.id), reverse=True)
+            recent = [self._entry(row, at) for row in entries[:RECENT_LIMIT]]
+            since = self._clock() - HOT_WINDOW
+            counts: dict[int, tuple[int, datetime]] = {}
+            for row, _comment in self._bookmarks_at(at):
+                if row.created_at > since:
+                    count, latest = counts.get(row.entry_id, (0, row.created_at))
+                    counts[row.entry_id] = (count + 1, max(latest, row.created_at))
+            ranked = sorted(counts.items(), key=lambda item: item[1], reverse=True)
+            hot = [self._entry(self._entries[entry_id], at) for entry_id, _ in ranked[:HOT_LIMIT]]
+            return FrontPage(recent=recent, hot=hot)
+
+    def entry_page(self, entry_id: int, token: str | None) -> EntryPage | None:
+        with self._lock:
+            at = self._visible(token)
+            row = self._entries.get(entry_id)
+            if row is None or row.lsn > at:
+                return None
+            marks = [
+                Bookmark(b.user, comment, b.created_at)
+                for b, comment in self._bookmarks_at(at)
+                if b.entry_id == entry_id
+            ]
+            marks.sort(key=lambda b: b.user)
+            marks.sort(key=lambda b: b.created_at, reverse=True)
+            return EntryPage(entry=self._entry(row, at), bookmarks=marks[:BOOKMARKS_LIMIT])
+
+    def save_bookmark(self, bookmark: NewBookmark) -> Saved:
+        with self._lock:
+            self.position += 1
+            lsn, now = self.position, self._clock()
+            entry_id = self._by_url.get(bookmark.url)
+            if entry_id is None:
+                entry_id = len(self._entries) + 1
+                self._entries[entry_id] = _EntryRow(
+                    entry_id, bookmark.url, bookmark.title, now, lsn
+                )
+                self._by_url[bookmark.url] = entry_id
+            row = self._bookmarks.setdefault(
+                (entry_id, bookmark.user), _BookmarkRow(entry_id, bookmark.user, now)
+            )
+            row.versions.append((lsn, bookmark.comment))
+            return Saved(entry_id=entry_id, token=format_lsn(lsn))
