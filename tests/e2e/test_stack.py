@@ -118,7 +118,17 @@ def test_a_second_up_on_a_running_state_dir_is_refused(running_stack: StackHandl
     assert "already running" in done.stderr
 
 
-def test_down_leaves_nothing_and_up_reuses_the_data(open_tmp: Path) -> None:
+def test_logs_shows_a_services_log_prefixed(running_stack: StackHandle) -> None:
+    done = running_stack.tiers("logs", "db-primary", "-n", "50")
+    assert re.search(r"^db-primary \| .*ready to accept connections", done.stdout, re.MULTILINE)
+    unknown = running_stack.tiers("logs", "nosuch", check=False)
+    assert unknown.returncode == 2
+    assert "no logs for service 'nosuch'" in unknown.stderr
+
+
+def test_down_leaves_nothing_and_up_reuses_the_data(open_tmp: Path,
+                                                    running_stack: StackHandle) -> None:
+    # A second stack in its own state directory runs beside the first one.
     handle = make_handle(open_tmp, apps=1)
     try:
         handle.tiers("up", "-d")
@@ -136,6 +146,7 @@ def test_down_leaves_nothing_and_up_reuses_the_data(open_tmp: Path) -> None:
         handle.tiers("up", "-d")
         with urllib.request.urlopen(handle.base_url + "/", timeout=10) as response:
             assert "https://example.org/kept" in response.read().decode()
+        assert running_stack.status()["phase"] == "running"
     finally:
         tear_down(handle)
 
