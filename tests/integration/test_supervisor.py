@@ -142,3 +142,16 @@ def test_a_failing_post_start_step_fails_the_service(tmp_path: Path) -> None:
         assert "migration 001 failed" in h.plan.get("db").last_error
         h.wait(lambda: h.plan.phase() is Phase.STOPPED)  # a stack that never came up stops
     assert h.result is Phase.FAILED
+
+
+def test_a_second_stop_request_kills_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    with Harness(tmp_path, [spec("stubborn", port, ignore_term=True)], stop_timeout=60) as h:
+        h.wait(lambda: h.state_of("stubborn") is ServiceState.READY)
+        h.runner.request_stop()
+        h.wait(lambda: h.state_of("stubborn") is ServiceState.STOPPING)
+        began = time.monotonic()
+        h.runner.request_stop()
+        h.wait(lambda: h.plan.phase() is Phase.STOPPED, timeout=10)
+    assert time.monotonic() - began < 10  # not the 60 s stop timeout
+    assert any("killing every service" in m for m in h.messages)

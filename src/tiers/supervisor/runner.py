@@ -87,12 +87,18 @@ class Runner:
         self._gone: dict[str, threading.Event] = {}
         self._leftovers: dict[str, list[psutil.Process]] = {}
         self._stop_requested = False
+        self._force_requested = False
         self._started_at = time.time()
 
     # ---- entry points -------------------------------------------------------
 
     def request_stop(self, *_: object) -> None:
-        """Safe from a signal handler: only sets a flag the loop reads."""
+        """Safe from a signal handler: only sets flags the loop reads.
+
+        A second request while stopping (Ctrl-C pressed again) kills what is left.
+        """
+        if self._stop_requested:
+            self._force_requested = True
         self._stop_requested = True
 
     def install_signal_handlers(self) -> None:
@@ -109,8 +115,13 @@ class Runner:
                 self._drain_events(now)
                 self._reap(now)
                 if self._stop_requested and not self.plan.stopping:
-                    self.say("stopping the stack")
+                    self.say("stopping the stack (again to kill at once)")
                     self.plan.request_stop()
+                if self._force_requested:
+                    self._force_requested = False
+                    self.say("killing every service now")
+                    for name in list(self._procs):
+                        _signal_group(self._procs[name].pid, signal.SIGKILL)
                 for action in self.plan.decide(time.monotonic()):
                     self._act(action)
                 phase = self.plan.phase()
