@@ -4,9 +4,11 @@
      +-- ConfigError          a topology file or value is wrong (names file, key, reason)
      +-- StateError           the state directory is locked, stale or unusable
      +-- ServiceError         a service could not be prepared, started or stopped
-     |    +-- ReadinessTimeout  a service did not become ready in time
+     |    +-- AppLoadError      the WSGI app could not be imported (tiers.app.loader)
      +-- DatabaseError        a database node could not be reached or answered wrongly
-     +-- ProxyError           the proxy could not start (bad listen address, no backends)
+     +-- ProxyError           the proxy failed; its own subtree is in tiers.proxy.errors
+          +-- UpstreamError     talking to one backend failed (connect, closed, timeout, protocol)
+          +-- ClientGone        the client left or broke its request mid-flight
 
 Foreign errors (OSError, psycopg errors, ...) are translated where they cross
 into tiers, with ``raise ... from exc`` so the cause stays visible.
@@ -37,13 +39,9 @@ class ServiceError(TiersError):
     """A service could not be prepared, started or stopped."""
 
 
-class ReadinessTimeout(ServiceError):
-    """A service did not pass its readiness check within its deadline."""
-
-
 class DatabaseError(TiersError):
     """A database node could not be reached or gave an unexpected answer."""
 
 
 class ProxyError(TiersError):
-    """The proxy could not start or was configured inconsistently."""
+    """The proxy could not start, or one exchange through it failed."""

@@ -1,0 +1,204 @@
+"""``python -m tiers.proxy``: run the reverse proxy in front of app servers.
+
+    python -m tiers.proxy --listen HOST:PORT --backend HOST:PORT [--backend ...]
+        [--access-log PATH|-] [--health-path PATH] [--health-interval S]
+        [--health-timeout S] [--health-fall N] [--health-rise N]
+        [--connect-timeout S] [--read-timeout S] [--client-idle-timeout S]
+        [--header-timeout S]
+
+Defaults are those of ``tiers.config.model.ProxyConfig``; without
+``--access-log`` no access log is written. The socket is bound before
+anything else, so a TCP connect to the listen address means "ready"; with
+port 0 the chosen port is in the "listening on" line on stderr.
+
+Exit status: 0 after SIGTERM or SIGINT (requests in flight finish within 10 s),
+1 when it cannot start (address in use, access log not writable), 2 on a bad
+argument. Operational messages go to stderr, one line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import uvloop
+
+from tiers.config.model import Address, ProxyConfig
+from tiers.errors import ProxyError
+from tiers.proxy.server import ProxyServer
+from tiers.proxy.settings import ProxySettings
+
+log = logging.getLogger("tiers.proxy")
+
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+EXIT_USAGE = 2
+
+
+def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` as an Address; ValueError with a reason otherwise."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [::1]:PORT")
+    if not port_text.isdigit():
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    lowest = 0 if allow_port_zero else 1
+    if not lowest <= port <= 65535:
+        raise ValueError(f"{text!r}: port must be in {lowest}..65535")
+    return Address(host, port)
+
+
+def _listen_type(text: str) -> Address:
+    try:
+        return parse_address(text, allow_port_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _backend_type(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _path_type(text: str) -> str:
+    if not text.startswith("/") or any(c in text for c in " \t\r\n"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a path starting with / without spaces")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ProxyConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m tiers.proxy", description="HTTP/1.1 reverse proxy and load balancer."
+    )
+    p.add_argument(
+        "--listen",
+        type=_listen_type,
+        default=d.listen,
+        metavar="HOST:PORT",
+        help=f"address to listen on (default {d.listen})",
+    )
+    p.add_argument(
+        "--backend",
+        type=_backend_type,
+        action="append",
+        required=True,
+        metavar="HOST:PORT",
+        help="an app server; repeat for several",
+    )
+    p.add_argument(
+        "--access-log",
+        metavar="PATH",
+        default=None,
+        help="LTSV access log file, - for stdout (default: none)",
+    )
+    p.add_argument("--health-path", type=_path_type, default=d.health_path)
+    p.add_argument("--health-interval", type=_positive_float, default=d.health_interval)
+    p.add_argument("--health-timeout", type=_positive_float, default=d.health_timeout)
+    p.add_argument("--health-fall", type=_positive_int, default=d.health_fall)
+    p.add_argument("--health-rise", type=_positive_int, default=d.health_rise)
+    p.add_argument("--connect-timeout", type=_positive_float, default=d.connect_timeout)
+    p.add_argument("--read-timeout", type=_positive_float, default=d.read_timeout)
+    p.add_argument("--client-idle-timeout", type=_positive_float, default=d.client_idle_timeout)
+    p.add_argument("--header-timeout", type=_positive_float, default=d.header_timeout)
+    return p
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> ProxySettings:
+    """Parse the command line; on a bad argument print why and exit with status 2."""
+    ns = build_parser().parse_args(argv)
+    return ProxySettings(
+        listen=ns.listen,
+        backends=tuple(ns.backend),
+        access_log=ns.access_log,
+        health_path=ns.health_path,
+        health_interval=ns.health_interval,
+        health_timeout=ns.health_timeout,
+        health_fall=ns.health_fall,
+        health_rise=ns.health_rise,
+        connect_timeout=ns.connect_timeout,
+        read_timeout=ns.read_timeout,
+        client_idle_timeout=ns.client_idle_timeout,
+        header_timeout=ns.header_timeout,
+    )
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # asyncio's default handler prints a traceback over many lines.
+    exc = context.get("exception")
+    detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+    log.error("%s%s", context.get("message", "event loop error"), detail)
+
+
+async def serve(settings: ProxySettings) -> int:
+    """Run the proxy until SIGTERM or SIGINT; return the exit status."""
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_loop_exception)
+    stop = asyncio.Event()
+    server = ProxyServer(settings)
+    try:
+        await server.start()
+    except ProxyError as exc:
+        log.error("%s", exc)
+        return EXIT_START_FAILED
+    # Signal handlers only ask for the stop; the stop itself runs here.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    host, port = server.address
+    log.info(
+        "listening on %s:%d, backends %s",
+        f"[{host}]" if ":" in host else host,
+        port,
+        ", ".join(str(b) for b in settings.backends),
+    )
+    await stop.wait()
+    log.info("stopping: finishing requests in flight")
+    await server.shutdown()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return uvloop.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The access log: one LTSV line per request (http://ltsv.org/).
+
+Labels, in order: time, host (client address), forwardedfor (the
+X-Forwarded-For the client sent, or ``-``), method, uri, protocol, status,
+size (response body bytes sent), reqtime (seconds from the first byte of the
+request to the last byte of the response), apptime (seconds from sending the
+request to the backend to receiving its response head, or ``-``), upstream
+(the backend's host:port, or ``-``), ua.
+
+A value may hold any byte a client sent; tab, newline, carriage return and
+backslash are written as ``\\t``, ``\\n``, ``\\r`` and ``\\\\`` so a record
+always stays one line of tab-separated fields (``unescape`` undoes it).
+
+Lines are buffered and written at least every second, when the buffer grows
+past 64 KiB, and on ``close``. Writes are blocking appends of whole lines:
+small, and what nginx does too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sys
+import time
+from typing import BinaryIO
+
+log = logging.getLogger("tiers.proxy")
+
+_NEEDS_ESCAPE = re.compile(rb"[\t\n\r\\]")
+_ESCAPES = {b"\t": b"\\t", b"\n": b"\\n", b"\r": b"\\r", b"\\": b"\\\\"}
+_ESCAPED = re.compile(rb"\\([tnr\\])")
+_UNESCAPES = {b"t": b"\t", b"n": b"\n", b"r": b"\r", b"\\": b"\\"}
+
+FLUSH_INTERVAL = 1.0
+_FLUSH_SIZE = 64 * 1024
+
+
+def escape(value: bytes) -> bytes:
+    """``value`` made safe for one LTSV field."""
+    if _NEEDS_ESCAPE.search(value) is None:
+        return value
+    return _NEEDS_ESCAPE.sub(lambda m: _ESCAPES[m.group()], value)
+
+
+def unescape(value: bytes) -> bytes:
+    """The inverse of ``escape``."""
+    return _ESCAPED.sub(lambda m: _UNESCAPES[m.group(1)], value)
+
+
+def parse_line(line: bytes) -> dict[str, bytes]:
+    """The labels and values of one LTSV line (values unescaped)."""
+    record: dict[str, bytes] = {}
+    for field in line.rstrip(b"\n").split(b"\t"):
+        label, _, value = field.partition(b":")
+        record[label.decode()] = unescape(value)
+    return record
+
+
+class _Clock:
+    """ISO 8601 local time with offset, formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = b""
+
+    def now(self) -> bytes:
+        wall = time.time()
+        second = int(wall)
+        if second != self._second:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
+            # strftime gives +0900; ISO 8601 extended form wants +09:00.
+            self._text = (stamp[:-2] + ":" + stamp[-2:]).encode()
+            self._second = second
+        return self._text
+
+
+class AccessLog:
+    """Buffered LTSV writer to a file path, or to stdout for ``-``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: BinaryIO
+        self._owned = path != "-"
+        if self._owned:
+            self._file = open(path, "ab")  # noqa: SIM115 - kept open for the process's life
+        else:
+            self._file = sys.stdout.buffer
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._clock = _Clock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Flush every second on ``loop`` from now on."""
+        self._loop = loop
+        self._timer = loop.call_later(FLUSH_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        self.flush()
+        if self._loop is not None:
+            self._timer = self._loop.call_later(FLUSH_INTERVAL, self._tick)
+
+    def record(
+        self,
+        *,
+        host: bytes,
+        forwardedfor: bytes | None,
+        method: bytes,
+        uri: bytes,
+        protocol: bytes,
+        status: int,
+        size: int,
+        reqtime: float,
+        apptime: float | None,
+        upstream: bytes | None,
+        ua: bytes | None,
+    ) -> None:
+        """Buffer one request's line."""
+        line = b"".join(
+            (
+                b"time:",
+                self._clock.now(),
+                b"\thost:",
+                host,
+                b"\tforwardedfor:",
+                b"-" if forwardedfor is None else escape(forwardedfor),
+                b"\tmethod:",
+                escape(method),
+                b"\turi:",
+                escape(uri),
+                b"\tprotocol:",
+                protocol,
+                b"\tstatus:%d\tsize:%d\treqtime:%.3f\tapptime:" % (status, size, reqtime),
+                b"-" if apptime is None else b"%.3f" % apptime,
+                b"\tupstream:",
+                b"-" if upstream is None else upstream,
+                b"\tua:",
+                b"-" if ua is None else escape(ua),
+                b"\n",
+            )
+        )
+        self._buffer.append(line)
+        self._size += len(line)
+        if self._size >= _FLUSH_SIZE:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write out the buffered lines."""
+        if not self._buffer:
+            return
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        self._size = 0
+        try:
+            self._file.write(data)
+            self._file.flush()
+        except (OSError, ValueError) as exc:
+            # A full disk must not take the proxy down; the lines are lost.
+            log.warning("access log %s: write failed: %s", self.path, exc)
+
+    def close(self) -> None:
+        """Flush and stop the timer; closes the file unless it is stdout."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._loop = None
+        self.flush()
+        if self._owned:
+            self._file.close()

@@ -1,0 +1,146 @@
+"""What the proxy sends on: request heads for backends, response heads for clients.
+
+Pure functions over parsed heads, so every header rule is tested without a
+socket. Framing is re-decided at each hop: the codec hands over bodies with
+the transfer coding removed, and these functions say how to frame them again.
+
+Hop-by-hop headers (RFC 9110, 7.6.1) are dropped in both directions: the
+fixed set below plus every header that a Connection header names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from tiers.proxy.http1 import Framing, RequestHead, ResponseHead
+
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
+)
+# Also rebuilt by the proxy itself rather than copied.
+_REQUEST_DROP = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"transfer-encoding",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+}
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"transfer-encoding"}
+
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def upstream_request_head(
+    head: RequestHead, client_ip: bytes, default_host: bytes, proto: bytes = b"http"
+) -> bytes:
+    """The head to send to a backend for ``head``, always as HTTP/1.1 keep-alive.
+
+    Appends ``client_ip`` to X-Forwarded-For (joining repeated headers into
+    one list), sets X-Forwarded-Proto, and frames the body with
+    Content-Length when the client did, else chunked. A request without Host
+    (HTTP/1.0) gets ``default_host``, the backend's own address.
+    """
+    host = head.host if head.host is not None else default_host
+    parts = [head.method, b" ", head.path, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    forwarded: bytes | None = None
+    named = head.connection
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname in _REQUEST_DROP or lname in named:
+            if lname == b"x-forwarded-for":
+                forwarded = value if forwarded is None else forwarded + b", " + value
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if forwarded is not None:
+        parts += (b"X-Forwarded-For: ", forwarded, b", ", client_ip, b"\r\n")
+    else:
+        parts += (b"X-Forwarded-For: ", client_ip, b"\r\n")
+    parts += (b"X-Forwarded-Proto: ", proto, b"\r\n")
+    if head.framing is Framing.CHUNKED:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif head.content_length is not None:
+        parts.append(b"Content-Length: %d\r\n" % head.content_length)
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsePlan:
+    """How to relay one response: re-chunk its body or not, keep the client connection or not."""
+
+    chunked: bool
+    keep_alive: bool
+    has_body: bool
+
+
+def plan_response(
+    request: RequestHead, response: ResponseHead, *, request_body_done: bool, stopping: bool
+) -> ResponsePlan:
+    """Decide the client-side framing of ``response``.
+
+    A body of unknown length (chunked or close-delimited upstream) goes to an
+    HTTP/1.1 client chunked, so the connection survives; an HTTP/1.0 client
+    cannot take chunks and gets it delimited by closing. The client connection
+    is kept only if the client asked for it, its request body was read to the
+    end (else the next "request" would start inside it) and the proxy is not
+    stopping.
+    """
+    has_body = response.framing is not Framing.NONE
+    chunked = False
+    close_delimited = False
+    if response.framing is Framing.CHUNKED or response.framing is Framing.CLOSE:
+        if request.version == b"1.1":
+            chunked = True
+        else:
+            close_delimited = True
+    keep_alive = request.keep_alive and request_body_done and not close_delimited and not stopping
+    return ResponsePlan(chunked=chunked, keep_alive=keep_alive, has_body=has_body)
+
+
+def client_response_head(response: ResponseHead, plan: ResponsePlan, request: RequestHead) -> bytes:
+    """The status line and headers to send to the client for ``response``."""
+    parts = [b"HTTP/1.1 %d " % response.status, response.reason, b"\r\n"]
+    named = response.connection
+    for name, value in response.headers:
+        lname = name.lower()
+        if lname in _RESPONSE_DROP or lname in named:
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if plan.chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif response.content_length is not None and response.status != 204:
+        # Kept for HEAD and 304 too, where it describes the body not sent.
+        parts.append(b"Content-Length: %d\r\n" % response.content_length)
+    if not plan.keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif request.version == b"1.0":
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def chunk_size_line(size: int) -> bytes:
+    """The chunk-size line that precedes ``size`` bytes of chunked body."""
+    return b"%x\r\n" % size
+
+
+def error_response(
+    status: int, message: str, *, keep_alive: bool, head_only: bool = False
+) -> bytes:
+    """A complete plain-text response the proxy answers itself (4xx/5xx)."""
+    body = (message + "\n").encode()
+    try:
+        phrase = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = b"Error"
+    head = (
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nCache-Control: no-store\r\n%s\r\n"
+        % (status, phrase, len(body), b"" if keep_alive else b"Connection: close\r\n")
+    )
+    return head if head_only else head + body

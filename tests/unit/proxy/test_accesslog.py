@@ -1,0 +1,146 @@
+"""LTSV access log: escaping, line format, buffering."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+
+from tiers.proxy.accesslog import AccessLog, escape, parse_line, unescape
+
+LABELS = [
+    "time",
+    "host",
+    "forwardedfor",
+    "method",
+    "uri",
+    "protocol",
+    "status",
+    "size",
+    "reqtime",
+    "apptime",
+    "upstream",
+    "ua",
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "escaped"),
+    [
+        (b"plain value", b"plain value"),
+        (b"a\tb", b"a\\tb"),
+        (b"line\nbreak", b"line\\nbreak"),
+        (b"cr\rhere", b"cr\\rhere"),
+        (b"back\\slash", b"back\\\\slash"),
+        (b"\\t is not a tab", b"\\\\t is not a tab"),
+        (b"\t\n\r\\", b"\\t\\n\\r\\\\"),
+    ],
+)
+def test_escape_round_trip(raw: bytes, escaped: bytes) -> None:
+    assert escape(raw) == escaped
+    assert b"\t" not in escape(raw) and b"\n" not in escape(raw)
+    assert unescape(escape(raw)) == raw
+
+
+def _record(log: AccessLog, **overrides: object) -> None:
+    fields: dict[str, object] = {
+        "host": b"127.0.0.1",
+        "forwardedfor": None,
+        "method": b"GET",
+        "uri": b"/a?b=c",
+        "protocol": b"HTTP/1.1",
+        "status": 200,
+        "size": 42,
+        "reqtime": 0.0123,
+        "apptime": 0.01,
+        "upstream": b"127.0.0.1:8401",
+        "ua": b"curl/8",
+    }
+    fields.update(overrides)
+    log.record(**fields)  # type: ignore[arg-type]
+
+
+def test_line_has_every_label_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    _record(log)
+    _record(log, apptime=None, upstream=None, ua=None, status=503, forwardedfor=b"1.2.3.4")
+    log.close()
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 2
+    first = parse_line(lines[0])
+    assert list(first) == LABELS
+    assert re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", first["time"])
+    assert first["status"] == b"200" and first["size"] == b"42"
+    assert first["reqtime"] == b"0.012" and first["apptime"] == b"0.010"
+    assert first["upstream"] == b"127.0.0.1:8401" and first["forwardedfor"] == b"-"
+    second = parse_line(lines[1])
+    assert second["apptime"] == b"-" and second["upstream"] == b"-" and second["ua"] == b"-"
+    assert second["forwardedfor"] == b"1.2.3.4"
+
+
+def test_hostile_values_stay_on_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    _record(log, ua=b"evil\tstatus:200\nforged:line", uri=b"/x\\y")
+    log.close()
+    data = path.read_bytes()
+    assert data.count(b"\n") == 1
+    record = parse_line(data)
+    assert list(record) == LABELS
+    assert record["ua"] == b"evil\tstatus:200\nforged:line"
+    assert record["uri"] == b"/x\\y"
+
+
+def test_lines_are_buffered_until_flush(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    _record(log)
+    assert path.read_bytes() == b""
+    log.flush()
+    assert path.read_bytes().count(b"\n") == 1
+    log.close()
+
+
+def test_large_buffer_is_written_without_waiting(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    for _ in range(2000):
+        _record(log, uri=b"/" + b"u" * 100)
+    assert path.stat().st_size > 0
+    log.close()
+    assert path.read_bytes().count(b"\n") == 2000
+
+
+def test_timer_flushes_every_second(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+
+    async def scenario() -> bytes:
+        log = AccessLog(str(path))
+        log.start(asyncio.get_running_loop())
+        _record(log)
+        await asyncio.sleep(1.3)
+        written = path.read_bytes()
+        log.close()
+        return written
+
+    assert asyncio.run(scenario()).count(b"\n") == 1
+
+
+def test_appends_to_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    path.write_bytes(b"earlier\n")
+    log = AccessLog(str(path))
+    _record(log)
+    log.close()
+    assert path.read_bytes().startswith(b"earlier\ntime:")
+
+
+def test_dash_means_stdout(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    log = AccessLog("-")
+    _record(log, uri=b"/to-stdout")
+    log.close()
+    out = capsysbinary.readouterr().out
+    assert parse_line(out)["uri"] == b"/to-stdout"
