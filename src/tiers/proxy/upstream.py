@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import cast
 
-from tiers.config.model import Address
+from tiers.config.model import Address, ProxyConfig
 from tiers.proxy.balancer import Health, IdlePool, RoundRobin, mark_unreachable, observe_check
 from tiers.proxy.errors import (
     ConnectFailed,
@@ -43,12 +43,12 @@ _LOW_WATER = 64 * 1024
 class UpstreamSettings:
     """How backends are checked, connected to and pooled."""
 
-    health_path: str = "/_tiers/health"
-    health_interval: float = 0.25
-    health_timeout: float = 0.5
-    health_fall: int = 2
-    health_rise: int = 2
-    connect_timeout: float = 1.0
+    health_path: str = ProxyConfig.health_path
+    health_interval: float = ProxyConfig.health_interval
+    health_timeout: float = ProxyConfig.health_timeout
+    health_fall: int = ProxyConfig.health_fall
+    health_rise: int = ProxyConfig.health_rise
+    connect_timeout: float = ProxyConfig.connect_timeout
     max_idle: int = 64
     # Below the app servers' own keep-alive timeout (5 s), so the proxy closes
     # idle connections before a backend does and rarely sends on a dying one.
