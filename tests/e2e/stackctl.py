@@ -38,6 +38,7 @@ class StackHandle:
     proxy_port: int
     app_ports: list[int]
     db_ports: list[int]
+    admin_port: int = 0
 
     @property
     def state_dir(self) -> Path:
@@ -100,16 +101,17 @@ def write_topology(handle: StackHandle, extra: str = "") -> None:
     app_ports = ", ".join(map(str, handle.app_ports))
     db_ports = ", ".join(map(str, handle.db_ports))
     handle.topology.write_text(
-        f'[proxy]\nlisten = "127.0.0.1:{handle.proxy_port}"\n\n'
+        f'[proxy]\nlisten = "127.0.0.1:{handle.proxy_port}"\n'
+        f'[proxy.admin]\nlisten = "127.0.0.1:{handle.admin_port}"\n\n'
         f"[app]\ncount = {len(handle.app_ports)}\nworkers = 2\nports = [{app_ports}]\n\n"
         f"[db]\nreplicas = {len(handle.db_ports) - 1}\nports = [{db_ports}]\n\n"
         f"{extra}")
 
 
 def make_handle(root: Path, apps: int = 2, replicas: int = 1, extra: str = "") -> StackHandle:
-    ports = free_ports(1 + apps + replicas + 1)
+    ports = free_ports(1 + apps + replicas + 1 + 1)
     handle = StackHandle(root=root, proxy_port=ports[0], app_ports=ports[1:1 + apps],
-                         db_ports=ports[1 + apps:])
+                         db_ports=ports[1 + apps:-1], admin_port=ports[-1])
     write_topology(handle, extra)
     return handle
 

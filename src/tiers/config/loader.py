@@ -23,7 +23,7 @@ key and the reason, before anything starts. Example::
 from __future__ import annotations
 
 import tomllib
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,10 @@ from tiers.config.model import (
     SupervisorConfig,
     Topology,
 )
+from tiers.config.proxy import ProxyPolicy
+from tiers.config.proxy_loader import build_policy, policy_keys
+from tiers.config.sections import Section as _Section
+from tiers.config.sections import parse_address as _parse_address
 from tiers.errors import ConfigError
 
 DEFAULT_FILE = "tiers.toml"
@@ -78,91 +82,6 @@ def parse_topology(text: str, source: str = "<string>", base: Path | None = None
     return _build(raw, source, base or Path.cwd())
 
 
-class _Section:
-    """Typed access to one table of the file that remembers which keys were used."""
-
-    def __init__(self, source: str, name: str, raw: Any) -> None:
-        if not isinstance(raw, dict):
-            raise ConfigError(source, name, "must be a table")
-        self.source = source
-        self.name = name
-        self.raw: dict[str, Any] = raw
-
-    def fail(self, key: str, reason: str) -> ConfigError:
-        return ConfigError(self.source, f"{self.name}.{key}", reason)
-
-    def check_keys(self, allowed: set[str]) -> None:
-        unknown = sorted(set(self.raw) - allowed)
-        if unknown:
-            raise self.fail(unknown[0], f"unknown key (known: {', '.join(sorted(allowed))})")
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        if key not in self.raw:
-            return default
-        value = self.raw[key]
-        # bool is an int in Python; a count of `true` is a mistake, not 1.
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            raise self.fail(key, f"expected {_kind_name(kinds)}, got a boolean")
-        if not isinstance(value, kinds):
-            raise self.fail(key, f"expected {_kind_name(kinds)}, got {type(value).__name__}")
-        if float in kinds and isinstance(value, int):
-            return float(value)
-        return value
-
-    def integer(self, key: str, default: int, low: int, high: int | None = None) -> int:
-        value: int = self.get(key, int, default)
-        if value < low or (high is not None and value > high):
-            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise self.fail(key, f"must be {bounds}, got {value}")
-        return value
-
-    def seconds(self, key: str, default: float, low: float = 0.001) -> float:
-        value: float = self.get(key, (int, float), default)
-        if value < low:
-            raise self.fail(key, f"must be at least {low} seconds, got {value}")
-        return value
-
-    def port(self, key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"a port must be an integer, got {value!r}")
-        if not 1 <= value <= 65535:
-            raise self.fail(key, f"port {value} is outside 1-65535")
-        return value
-
-    def ports(self, count: int, default_base: int) -> tuple[int, ...]:
-        """``ports = [..]`` (exactly ``count`` of them) or ``port = base`` counting up."""
-        if "ports" in self.raw and "port" in self.raw:
-            raise self.fail("ports", "give either 'port' (the first) or 'ports' (all), not both")
-        if "ports" in self.raw:
-            listed = self.raw["ports"]
-            if not isinstance(listed, list):
-                raise self.fail("ports", "must be a list of integers")
-            if len(listed) != count:
-                raise self.fail("ports", f"needs exactly {count} ports, got {len(listed)}")
-            return tuple(self.port("ports", p) for p in listed)
-        base = self.port("port", self.raw.get("port", default_base))
-        if base + count - 1 > 65535:
-            raise self.fail("port", f"{count} ports from {base} run past 65535")
-        return tuple(range(base, base + count))
-
-
-def _kind_name(kinds: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-             list: "a list"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _parse_address(section: _Section, key: str, default: Address) -> Address:
-    text = section.get(key, str, None)
-    if text is None:
-        return default
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise section.fail(key, f"expected 'host:port', got {text!r}")
-    return Address(host.strip("[]"), section.port(key, int(port_text)))
-
-
 def _resolve(base: Path, text: str) -> Path:
     path = Path(text).expanduser()
     return path if path.is_absolute() else (base / path).resolve()
@@ -174,18 +93,22 @@ def _build(raw: dict[str, Any], source: str, base: Path) -> Topology:
     if unknown:
         known = ", ".join(sorted(sections))
         raise ConfigError(source, unknown[0], f"unknown section (known: {known})")
-    proxy = _build_proxy(_Section(source, "proxy", raw.get("proxy", {})))
-    app = _build_app(_Section(source, "app", raw.get("app", {})), base)
+    app_section = _Section(source, "app", raw.get("app", {}))
+    app = _build_app(app_section, base)
+    groups = _build_groups(app_section.sub("groups"), app)
+    addresses = {group.name: group.addresses() for group in (app, *groups)}
+    proxy = _build_proxy(_Section(source, "proxy", raw.get("proxy", {})), base, addresses)
     db = _build_db(_Section(source, "db", raw.get("db", {})), base)
     supervisor = _build_supervisor(_Section(source, "supervisor", raw.get("supervisor", {})))
-    topology = Topology(source=source, proxy=proxy, app=app, db=db, supervisor=supervisor)
+    topology = Topology(source=source, proxy=proxy, app=app, app_groups=groups, db=db,
+                        supervisor=supervisor)
     _check_ports_unique(topology)
     return topology
 
 
-def _build_proxy(s: _Section) -> ProxyConfig:
+def _build_proxy(s: _Section, base: Path, groups: dict[str, list[Address]]) -> ProxyConfig:
     d = ProxyConfig()
-    s.check_keys({f.name for f in fields(ProxyConfig)})
+    s.check_keys(({f.name for f in fields(ProxyConfig)} - {"policy"}) | policy_keys())
     health_path = s.get("health_path", str, d.health_path)
     if not health_path.startswith("/"):
         raise s.fail("health_path", "must start with '/'")
@@ -201,12 +124,25 @@ def _build_proxy(s: _Section) -> ProxyConfig:
         client_idle_timeout=s.seconds("client_idle_timeout", d.client_idle_timeout),
         header_timeout=s.seconds("header_timeout", d.header_timeout),
         access_log=s.get("access_log", bool, d.access_log),
+        policy=_with_admin_port(build_policy(s, base, groups), s),
     )
+
+
+def _with_admin_port(policy: ProxyPolicy, s: _Section) -> ProxyPolicy:
+    """Without an admin address in the file, the admin listener takes the proxy's port + 9,
+    so two stacks with different proxy ports do not collide on it."""
+    if "listen" in s.sub("admin").raw or policy.admin.listen is None:
+        return policy
+    listen = _parse_address(s, "listen", ProxyConfig().listen)
+    if listen.port + 9 > 65535:
+        raise s.fail("admin.listen", "cannot default to the proxy port + 9; set it")
+    admin = replace(policy.admin, listen=Address(policy.admin.listen.host, listen.port + 9))
+    return replace(policy, admin=admin)
 
 
 def _build_app(s: _Section, base: Path) -> AppConfig:
     d = AppConfig()
-    s.check_keys({f.name for f in fields(AppConfig)} | {"port"})
+    s.check_keys(({f.name for f in fields(AppConfig)} - {"name"}) | {"port", "groups"})
     count = s.integer("count", d.count, 1, 64)
     app_path = s.get("app", str, d.app)
     module, sep, attr = app_path.partition(":")
@@ -247,6 +183,29 @@ def _build_app(s: _Section, base: Path) -> AppConfig:
         max_requests_jitter=s.integer("max_requests_jitter", d.max_requests_jitter, 0),
         graceful_timeout=s.seconds("graceful_timeout", d.graceful_timeout),
     )
+
+
+_RESERVED_GROUPS = {"app", "db", "proxy", "supervisor"}
+
+
+def _build_groups(s: _Section, main: AppConfig) -> tuple[AppConfig, ...]:
+    """Further app groups: their own count, ports and workers; the rest as the main group."""
+    groups = []
+    for name, raw in s.raw.items():
+        g = _Section(s.source, f"{s.name}.{name}", raw)
+        if not name.isidentifier() or not name.islower() or name in _RESERVED_GROUPS:
+            raise g.fail("-", f"group name {name!r} must be a lower-case identifier and "
+                              f"not one of {', '.join(sorted(_RESERVED_GROUPS))}")
+        g.check_keys({"count", "port", "ports", "workers", "threads"})
+        if "port" not in g.raw and "ports" not in g.raw:
+            raise g.fail("port", "each app group needs its own 'port' or 'ports'")
+        count = g.integer("count", 1, 1, 64)
+        groups.append(replace(
+            main, name=name, count=count, ports=g.ports(count, 0),
+            workers=g.integer("workers", main.workers, 1, 256),
+            threads=g.integer("threads", main.threads, 1, 256),
+        ))
+    return tuple(groups)
 
 
 def _build_db(s: _Section, base: Path) -> DbConfig:
@@ -290,7 +249,11 @@ def _build_supervisor(s: _Section) -> SupervisorConfig:
 def _check_ports_unique(t: Topology) -> None:
     taken: dict[int, str] = {}
     claims = [("proxy.listen", t.proxy.listen.port)]
-    claims += [("app.ports", p) for p in t.app.ports]
+    for group in t.all_app_groups():
+        key = "app.ports" if group is t.app else f"app.groups.{group.name}.ports"
+        claims += [(key, p) for p in group.ports]
+    if t.proxy.policy.admin.listen is not None:
+        claims.append(("proxy.admin.listen", t.proxy.policy.admin.listen.port))
     claims += [("db.ports", p) for p in t.db.ports]
     for key, port in claims:
         if port in taken:

@@ -10,16 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tiers.config.address import Address
+from tiers.config.proxy import ProxyPolicy
 
-@dataclass(frozen=True)
-class Address:
-    """A TCP address a service listens on."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+__all__ = ["Address", "AppConfig", "DbConfig", "ProxyConfig", "SupervisorConfig", "Topology"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +33,21 @@ class ProxyConfig:
     client_idle_timeout: float = 15.0
     header_timeout: float = 10.0
     access_log: bool = True
+    # Routes, pools, abuse limits, page cache and admin listener. Without routes
+    # in the file, every request goes to the pool of the main app group.
+    policy: ProxyPolicy = field(default_factory=ProxyPolicy)
 
 
 @dataclass(frozen=True)
 class AppConfig:
-    """The application tier: ``count`` gunicorn servers running one WSGI app."""
+    """One group of app servers: ``count`` gunicorn servers running one WSGI app.
 
+    The main group is named ``app`` (servers app1, app2, ...); further groups
+    (``[app.groups.crawler]``: crawler1, ...) share its settings but their own
+    count, ports and workers, so the proxy can route a class of traffic to them.
+    """
+
+    name: str = "app"
     count: int = 2
     workers: int = 2
     threads: int = 1
@@ -59,6 +62,9 @@ class AppConfig:
 
     def addresses(self) -> list[Address]:
         return [Address(self.host, port) for port in self.ports]
+
+    def service_names(self) -> list[str]:
+        return [f"{self.name}{index}" for index in range(1, self.count + 1)]
 
 
 @dataclass(frozen=True)
@@ -103,5 +109,10 @@ class Topology:
     source: str = "<defaults>"
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     app: AppConfig = field(default_factory=AppConfig)
+    # Further app groups, each with its own pool in the proxy.
+    app_groups: tuple[AppConfig, ...] = ()
     db: DbConfig = field(default_factory=DbConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+
+    def all_app_groups(self) -> tuple[AppConfig, ...]:
+        return (self.app, *self.app_groups)

@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tiers.config.model import Address
+from tiers.config.address import Address
 
 
 class Balance(enum.Enum):

@@ -5,8 +5,13 @@
         [--health-timeout S] [--health-fall N] [--health-rise N]
         [--connect-timeout S] [--read-timeout S] [--client-idle-timeout S]
         [--header-timeout S]
+    python -m tiers.proxy --topology tiers.toml|default [--access-log PATH|-]
+        [--admin-token-file PATH]
 
-Defaults are those of ``tiers.config.model.ProxyConfig``; without
+The first form proxies every request to the given backends. The second takes
+everything (listener, timeouts, pools, routes, limits, cache, admin) from a
+topology file, as ``tiers up`` runs it. Defaults are those of
+``tiers.config.model.ProxyConfig``; without
 ``--access-log`` no access log is written. The socket is bound before
 anything else, so a TCP connect to the listen address means "ready"; with
 port 0 the chosen port is in the "listening on" line on stderr.
@@ -24,12 +29,14 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
 
+from tiers.config import load_topology
 from tiers.config.model import Address, ProxyConfig
-from tiers.errors import ProxyError
+from tiers.errors import ConfigError, ProxyError
 from tiers.proxy.server import ProxyServer
 from tiers.proxy.settings import ProxySettings
 
@@ -114,9 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         type=_backend_type,
         action="append",
-        required=True,
         metavar="HOST:PORT",
-        help="an app server; repeat for several",
+        help="an app server; repeat for several (or give --topology)",
+    )
+    p.add_argument(
+        "--topology",
+        metavar="FILE",
+        help="take listener, timeouts, pools and routes from this tiers.toml ('default' for "
+        "the built-in defaults) instead of the other options; SIGHUP reloads it",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        metavar="PATH",
+        help="with --topology: where to write the admin token when the file sets none",
     )
     p.add_argument(
         "--access-log",
@@ -138,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(argv: Sequence[str] | None = None) -> ProxySettings:
     """Parse the command line; on a bad argument print why and exit with status 2."""
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if (ns.topology is None) == (ns.backend is None):
+        parser.error("give either --backend (one or more) or --topology")
+    if ns.topology is not None:
+        return settings_from_topology(ns.topology, ns.access_log, ns.admin_token_file)
     return ProxySettings(
         listen=ns.listen,
         backends=tuple(ns.backend),
@@ -153,6 +175,13 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ProxySettings:
         client_idle_timeout=ns.client_idle_timeout,
         header_timeout=ns.header_timeout,
     )
+
+
+def settings_from_topology(path: str, access_log: str | None,
+                           admin_token_file: str | None) -> ProxySettings:
+    """Settings from a topology file; a bad file raises ConfigError."""
+    topology = load_topology(None if path == "default" else Path(path))
+    return ProxySettings.from_config(topology.proxy, access_log, admin_token_file)
 
 
 def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -191,7 +220,11 @@ async def serve(settings: ProxySettings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = settings_from_args(argv)
+    try:
+        settings = settings_from_args(argv)
+    except ConfigError as exc:
+        print(f"tiers.proxy: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,

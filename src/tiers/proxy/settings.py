@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tiers.config.model import Address, ProxyConfig
+from tiers.config.proxy import AdminConfig, Pool, ProxyPolicy, Route, RouteKind, Server
 from tiers.proxy.http1 import DEFAULT_LIMITS, Limits
 from tiers.proxy.upstream import UpstreamSettings
 
@@ -14,7 +15,7 @@ class ProxySettings:
     """Everything the proxy process runs with, validated by the command line."""
 
     listen: Address
-    backends: tuple[Address, ...]
+    backends: tuple[Address, ...] = ()
     access_log: str | None = None
     health_path: str = ProxyConfig.health_path
     health_interval: float = ProxyConfig.health_interval
@@ -27,15 +28,33 @@ class ProxySettings:
     header_timeout: float = ProxyConfig.header_timeout
     shutdown_timeout: float = 10.0
     limits: Limits = DEFAULT_LIMITS
+    # Routes, pools, limits, cache, admin. Empty pools: one pool of ``backends``
+    # that every request goes to (the command line's --backend form).
+    policy: ProxyPolicy = field(default_factory=ProxyPolicy)
+    # Where a generated admin token is written (None: not written anywhere).
+    admin_token_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.policy.pools:
+            pool = Pool(name="default", servers=tuple(Server(a) for a in self.backends))
+            route = Route(name="default", kind=RouteKind.POOL, pool="default")
+            policy = ProxyPolicy(pools=(pool,), routes=(route,),
+                                 admin=AdminConfig(listen=None))
+            object.__setattr__(self, "policy", policy)
+        elif not self.backends:
+            servers = {s.address: None for p in self.policy.pools for s in p.servers}
+            object.__setattr__(self, "backends", tuple(servers))
 
     @classmethod
     def from_config(
-        cls, config: ProxyConfig, backends: tuple[Address, ...], access_log: str | None
+        cls, config: ProxyConfig, access_log: str | None, admin_token_file: str | None = None
     ) -> ProxySettings:
+        """Settings from the topology's [proxy] section (pools and routes included)."""
         return cls(
             listen=config.listen,
-            backends=backends,
             access_log=access_log,
+            admin_token_file=admin_token_file,
+            policy=config.policy,
             health_path=config.health_path,
             health_interval=config.health_interval,
             health_timeout=config.health_timeout,

@@ -114,7 +114,6 @@ class Stack:
     # ---- application servers ---------------------------------------------------
 
     def _apps(self) -> list[ServiceSpec]:
-        app = self.topology.app
         db_services = (PRIMARY,
                        *(replica_name(i) for i in range(1, self.topology.db.replicas + 1)))
         env = {
@@ -123,53 +122,46 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
         }
         specs = []
-        for index, address in enumerate(app.addresses(), start=1):
-            name = app_name(index)
-            argv = [
-                sys.executable, "-m", "tiers.app", "--name", name, "--bind", str(address),
-                "--app", app.app, "--workers", str(app.workers), "--threads", str(app.threads),
-                "--max-requests", str(app.max_requests),
-                "--max-requests-jitter", str(app.max_requests_jitter),
-                "--graceful-timeout", str(app.graceful_timeout),
-            ]
-            for entry in app.pythonpath:
-                argv += ["--pythonpath", str(entry)]
-            command = Command(argv, env)
-            specs.append(ServiceSpec(
-                name=name, role="app", address=str(address),
-                prepare=partial(_same, command),
-                depends=db_services,
-                probe=partial(_probe_http, address.host, address.port,
-                              self.topology.proxy.health_path),
-            ))
+        for app in self.topology.all_app_groups():
+            for name, address in zip(app.service_names(), app.addresses(), strict=True):
+                argv = [
+                    sys.executable, "-m", "tiers.app", "--name", name, "--bind", str(address),
+                    "--app", app.app, "--workers", str(app.workers),
+                    "--threads", str(app.threads),
+                    "--max-requests", str(app.max_requests),
+                    "--max-requests-jitter", str(app.max_requests_jitter),
+                    "--graceful-timeout", str(app.graceful_timeout),
+                ]
+                for entry in app.pythonpath:
+                    argv += ["--pythonpath", str(entry)]
+                specs.append(ServiceSpec(
+                    name=name, role="app" if app is self.topology.app else f"app:{app.name}",
+                    address=str(address), prepare=partial(_same, Command(argv, env)),
+                    depends=db_services,
+                    probe=partial(_probe_http, address.host, address.port,
+                                  self.topology.proxy.health_path),
+                ))
         return specs
 
     # ---- proxy -----------------------------------------------------------------
 
     def _proxy(self) -> ServiceSpec:
         proxy = self.topology.proxy
+        source = Path(self.topology.source)
         argv = [
-            sys.executable, "-m", "tiers.proxy", "--listen", str(proxy.listen),
-            "--health-path", proxy.health_path,
-            "--health-interval", str(proxy.health_interval),
-            "--health-timeout", str(proxy.health_timeout),
-            "--health-fall", str(proxy.health_fall),
-            "--health-rise", str(proxy.health_rise),
-            "--connect-timeout", str(proxy.connect_timeout),
-            "--read-timeout", str(proxy.read_timeout),
-            "--client-idle-timeout", str(proxy.client_idle_timeout),
-            "--header-timeout", str(proxy.header_timeout),
+            sys.executable, "-m", "tiers.proxy",
+            "--topology", str(source) if source.is_file() else "default",
+            "--admin-token-file", str(self.state_path / "admin.token"),
         ]
-        for address in self.topology.app.addresses():
-            argv += ["--backend", str(address)]
         if proxy.access_log:
             argv += ["--access-log", str(self.state_path / "logs" / "access.log")]
-        command = Command(argv, {"PYTHONUNBUFFERED": "1"})
+        apps = [name for group in self.topology.all_app_groups()
+                for name in group.service_names()]
         return ServiceSpec(
             name="proxy", role="proxy", address=str(proxy.listen),
-            prepare=partial(_same, command),
-            depends=tuple(app_name(i) for i in range(1, self.topology.app.count + 1)),
-            probe=lambda: _probe_tcp(proxy.listen.host, proxy.listen.port),
+            prepare=partial(_same, Command(argv, {"PYTHONUNBUFFERED": "1"})),
+            depends=tuple(apps),
+            probe=partial(_probe_tcp, proxy.listen.host, proxy.listen.port),
         )
 
 
@@ -225,8 +217,12 @@ def _probe_tcp(host: str, port: int) -> None:
 def busy_ports(topology: Topology) -> list[str]:
     """Each configured address another program already listens on, as 'key host:port'."""
     claims = [("proxy.listen", topology.proxy.listen.host, topology.proxy.listen.port)]
-    claims += [("app.ports", topology.app.host, p) for p in topology.app.ports]
+    for group in topology.all_app_groups():
+        claims += [(f"app {group.name}", group.host, p) for p in group.ports]
     claims += [("db.ports", topology.db.host, p) for p in topology.db.ports]
+    admin = topology.proxy.policy.admin.listen
+    if admin is not None:
+        claims.append(("proxy.admin.listen", admin.host, admin.port))
     busy = []
     for key, host, port in claims:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:

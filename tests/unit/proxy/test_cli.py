@@ -3,22 +3,60 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from tiers.config.model import Address, ProxyConfig
-from tiers.proxy.__main__ import parse_address, settings_from_args
+from tiers.proxy.__main__ import main, parse_address, settings_from_args
 
 
 def test_defaults_are_the_config_defaults() -> None:
     settings = settings_from_args(["--backend", "127.0.0.1:8401"])
     config = ProxyConfig()
     for field in dataclasses.fields(ProxyConfig):
-        if field.name == "access_log":
+        if field.name in ("access_log", "policy"):
             continue
         assert getattr(settings, field.name) == getattr(config, field.name), field.name
     assert settings.access_log is None
     assert settings.backends == (Address("127.0.0.1", 8401),)
+    # The --backend form: one pool of those backends, every request goes to it.
+    (pool,) = settings.policy.pools
+    assert [s.address for s in pool.servers] == [Address("127.0.0.1", 8401)]
+    (route,) = settings.policy.routes
+    assert route.pool == pool.name
+    assert settings.policy.admin.listen is None
+
+
+def test_topology_form_takes_pools_and_routes_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "tiers.toml"
+    path.write_text('[proxy]\nlisten = "127.0.0.1:7100"\nheader_timeout = 3\n'
+                    '[app]\nports = [7101, 7102]\n[app.groups.crawler]\nport = 7103\n'
+                    '[[proxy.routes]]\nuser_agent = "bot"\npool = "crawler"\n'
+                    '[[proxy.routes]]\npool = "app"\n')
+    settings = settings_from_args(["--topology", str(path), "--access-log", "-"])
+    assert settings.listen == Address("127.0.0.1", 7100)
+    assert settings.header_timeout == 3.0
+    assert settings.access_log == "-"
+    assert [p.name for p in settings.policy.pools] == ["app", "crawler"]
+    assert [r.pool for r in settings.policy.routes] == ["crawler", "app"]
+    assert set(settings.backends) == {Address("127.0.0.1", p) for p in (7101, 7102, 7103)}
+
+
+def test_backend_and_topology_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in ([], ["--backend", "127.0.0.1:1", "--topology", "default"]):
+        with pytest.raises(SystemExit) as caught:
+            settings_from_args(argv)
+        assert caught.value.code == 2
+        assert "either --backend" in capsys.readouterr().err
+
+
+def test_a_bad_topology_exits_2_with_the_reason(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "tiers.toml"
+    path.write_text("[[proxy.routes]]\npool = 'nowhere'\n")
+    assert main(["--topology", str(path)]) == 2
+    assert "proxy.routes[0].pool: no pool named 'nowhere'" in capsys.readouterr().err
 
 
 def test_every_flag() -> None:
