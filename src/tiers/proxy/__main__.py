@@ -29,6 +29,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--listen",
         type=_listen_type,
-        default=d.listen,
+        default=None,
         metavar="HOST:PORT",
-        help=f"address to listen on (default {d.listen})",
+        help=f"address to listen on (default {d.listen}; overrides the topology's)",
     )
     p.add_argument(
         "--backend",
@@ -160,9 +161,10 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ProxySettings:
     if (ns.topology is None) == (ns.backend is None):
         parser.error("give either --backend (one or more) or --topology")
     if ns.topology is not None:
-        return settings_from_topology(ns.topology, ns.access_log, ns.admin_token_file)
+        settings = settings_from_topology(ns.topology, ns.access_log, ns.admin_token_file)
+        return settings if ns.listen is None else replace(settings, listen=ns.listen)
     return ProxySettings(
-        listen=ns.listen,
+        listen=ns.listen or ProxyConfig().listen,
         backends=tuple(ns.backend),
         access_log=ns.access_log,
         health_path=ns.health_path,

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import cast
 
 from tiers.errors import ProxyError
 from tiers.proxy.accesslog import AccessLog
+from tiers.proxy.admin import AdminHandlers, AdminServer, load_or_create_token
 from tiers.proxy.errors import ClientGone, ConnectFailed, UpstreamError, UpstreamTimeout
 from tiers.proxy.forward import (
     CONTINUE,
@@ -315,6 +317,7 @@ class ClientConnection(asyncio.Protocol):
         assert self._transport is not None
         body = error_response(status, reason, keep_alive=False)
         self._transport.write(body)
+        self._server.counters.count(status, len(reason) + 1)
         access_log = self._server.access_log
         if access_log is not None:
             access_log.record(
@@ -377,6 +380,7 @@ class ClientConnection(asyncio.Protocol):
                 self._log(x)
 
     def _log(self, x: _Exchange) -> None:
+        self._server.counters.count(x.status, x.size)
         access_log = self._server.access_log
         if access_log is not None:
             head = x.head
@@ -636,6 +640,20 @@ class ClientConnection(asyncio.Protocol):
             self._transport.close()
 
 
+class RequestCounters:
+    """Answers counted by status class, and response body bytes, for metrics."""
+
+    __slots__ = ("by_class", "bytes_out")
+
+    def __init__(self) -> None:
+        self.by_class = [0] * 6  # index: status // 100; 0 counts exchanges with no status
+        self.bytes_out = 0
+
+    def count(self, status: int, size: int) -> None:
+        self.by_class[min(status // 100, 5)] += 1
+        self.bytes_out += size
+
+
 class ProxyServer:
     """The listening socket, the client connections, the backends and the access log."""
 
@@ -643,6 +661,9 @@ class ProxyServer:
         self.settings = settings
         self.upstreams = Upstreams(list(settings.backends), settings.upstream_settings())
         self.access_log: AccessLog | None = None
+        self.counters = RequestCounters()
+        self.admin: AdminServer | None = None
+        self.started_at = time.time()
         self.connections: set[ClientConnection] = set()
         self.stopping = False
         self.address: tuple[str, int] = (settings.listen.host, settings.listen.port)
@@ -684,6 +705,24 @@ class ProxyServer:
         if self.access_log is not None:
             self.access_log.start(self._loop)
         self.upstreams.start()
+        await self._start_admin()
+
+    async def _start_admin(self) -> None:
+        admin = self.settings.policy.admin
+        if admin.listen is None:
+            return
+        from tiers.proxy import observe
+
+        token = load_or_create_token(admin.token, self.settings.admin_token_file)
+        handlers = AdminHandlers(status=lambda: observe.status(self),
+                                 metrics=lambda: observe.metrics(self))
+        self.admin = AdminServer(admin.listen, token, handlers)
+        try:
+            await self.admin.start()
+        except ProxyError:
+            self.admin = None
+            await self.shutdown()
+            raise
 
     def connection_done(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -708,5 +747,7 @@ class ProxyServer:
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
         await self.upstreams.close()
+        if self.admin is not None:
+            await self.admin.close()
         if self.access_log is not None:
             self.access_log.close()

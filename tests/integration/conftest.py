@@ -1,0 +1,43 @@
+"""Fixtures shared by the integration tests: real backends and proxy processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.proxykit import FAST_HEALTH, Backend, Proxy
+
+
+@pytest.fixture
+def backends() -> Iterator[Callable[[int], list[Backend]]]:
+    started: list[Backend] = []
+
+    def make(count: int) -> list[Backend]:
+        made = [Backend(name=chr(ord("A") + len(started) + i)) for i in range(count)]
+        for backend in made:
+            backend.start()
+            started.append(backend)
+        return made
+
+    yield make
+    for backend in started:
+        backend.stop()
+
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    started: list[Proxy] = []
+
+    def start(servers: list[Backend], *extra: str) -> Proxy:
+        args = [arg for b in servers for arg in ("--backend", b.address)]
+        log = tmp_path / f"access-{len(started)}.log"
+        p = Proxy([*args, "--access-log", str(log), *FAST_HEALTH, *extra], log)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.kill()
