@@ -1,0 +1,667 @@
+"""The sans-I/O core of the page cache: the HTTP caching rules and the store they govern.
+
+Nothing here reads a clock or touches a socket: times are passed in as seconds
+since the epoch (they are compared with Date and Expires, which are wall-clock
+values). ``tiers.proxy.cache`` drives it from asyncio (coalescing, refreshes).
+
+    request_cacheability   may the cache answer this request, under which key
+    response_storability   may this answer be stored, and how long is it good
+    Store                  entries under a memory budget (LRU), variants per
+                           URL (Vary), purge; lookup -> Hit | Stale | MISS
+
+The cache is a shared cache that stores only what the origin explicitly
+allows, and refuses what it cannot prove safe:
+
+Requests (``request_cacheability``)
+    Only GET and HEAD without a body. A request with Cookie or Authorization
+    bypasses the cache unless its route allows private requests. A request
+    with Range, If-Match, If-Unmodified-Since or If-Range bypasses it too (the
+    cache does not build partial or precondition-failed answers). Request
+    ``no-store`` bypasses the cache. ``no-cache``, ``max-age=0`` and (with no
+    Cache-Control at all) ``Pragma: no-cache`` ask for an end-to-end reload:
+    the cache goes to the origin and stores the answer. ``max-age=N`` and
+    ``min-fresh=N`` narrow which stored answers are good enough.
+    ``max-stale`` and ``only-if-cached`` are ignored.
+
+Responses (``response_storability``)
+    Stored only with status 200, 203, 204, 300, 301, 404 or 410 and explicit
+    freshness (``s-maxage`` over ``max-age`` over ``Expires`` minus ``Date``):
+    no heuristic freshness. Never stored: ``no-store``, ``private`` (with or
+    without field names), ``no-cache`` (with or without field names: the
+    cache does not revalidate with conditional requests, so an answer that
+    must be revalidated before every use is not worth keeping), a Set-Cookie
+    field, ``Vary: *``. An answer that is already stale on arrival is stored
+    only if its own ``stale-while-revalidate``/``stale-if-error`` still
+    covers it.
+
+Stale windows
+    ``stale-while-revalidate=N`` and ``stale-if-error=N`` in the response win;
+    without them the configured defaults apply, except after ``s-maxage``
+    (which implies proxy-revalidate). ``must-revalidate`` and
+    ``proxy-revalidate`` forbid every stale use, explicit or default.
+
+Errors: none are raised; malformed values count as the most restrictive
+reading (an invalid ``max-age`` means already stale, an invalid ``Expires``
+means expired). The store refuses what does not fit instead of raising.
+"""
+
+from __future__ import annotations
+
+import calendar
+import email.utils
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from tiers.proxy.forward import HOP_BY_HOP
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+# Statuses a shared cache may store when the origin gives explicit freshness.
+CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 404, 410})
+# RFC 9111 1.2.2: delta-seconds beyond what can be represented count as 2^31.
+_MAX_DELTA = 2**31
+
+_DIRECTIVE = re.compile(
+    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*(?:=[ \t]*(?:\"((?:[^\"\\]|\\.)*)\"|([^ \t,\"]*)))?"
+)
+_QUOTED_PAIR = re.compile(rb"\\(.)")
+_IMF_FIXDATE = re.compile(
+    rb"[A-Z][a-z]{2}, (\d{2}) ([A-Z][a-z]{2}) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT"
+)
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1
+    )
+}
+_ENTITY_TAG = re.compile(rb'(?:W/)?"([^"]*)"')
+# Fields not stored: framing is redone on every answer, Age and X-Cache are the cache's own.
+_STORE_DROP = HOP_BY_HOP | {b"content-length", b"transfer-encoding", b"age", b"x-cache"}
+# What a 304 made from an entry repeats (RFC 9110 15.4.5).
+NOT_MODIFIED_FIELDS = frozenset(
+    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
+)
+_MAX_VARIANTS = 16
+
+# What a request header field means to the cache (see request_cacheability).
+_PRIVATE = 1
+_CACHE_CONTROL = 2
+_PRAGMA = 3
+_BYPASS = 4
+_IF_NONE_MATCH = 5
+_IF_MODIFIED_SINCE = 6
+_REQUEST_FIELDS = {
+    b"cookie": _PRIVATE,
+    b"authorization": _PRIVATE,
+    b"cache-control": _CACHE_CONTROL,
+    b"pragma": _PRAGMA,
+    b"range": _BYPASS,
+    b"if-range": _BYPASS,
+    b"if-match": _BYPASS,
+    b"if-unmodified-since": _BYPASS,
+    b"if-none-match": _IF_NONE_MATCH,
+    b"if-modified-since": _IF_MODIFIED_SINCE,
+}
+_CACHEABLE_METHODS = frozenset({b"GET", b"HEAD"})
+
+
+def parse_cache_control(values: Iterable[bytes]) -> dict[bytes, bytes | None]:
+    """The directives of one or more Cache-Control field values.
+
+    Names are lower-cased; a directive without ``=`` maps to None, a quoted
+    value is unquoted. When a directive repeats, its first value is kept.
+    """
+    directives: dict[bytes, bytes | None] = {}
+    for value in values:
+        for match in _DIRECTIVE.finditer(value):
+            name = match.group(1).lower()
+            if name in directives:
+                continue
+            quoted = match.group(2)
+            if quoted is not None:
+                directives[name] = _QUOTED_PAIR.sub(rb"\1", quoted)
+            else:
+                directives[name] = match.group(3)
+    return directives
+
+
+def delta_seconds(value: bytes | None) -> int | None:
+    """A delta-seconds value (RFC 9111 1.2.2), or None when missing or invalid."""
+    if value is None or not value.isdigit():
+        return None
+    return min(int(value), _MAX_DELTA)
+
+
+def parse_http_date(value: bytes) -> float | None:
+    """An HTTP date (IMF-fixdate, RFC 850 or asctime) as seconds since the epoch, or None."""
+    match = _IMF_FIXDATE.fullmatch(value.strip())
+    if match is not None:
+        month = _MONTHS.get(match.group(2))
+        if month is not None:
+            day, _, year, hour, minute, second = match.groups()
+            try:
+                return float(
+                    calendar.timegm(
+                        (int(year), month, int(day), int(hour), int(minute), int(second))
+                    )
+                )
+            except ValueError:
+                return None
+    try:
+        parts = email.utils.parsedate_tz(value.decode("latin-1"))
+    except (ValueError, IndexError, TypeError):
+        return None
+    if parts is None:
+        return None
+    try:
+        return float(email.utils.mktime_tz(parts))
+    except (ValueError, OverflowError):
+        return None
+
+
+def header_value(headers: Headers, lname: bytes) -> bytes | None:
+    """The value of field ``lname`` (lower-case), repeated lines joined by ", "; None if absent."""
+    found: bytes | None = None
+    for name, value in headers:
+        if len(name) == len(lname) and name.lower() == lname:
+            stripped = value.strip(b" \t")
+            found = stripped if found is None else found + b", " + stripped
+    return found
+
+
+def cache_key(host: bytes | None, target: bytes) -> bytes:
+    """The key of a URL in the cache: lower-cased host (default port dropped) and target.
+
+    ``target`` is the origin-form target (path and query). The key does not
+    depend on the method, so a HEAD is answered from what a GET stored.
+    """
+    if host is None:
+        host = b""
+    else:
+        host = host.lower()
+        if host.endswith(b":80"):
+            host = host[:-3]
+    return host + target
+
+
+def url_key(url: bytes) -> bytes:
+    """The cache key (or key prefix) for a URL written by an operator.
+
+    Accepts ``http://host/path?query``, ``https://...`` and ``host/path``.
+    """
+    lowered = url[:8].lower()
+    if lowered.startswith(b"http://"):
+        url = url[7:]
+    elif lowered.startswith(b"https://"):
+        url = url[8:]
+    slash = url.find(b"/")
+    if slash == -1:
+        return cache_key(url, b"")
+    return cache_key(url[:slash], url[slash:])
+
+
+@dataclass(slots=True, eq=False)
+class RequestRules:
+    """What the cache needs to know of one cacheable request.
+
+    ``reload``: the client asked for an end-to-end reload (no stored answer
+    may be served without going to the origin first). ``max_age`` and
+    ``min_fresh``: the client's own limits on a stored answer's age and
+    remaining freshness. ``headers`` are the request's fields (for Vary).
+    """
+
+    key: bytes
+    head_only: bool
+    headers: Headers
+    reload: bool = False
+    max_age: float | None = None
+    min_fresh: float = 0.0
+    if_none_match: bytes | None = None
+    if_modified_since: bytes | None = None
+
+
+def request_cacheability(
+    method: bytes,
+    host: bytes | None,
+    target: bytes,
+    headers: Headers,
+    *,
+    private_ok: bool = False,
+) -> RequestRules | None:
+    """How the cache may serve a request, or None when it must bypass the cache.
+
+    ``target`` is origin-form (path and query); ``private_ok`` is the route's
+    ``cache_private_requests``. The caller has already checked that the
+    request has no body and that its route caches at all.
+    """
+    if method not in _CACHEABLE_METHODS:
+        return None
+    cache_control: list[bytes] | None = None
+    pragma_no_cache = False
+    if_none_match: bytes | None = None
+    if_modified_since: bytes | None = None
+    fields = _REQUEST_FIELDS
+    for name, value in headers:
+        meaning = fields.get(name.lower())
+        if meaning is None:
+            continue
+        if meaning == _PRIVATE:
+            if not private_ok:
+                return None
+        elif meaning == _CACHE_CONTROL:
+            if cache_control is None:
+                cache_control = [value]
+            else:
+                cache_control.append(value)
+        elif meaning == _PRAGMA:
+            pragma_no_cache = pragma_no_cache or b"no-cache" in value.lower()
+        elif meaning == _BYPASS:
+            return None
+        elif meaning == _IF_NONE_MATCH:
+            if_none_match = value if if_none_match is None else if_none_match + b", " + value
+        else:
+            if_modified_since = value
+    rules = RequestRules(
+        cache_key(host, target),
+        method == b"HEAD",
+        headers,
+        if_none_match=if_none_match,
+        if_modified_since=if_modified_since,
+    )
+    if cache_control is not None:
+        directives = parse_cache_control(cache_control)
+        if b"no-store" in directives:
+            return None
+        if b"no-cache" in directives:
+            rules.reload = True
+        elif b"max-age" in directives:
+            # An invalid value is ignored: the request then asks nothing special.
+            seconds = delta_seconds(directives[b"max-age"])
+            if seconds == 0:
+                rules.reload = True
+            elif seconds is not None:
+                rules.max_age = float(seconds)
+        min_fresh = delta_seconds(directives.get(b"min-fresh"))
+        if min_fresh is not None:
+            rules.min_fresh = float(min_fresh)
+    elif pragma_no_cache:
+        # RFC 9111 5.4: Pragma counts only when Cache-Control is absent.
+        rules.reload = True
+    return rules
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    """How long a stored response may be used, per RFC 9111 4.2.
+
+    ``initial_age`` is the corrected initial age at ``response_time``;
+    ``vary`` pairs each lower-cased field name the response varies on with
+    the request's value of it (None when the request had none).
+    """
+
+    lifetime: float
+    initial_age: float
+    response_time: float
+    stale_while_revalidate: float
+    stale_if_error: float
+    vary: tuple[tuple[bytes, bytes | None], ...] = ()
+
+    def age(self, now: float) -> float:
+        """The response's current age at ``now``."""
+        resident = now - self.response_time
+        return self.initial_age + (resident if resident > 0 else 0.0)
+
+    @property
+    def usable_for(self) -> float:
+        """Age beyond which the response is of no use at all."""
+        return self.lifetime + max(self.stale_while_revalidate, self.stale_if_error)
+
+
+def response_storability(
+    status: int,
+    headers: Headers,
+    request_headers: Headers,
+    *,
+    request_time: float,
+    response_time: float,
+    stale_while_revalidate: float = 0.0,
+    stale_if_error: float = 0.0,
+) -> Freshness | None:
+    """The freshness of a response the cache may store, or None when it must not.
+
+    ``request_time`` is when the request went to the origin and
+    ``response_time`` when the response head came back; the two stale
+    windows are the configured defaults.
+    """
+    if status not in CACHEABLE_STATUSES:
+        return None
+    cache_control: list[bytes] = []
+    vary_values: list[bytes] = []
+    expires: bytes | None = None
+    date: bytes | None = None
+    age: bytes | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"cache-control":
+            cache_control.append(value)
+        elif lname == b"set-cookie":
+            return None
+        elif lname == b"expires":
+            expires = value if expires is None else expires
+        elif lname == b"date":
+            date = value if date is None else date
+        elif lname == b"age":
+            age = value if age is None else age
+        elif lname == b"vary":
+            vary_values.append(value)
+    directives = parse_cache_control(cache_control)
+    if b"no-store" in directives or b"private" in directives or b"no-cache" in directives:
+        return None
+
+    date_value = parse_http_date(date) if date is not None else None
+    if date_value is None:
+        date_value = response_time
+    shared_max_age = b"s-maxage" in directives
+    if shared_max_age:
+        lifetime = float(delta_seconds(directives[b"s-maxage"]) or 0)
+    elif b"max-age" in directives:
+        lifetime = float(delta_seconds(directives[b"max-age"]) or 0)
+    elif expires is not None:
+        expires_value = parse_http_date(expires)
+        lifetime = 0.0 if expires_value is None else max(0.0, expires_value - date_value)
+    else:
+        return None  # no heuristic freshness
+
+    apparent_age = max(0.0, response_time - date_value)
+    response_delay = max(0.0, response_time - request_time)
+    initial_age = max(apparent_age, float(delta_seconds(age) or 0) + response_delay)
+
+    explicit_swr = delta_seconds(directives.get(b"stale-while-revalidate"))
+    explicit_sie = delta_seconds(directives.get(b"stale-if-error"))
+    if b"must-revalidate" in directives or b"proxy-revalidate" in directives:
+        swr = sie = explicit = 0.0
+    else:
+        # s-maxage implies proxy-revalidate (RFC 9111 5.2.2.10): no default windows.
+        swr = _window(explicit_swr, 0.0 if shared_max_age else stale_while_revalidate)
+        sie = _window(explicit_sie, 0.0 if shared_max_age else stale_if_error)
+        explicit = float(max(explicit_swr or 0, explicit_sie or 0))
+    # Stale on arrival: only the origin's own stale directives make it worth keeping.
+    if initial_age >= lifetime + explicit:
+        return None
+
+    vary: tuple[tuple[bytes, bytes | None], ...] = ()
+    if vary_values:
+        names: list[bytes] = []
+        for value in vary_values:
+            for token in value.split(b","):
+                lname = token.strip(b" \t").lower()
+                if lname == b"*":
+                    return None
+                if lname and lname not in names:
+                    names.append(lname)
+        vary = tuple((lname, header_value(request_headers, lname)) for lname in names)
+    return Freshness(lifetime, initial_age, response_time, swr, sie, vary)
+
+
+def _window(explicit: int | None, default: float) -> float:
+    return float(explicit) if explicit is not None else max(0.0, default)
+
+
+def vary_matches(vary: tuple[tuple[bytes, bytes | None], ...], headers: Headers) -> bool:
+    """True if a request with ``headers`` selects a response stored with ``vary``."""
+    return all(header_value(headers, lname) == value for lname, value in vary)
+
+
+def not_modified(rules: RequestRules, etag: bytes | None, last_modified: float | None) -> bool:
+    """True if the request's validators match, so a 304 answers it (RFC 9110 13.2.2).
+
+    If-None-Match (weak comparison) takes precedence over If-Modified-Since.
+    """
+    if rules.if_none_match is not None:
+        if etag is None:
+            return False
+        if rules.if_none_match.strip(b" \t") == b"*":
+            return True
+        stored = _ENTITY_TAG.match(etag.strip(b" \t"))
+        if stored is None:
+            return False
+        opaque = stored.group(1)
+        return any(tag == opaque for tag in _ENTITY_TAG.findall(rules.if_none_match))
+    if rules.if_modified_since is not None and last_modified is not None:
+        since = parse_http_date(rules.if_modified_since)
+        return since is not None and last_modified <= since
+    return False
+
+
+# ---- entries and the store -------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One stored answer: its head pre-rendered, its body, its freshness.
+
+    ``fields`` are the stored end-to-end header lines, ``fields_304`` the
+    subset a 304 repeats. ``live`` turns false when the entry leaves the
+    store (evicted, expired, replaced, purged). ``serial`` grows with every
+    entry stored.
+    """
+
+    key: bytes
+    status: int
+    status_line: bytes
+    fields: bytes
+    fields_304: bytes
+    body: bytes
+    freshness: Freshness
+    etag: bytes | None
+    last_modified: float | None
+    size: int
+    serial: int
+    live: bool = True
+
+
+@dataclass(slots=True, eq=False)
+class Hit:
+    """A fresh entry: serve it."""
+
+    entry: Entry
+    age: float
+
+
+@dataclass(slots=True, eq=False)
+class Stale:
+    """An entry that may not be served as it is (stale, or the client asked for newer).
+
+    ``background``: inside stale-while-revalidate and the client set no
+    limits, so serve it now and refresh it behind the scenes.
+    ``on_error``: it may stand in for the app's answer if the fetch fails.
+    """
+
+    entry: Entry
+    age: float
+    background: bool
+    on_error: bool
+
+
+class Miss:
+    """Nothing stored is usable for this request."""
+
+    __slots__ = ()
+
+
+MISS = Miss()
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters for metrics; served outcomes are counted by ``PageCache``, per request."""
+
+    hits: int = 0  # served fresh from the store (coalesced waiters included)
+    misses: int = 0  # went to the app
+    stale: int = 0  # served stale (while revalidating, or on error)
+    coalesced: int = 0  # hits that waited for another request's fetch
+    stores: int = 0
+    evictions: int = 0  # entries dropped for the memory budget
+    refreshes: int = 0  # background refreshes started
+
+
+class Store:
+    """Entries under a memory budget of ``memory`` bytes, least recently used out first.
+
+    The size of an entry is its key, rendered head and body. Entries larger
+    than ``max_object`` are refused. A URL holds at most 16 variants (the
+    oldest goes first). Not thread-safe; one event loop owns it.
+    """
+
+    def __init__(self, memory: int, max_object: int) -> None:
+        self.memory = max(0, memory)
+        self.max_object = min(max_object, self.memory)
+        self.bytes = 0
+        self.stats = CacheStats()
+        self.serial = 0
+        self._variants: dict[bytes, list[Entry]] = {}
+        self._lru: OrderedDict[Entry, None] = OrderedDict()
+
+    @property
+    def entries(self) -> int:
+        return len(self._lru)
+
+    def lookup(
+        self, rules: RequestRules, now: float, *, reload: bool | None = None
+    ) -> Hit | Stale | Miss:
+        """The stored variant that ``rules`` selects, judged at ``now``.
+
+        ``reload`` overrides ``rules.reload``. An entry past every window
+        is removed and MISS returned; a Stale that can be neither served
+        nor kept for errors is also a MISS (the entry stays for others).
+        """
+        variants = self._variants.get(rules.key)
+        if variants is None:
+            return MISS
+        entry: Entry | None = None
+        # The newest variant first (RFC 9111 4.1: the most recent one wins).
+        for candidate in reversed(variants):
+            vary = candidate.freshness.vary
+            if not vary or vary_matches(vary, rules.headers):
+                entry = candidate
+                break
+        if entry is None:
+            return MISS
+        freshness = entry.freshness
+        age = freshness.age(now)
+        lifetime = freshness.lifetime
+        if age >= freshness.usable_for:
+            self._remove(entry)
+            return MISS
+        self._lru.move_to_end(entry)
+        on_error = age < lifetime + freshness.stale_if_error
+        if reload if reload is not None else rules.reload:
+            return Stale(entry, age, False, on_error)
+        left = lifetime - age
+        unlimited = rules.max_age is None and rules.min_fresh == 0.0
+        if left > 0 and (
+            unlimited
+            or ((rules.max_age is None or age <= rules.max_age) and left >= rules.min_fresh)
+        ):
+            return Hit(entry, age)
+        background = unlimited and left <= 0 and age < lifetime + freshness.stale_while_revalidate
+        if not background and not on_error:
+            return MISS
+        return Stale(entry, age, background, on_error)
+
+    def store(
+        self,
+        rules: RequestRules,
+        freshness: Freshness,
+        *,
+        status: int,
+        reason: bytes,
+        headers: Headers,
+        body: bytes,
+        connection: frozenset[bytes] = frozenset(),
+    ) -> Entry | None:
+        """Keep an answer to ``rules``; None when it is larger than ``max_object``.
+
+        It replaces the stored variants the same request would have
+        selected. ``connection`` names further hop-by-hop fields to drop.
+        """
+        lines: list[bytes] = []
+        lines_304: list[bytes] = []
+        etag: bytes | None = None
+        last_modified: bytes | None = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _STORE_DROP or lname in connection:
+                continue
+            line = b"%s: %s\r\n" % (name, value)
+            lines.append(line)
+            if lname in NOT_MODIFIED_FIELDS:
+                lines_304.append(line)
+            if lname == b"etag":
+                etag = etag or value
+            elif lname == b"last-modified":
+                last_modified = last_modified or value
+        status_line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        fields = b"".join(lines)
+        fields_304 = b"".join(lines_304)
+        key = rules.key
+        size = len(key) + len(status_line) + len(fields) + len(fields_304) + len(body)
+        if size > self.max_object:
+            return None
+        variants = self._variants.get(key)
+        if variants is not None:
+            for old in [e for e in variants if vary_matches(e.freshness.vary, rules.headers)]:
+                self._remove(old)
+            variants = self._variants.get(key)
+            if variants is not None and len(variants) >= _MAX_VARIANTS:
+                self._remove(variants[0])
+        lru = self._lru
+        while lru and self.bytes + size > self.memory:
+            self._remove(next(iter(lru)))
+            self.stats.evictions += 1
+        self.serial += 1
+        entry = Entry(
+            key,
+            status,
+            status_line,
+            fields,
+            fields_304,
+            body,
+            freshness,
+            etag,
+            parse_http_date(last_modified) if last_modified is not None else None,
+            size,
+            self.serial,
+        )
+        self._variants.setdefault(key, []).append(entry)
+        lru[entry] = None
+        self.bytes += size
+        self.stats.stores += 1
+        return entry
+
+    def purge(self, key: bytes, *, prefix: bool = False) -> int:
+        """Remove every variant stored under ``key`` (or under keys starting with it).
+
+        Returns the number of entries removed.
+        """
+        if prefix:
+            keys = [k for k in self._variants if k.startswith(key)]
+        else:
+            keys = [key] if key in self._variants else []
+        removed = 0
+        for k in keys:
+            for entry in list(self._variants.get(k, ())):
+                self._remove(entry)
+                removed += 1
+        return removed
+
+    def _remove(self, entry: Entry) -> None:
+        entry.live = False
+        del self._lru[entry]
+        self.bytes -= entry.size
+        variants = self._variants[entry.key]
+        variants.remove(entry)
+        if not variants:
+            del self._variants[entry.key]
