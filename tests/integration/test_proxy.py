@@ -108,7 +108,7 @@ def test_slow_peers_slow_the_other_side_instead_of_filling_memory(
     backends: Any, proxy: Any
 ) -> None:
     (a,) = backends(1)
-    p = proxy([a])
+    p = proxy([a], "--max-body-size", "0")  # a 64 MiB upload is the point here
     size = 64 << 20
     chunk = b"u" * (1 << 20)
     # The backend waits 1.5 s before reading a 64 MiB upload.
@@ -274,7 +274,8 @@ def test_all_down_answers_503_quickly(backends: Any, proxy: Any) -> None:
 def test_post_is_never_sent_twice(backends: Any, proxy: Any) -> None:
     a, b = backends(2)
     a.cut_paths.add("/flaky")
-    p = proxy([a, b])
+    # Passive health would take A out after its cuts; this test is about retries.
+    p = proxy([a, b], "--passive-fall", "0")
     post_statuses = []
     for i in range(6):
         conn = p.connection()
@@ -405,7 +406,8 @@ def test_access_log_lines(backends: Any, proxy: Any) -> None:
     lines = p.access_log.read_bytes().splitlines()
     records = [parse_line(line) for line in lines]
     labels = ["time", "host", "forwardedfor", "method", "uri", "protocol", "status", "size",
-              "reqtime", "apptime", "upstream", "ua"]  # fmt: skip
+              "reqsize", "referer", "reqtime", "apptime", "upstream", "cache", "route", "reqid",
+              "ua"]  # fmt: skip
     assert all(list(r) == labels for r in records)
     get, post, bad, left = records
     assert get["method"] == b"GET" and get["uri"] == b"/logged?q=1"
@@ -416,6 +418,8 @@ def test_access_log_lines(backends: Any, proxy: Any) -> None:
     assert int(get["size"]) > 0 and float(get["reqtime"]) >= float(get["apptime"]) >= 0
     assert re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", get["time"])
     assert post["method"] == b"POST" and post["status"] == b"200"
+    assert post["reqsize"] == b"5" and get["reqsize"] == b"0"
+    assert get["route"] == b"default" and get["reqid"] != post["reqid"] != b"-"
     assert bad["status"] == b"400" and bad["upstream"] == b"-" and bad["apptime"] == b"-"
     # The client left before the slow answer: nginx's 499, and no waiting for the backend.
     assert left["status"] == b"499" and left["uri"] == b"/slow?s=1.0"

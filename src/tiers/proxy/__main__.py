@@ -37,6 +37,7 @@ import uvloop
 
 from tiers.config import load_topology
 from tiers.config.model import Address, ProxyConfig
+from tiers.config.proxy import AdminConfig, Pool, ProxyPolicy, Route, RouteKind, Server
 from tiers.errors import ConfigError, ProxyError
 from tiers.proxy.server import ProxyServer
 from tiers.proxy.settings import ProxySettings
@@ -100,6 +101,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
 def _path_type(text: str) -> str:
     if not text.startswith("/") or any(c in text for c in " \t\r\n"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a path starting with / without spaces")
@@ -151,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=_positive_float, default=d.read_timeout)
     p.add_argument("--client-idle-timeout", type=_positive_float, default=d.client_idle_timeout)
     p.add_argument("--header-timeout", type=_positive_float, default=d.header_timeout)
+    policy, pool = ProxyPolicy(), Pool(name="default", servers=())
+    p.add_argument("--max-body-size", type=_non_negative_int, default=policy.max_body_size,
+                   metavar="BYTES", help="413 for larger request bodies; 0: no limit")
+    p.add_argument("--passive-fall", type=_non_negative_int, default=pool.passive_fall,
+                   metavar="N", help="consecutive errors or 5xx that take a backend out; "
+                   "0: only active checks do")
     return p
 
 
@@ -163,8 +180,15 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ProxySettings:
     if ns.topology is not None:
         settings = settings_from_topology(ns.topology, ns.access_log, ns.admin_token_file)
         return settings if ns.listen is None else replace(settings, listen=ns.listen)
+    backends = tuple(ns.backend)
+    pool = Pool(name="default", servers=tuple(Server(a) for a in backends),
+                passive_fall=ns.passive_fall)
+    policy = ProxyPolicy(pools=(pool,),
+                         routes=(Route(name="default", kind=RouteKind.POOL, pool="default"),),
+                         admin=AdminConfig(listen=None), max_body_size=ns.max_body_size)
     return ProxySettings(
         listen=ns.listen or ProxyConfig().listen,
+        policy=policy,
         backends=tuple(ns.backend),
         access_log=ns.access_log,
         health_path=ns.health_path,
@@ -198,7 +222,11 @@ async def serve(settings: ProxySettings) -> int:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_exception)
     stop = asyncio.Event()
-    server = ProxyServer(settings)
+    try:
+        server = ProxyServer(settings)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_USAGE
     try:
         await server.start()
     except ProxyError as exc:

@@ -2,10 +2,13 @@
 
 Labels, in order: time, host (client address), forwardedfor (the
 X-Forwarded-For the client sent, or ``-``), method, uri, protocol, status,
-size (response body bytes sent), reqtime (seconds from the first byte of the
-request to the last byte of the response), apptime (seconds from sending the
-request to the backend to receiving its response head, or ``-``), upstream
-(the backend's host:port, or ``-``), ua.
+size (response body bytes sent), reqsize (request body bytes received),
+referer, reqtime (seconds from the first byte of the request to the last byte
+of the response), apptime (seconds from sending the request to the backend to
+receiving its response head, or ``-``), upstream (the backend's host:port, or
+``-``), cache (HIT, MISS, STALE or ``-``), route (the name of the routing rule,
+or ``-``), reqid (the X-Request-Id sent to the backend, or ``-``), ua. The
+labels are those alp and other LTSV tools understand.
 
 A value may hold any byte a client sent; tab, newline, carriage return and
 backslash are written as ``\\t``, ``\\n``, ``\\r`` and ``\\\\`` so a record
@@ -116,6 +119,11 @@ class AccessLog:
         apptime: float | None,
         upstream: bytes | None,
         ua: bytes | None,
+        reqsize: int = 0,
+        referer: bytes | None = None,
+        cache: bytes | None = None,
+        route: bytes | None = None,
+        reqid: bytes | None = None,
     ) -> None:
         """Buffer one request's line."""
         line = b"".join(
@@ -132,10 +140,18 @@ class AccessLog:
                 escape(uri),
                 b"\tprotocol:",
                 protocol,
-                b"\tstatus:%d\tsize:%d\treqtime:%.3f\tapptime:" % (status, size, reqtime),
+                b"\tstatus:%d\tsize:%d\treqsize:%d\treferer:" % (status, size, reqsize),
+                b"-" if referer is None else escape(referer),
+                b"\treqtime:%.3f\tapptime:" % reqtime,
                 b"-" if apptime is None else b"%.3f" % apptime,
                 b"\tupstream:",
                 b"-" if upstream is None else upstream,
+                b"\tcache:",
+                b"-" if cache is None else cache,
+                b"\troute:",
+                b"-" if route is None else escape(route),
+                b"\treqid:",
+                b"-" if reqid is None else escape(reqid),
                 b"\tua:",
                 b"-" if ua is None else escape(ua),
                 b"\n",

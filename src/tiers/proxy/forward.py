@@ -36,14 +36,19 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 
 def upstream_request_head(
-    head: RequestHead, client_ip: bytes, default_host: bytes, proto: bytes = b"http"
+    head: RequestHead,
+    client_ip: bytes,
+    default_host: bytes,
+    proto: bytes = b"http",
+    request_id: bytes | None = None,
 ) -> bytes:
     """The head to send to a backend for ``head``, always as HTTP/1.1 keep-alive.
 
     Appends ``client_ip`` to X-Forwarded-For (joining repeated headers into
     one list), sets X-Forwarded-Proto, and frames the body with
     Content-Length when the client did, else chunked. A request without Host
-    (HTTP/1.0) gets ``default_host``, the backend's own address.
+    (HTTP/1.0) gets ``default_host``, the backend's own address. A
+    ``request_id`` is sent as X-Request-Id unless the request carries one.
     """
     host = head.host if head.host is not None else default_host
     parts = [head.method, b" ", head.path, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
@@ -51,7 +56,9 @@ def upstream_request_head(
     named = head.connection
     for name, value in head.headers:
         lname = name.lower()
-        if lname in _REQUEST_DROP or lname in named:
+        if lname == b"x-request-id":
+            request_id = None  # the client's (or an outer proxy's) id travels on
+        elif lname in _REQUEST_DROP or lname in named:
             if lname == b"x-forwarded-for":
                 forwarded = value if forwarded is None else forwarded + b", " + value
             continue
@@ -61,6 +68,8 @@ def upstream_request_head(
     else:
         parts += (b"X-Forwarded-For: ", client_ip, b"\r\n")
     parts += (b"X-Forwarded-Proto: ", proto, b"\r\n")
+    if request_id is not None:
+        parts += (b"X-Request-Id: ", request_id, b"\r\n")
     if head.framing is Framing.CHUNKED:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif head.content_length is not None:
@@ -130,17 +139,36 @@ def chunk_size_line(size: int) -> bytes:
 
 
 def error_response(
-    status: int, message: str, *, keep_alive: bool, head_only: bool = False
+    status: int,
+    message: str,
+    *,
+    keep_alive: bool,
+    head_only: bool = False,
+    extra: bytes = b"",
+    body: bytes | None = None,
 ) -> bytes:
-    """A complete plain-text response the proxy answers itself (4xx/5xx)."""
-    body = (message + "\n").encode()
+    """A complete plain-text response the proxy answers itself (4xx/5xx, redirects).
+
+    ``extra`` is more header lines, each ending in CRLF (Location, Retry-After);
+    ``body`` replaces the default body of ``message`` and a newline.
+    """
+    if body is None:
+        body = (message + "\n").encode()
     try:
         phrase = HTTPStatus(status).phrase.encode()
     except ValueError:
         phrase = b"Error"
     head = (
         b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Length: %d\r\nCache-Control: no-store\r\n%s\r\n"
-        % (status, phrase, len(body), b"" if keep_alive else b"Connection: close\r\n")
+        b"Content-Length: %d\r\nCache-Control: no-store\r\n%s%s\r\n"
+        % (status, phrase, len(body), extra, b"" if keep_alive else b"Connection: close\r\n")
     )
     return head if head_only else head + body
+
+
+def header_value(head: RequestHead, lname: bytes) -> bytes | None:
+    """The first value of header ``lname`` (lower-case), or None."""
+    for name, value in head.headers:
+        if name.lower() == lname:
+            return value
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -11,10 +12,12 @@ if TYPE_CHECKING:
     from tiers.proxy.server import ProxyServer
 
 _CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+# Per-server counters exported as tiers_proxy_server_<name>_total.
+_SERVER_COUNTERS = ("requests", "connect_errors", "server_errors", "timeouts", "broken", "downs")
 
 
 def status(server: ProxyServer) -> dict[str, Any]:
-    """Pools and their servers, request counts and connections, as plain JSON data."""
+    """Pools and their servers, request counts, abuse limits, connections, as JSON data."""
     counters = server.counters
     return {
         "uptime_seconds": round(time.time() - server.started_at, 3),
@@ -22,18 +25,22 @@ def status(server: ProxyServer) -> dict[str, Any]:
         "requests": {name: count for name, count in zip(_CLASSES, counters.by_class,
                                                         strict=True) if count},
         "bytes_out": counters.bytes_out,
-        "backends": [
-            {"address": backend.label, "state": "up" if backend.up else "down",
-             "idle_connections": len(backend.pool)}
-            for backend in server.upstreams.backends
-        ],
+        "pools": [dataclasses.asdict(pool) for pool in server.pools.stats()],
+        "abuse": dataclasses.asdict(server.abuse.stats(server.loop.time())),
     }
 
 
 def metrics(server: ProxyServer) -> list[Metric]:
     """The proxy's metrics in Prometheus terms."""
     counters = server.counters
-    return [
+    pools = server.pools.stats()
+    abuse = server.abuse.stats(server.loop.time())
+
+    def per_server(field: str) -> list[tuple[dict[str, str], float]]:
+        return [({"pool": p.name, "server": s.address}, getattr(s, field))
+                for p in pools for s in p.servers]
+
+    found = [
         Metric("tiers_proxy_requests_total", "counter", "Requests answered, by status class.",
                [({"code": name}, count) for name, count in zip(_CLASSES, counters.by_class,
                                                                strict=True)]),
@@ -41,8 +48,23 @@ def metrics(server: ProxyServer) -> list[Metric]:
                [({}, counters.bytes_out)]),
         Metric("tiers_proxy_connections", "gauge", "Client connections open now.",
                [({}, len(server.connections))]),
-        Metric("tiers_proxy_backend_up", "gauge", "1 if the backend is in rotation.",
-               [({"backend": b.label}, 1 if b.up else 0) for b in server.upstreams.backends]),
+        Metric("tiers_proxy_server_up", "gauge", "1 if the server is in rotation.",
+               [({"pool": p.name, "server": s.address}, 0 if s.state == "down" else 1)
+                for p in pools for s in p.servers]),
+        Metric("tiers_proxy_server_active", "gauge", "Requests in flight per server.",
+               per_server("active")),
+        Metric("tiers_proxy_pool_queued", "gauge", "Requests waiting for a server slot.",
+               [({"pool": p.name}, p.queued) for p in pools]),
+        Metric("tiers_proxy_abuse_requests_total", "counter",
+               "Requests by abuse verdict.",
+               [({"verdict": "allowed"}, abuse.allowed), ({"verdict": "denied"}, abuse.denied),
+                ({"verdict": "limited"}, abuse.limited)]),
+        Metric("tiers_proxy_abuse_blocked_clients", "gauge", "Clients blocked now.",
+               [({}, abuse.blocked)]),
         Metric("tiers_proxy_uptime_seconds", "gauge", "Seconds since the proxy started.",
                [({}, time.time() - server.started_at)]),
     ]
+    found += [Metric(f"tiers_proxy_server_{name}_total", "counter",
+                     f"Per-server {name.replace('_', ' ')}.", per_server(name))
+              for name in _SERVER_COUNTERS]
+    return found

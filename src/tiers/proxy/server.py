@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from typing import cast
 
+from tiers.config.proxy import RouteKind
 from tiers.errors import ProxyError
 from tiers.proxy.accesslog import AccessLog
 from tiers.proxy.admin import AdminHandlers, AdminServer, load_or_create_token
+from tiers.proxy.balancer import Outcome, outcome_for_status
 from tiers.proxy.errors import ClientGone, ConnectFailed, UpstreamError, UpstreamTimeout
 from tiers.proxy.forward import (
     CONTINUE,
@@ -41,6 +44,7 @@ from tiers.proxy.forward import (
     chunk_size_line,
     client_response_head,
     error_response,
+    header_value,
     plan_response,
     upstream_request_head,
 )
@@ -54,8 +58,11 @@ from tiers.proxy.http1 import (
     RequestParser,
     ResponseHead,
 )
+from tiers.proxy.limits import ALLOW, Abuse
+from tiers.proxy.routing import CompiledRoute, Router
 from tiers.proxy.settings import ProxySettings
-from tiers.proxy.upstream import UpstreamConnection, Upstreams
+from tiers.proxy.static import StaticFileError, StaticRoot, plan_static_file, send_static
+from tiers.proxy.upstream import PoolBusy, Pools, UpstreamConnection, Upstreams
 
 log = logging.getLogger("tiers.proxy")
 
@@ -87,12 +94,17 @@ class _Exchange:
         "apptime",
         "body_done",
         "body_error",
+        "body_size",
+        "cache",
         "chunked",
         "continue_sent",
+        "cut",
         "head",
         "pump",
         "replay",
+        "request_id",
         "responded",
+        "route",
         "size",
         "start",
         "status",
@@ -115,6 +127,11 @@ class _Exchange:
         self.body_error: ClientGone | None = None
         self.responded = False
         self.continue_sent = not head.expect_continue
+        self.body_size = 0  # request body bytes received
+        self.route: bytes | None = None
+        self.request_id: bytes | None = None
+        self.cache: bytes | None = None  # X-Cache label for the access log
+        self.cut = False  # the backend failed after the response started
 
 
 class ClientConnection(asyncio.Protocol):
@@ -361,7 +378,7 @@ class ClientConnection(asyncio.Protocol):
         """Serve one request; True if the connection may carry another."""
         x = _Exchange(head, self._request_start)
         try:
-            return await self._forward(x)
+            return await self._dispatch(x)
         except ClientGone as exc:
             if not x.responded and not self._lost:
                 self._answer(x, exc.status, str(exc))
@@ -396,61 +413,133 @@ class ClientConnection(asyncio.Protocol):
                 apptime=x.apptime,
                 upstream=x.upstream,
                 ua=head.user_agent,
+                reqsize=x.body_size,
+                referer=header_value(head, b"referer"),
+                cache=x.cache,
+                route=x.route,
+                reqid=x.request_id,
             )
 
-    async def _forward(self, x: _Exchange) -> bool:
-        upstreams = self._server.upstreams
+    async def _dispatch(self, x: _Exchange) -> bool:
+        """Abuse limits, body size, routing: then forward, serve a file or answer directly."""
+        server = self._server
         head = x.head
+        verdict = server.abuse.check(self._client_ip, head.user_agent, self._loop.time())
+        if verdict is not ALLOW:
+            retry = b"Retry-After: %d\r\n" % verdict.retry_after if verdict.retry_after else b""
+            return self._answer(x, verdict.status, verdict.reason, extra=retry)
+        limit = server.settings.policy.max_body_size
+        if limit and head.content_length is not None and head.content_length > limit:
+            return self._answer(x, 413, "request body too large")
+        route = server.router.route_head(head, self._client_ip)
+        if route is None:
+            return self._answer(x, 404, "no route for this request")
+        x.route = route.name.encode()
+        kind = route.kind
+        if kind is RouteKind.POOL:
+            assert route.pool is not None
+            return await self._forward(x, server.pools[route.pool])
+        if kind is RouteKind.STATIC:
+            return await self._serve_static(x, route)
+        if kind is RouteKind.REDIRECT:
+            location = route.location(head.path)
+            return self._answer(x, route.status, "", extra=b"Location: %s\r\n" % location,
+                                body=b"")
+        return self._answer(x, route.status, "", body=route.body)
+
+    async def _serve_static(self, x: _Exchange, route: CompiledRoute) -> bool:
+        head = x.head
+        if not x.body_done:  # a body has no meaning here: drop what already came
+            discard: list[bytes] = []
+            try:
+                self._relay_queued(x, discard)
+            except ClientGone:
+                x.body_done = False
+        relative = route.static_path(head.path)
+        if relative is None:
+            return self._answer(x, 404, "not found")
+        plan = plan_static_file(self._server.static_roots[route.name], head.method, relative,
+                                head.headers, time.time(), path=head.path)
+        keep_alive = x.body_done and head.keep_alive and not self._server.stopping
+        x.status, x.responded, x.size = plan.status, True, plan.size
+        assert self._transport is not None
+        try:
+            await send_static(self._loop, self._transport, plan, self._drain,
+                              keep_alive=keep_alive, version=head.version)
+        except StaticFileError as exc:
+            log.warning("%s: %s", head.path.decode("latin-1"), exc)
+            self._cut_client()
+            return False
+        return keep_alive and not self._lost
+
+    async def _forward(self, x: _Exchange, upstreams: Upstreams) -> bool:
+        head = x.head
+        x.request_id = self._server.request_ids.next()
         idempotent = head.method in IDEMPOTENT_METHODS
         tried: set[int] = set()
         fresh_only = False
         failure = "no backend reachable"
+        loop = self._loop
         while True:
-            backend = upstreams.pick(tried)
+            try:
+                backend = await upstreams.acquire(tried, key=head.path)
+            except PoolBusy as exc:
+                self._log_failure(head, f"pool {upstreams.name}: {exc}")
+                return self._answer(x, 503, "service unavailable: all servers busy")
             if backend is None:
                 if not tried:
                     return self._answer(x, 503, "no backend is available")
                 self._log_failure(head, failure)
                 return self._answer(x, 502, "bad gateway")
-            conn = None if fresh_only else upstreams.take_idle(backend, self._loop.time())
-            reused = conn is not None
-            if conn is None:
-                try:
-                    conn = await upstreams.connect(backend)
-                except ConnectFailed as exc:
-                    # The request never left the proxy: any method may go elsewhere.
-                    tried.add(backend.index)
-                    failure = str(exc)
-                    continue
-            x.upstream = backend.label_bytes
+            outcome = Outcome.NEUTRAL
             try:
-                return await self._attempt(x, conn)
-            except UpstreamError as exc:
-                conn.abort()
-                await self._stop_pump(x)
-                if x.body_error is not None:
-                    raise x.body_error from exc
-                failure = f"{backend.label}: {exc}"
-                if isinstance(exc, UpstreamTimeout):
-                    self._log_failure(head, failure)
-                    return self._answer(x, 504, "gateway timeout")
-                if conn.received == 0 and idempotent and x.replay is not None:
-                    if reused:
-                        # Most likely a keep-alive connection the backend was
-                        # closing: try again on a new one.
-                        fresh_only = True
-                    else:
+                conn = None if fresh_only else upstreams.take_idle(backend, loop.time())
+                reused = conn is not None
+                if conn is None:
+                    try:
+                        conn = await upstreams.connect(backend)
+                    except ConnectFailed as exc:
+                        # The request never left the proxy: any method may go elsewhere.
                         tried.add(backend.index)
-                    continue
-                self._log_failure(head, failure)
-                return self._answer(x, 502, "bad gateway")
-            except BaseException:
-                # Cancelled (the client left) or a bug: the exchange on this
-                # connection is in an unknown state.
-                conn.abort()
-                raise
+                        failure = str(exc)
+                        continue
+                x.upstream = backend.label_bytes
+                try:
+                    keep_alive = await self._attempt(x, conn, upstreams)
+                    outcome = Outcome.BROKEN if x.cut else outcome_for_status(x.status)
+                    return keep_alive
+                except UpstreamError as exc:
+                    conn.abort()
+                    await self._stop_pump(x)
+                    if x.body_error is not None:
+                        raise x.body_error from exc
+                    failure = f"{backend.label}: {exc}"
+                    if isinstance(exc, UpstreamTimeout):
+                        outcome = Outcome.TIMEOUT
+                        self._log_failure(head, failure)
+                        return self._answer(x, 504, "gateway timeout")
+                    stale = reused and conn.received == 0
+                    outcome = Outcome.NEUTRAL if stale else Outcome.BROKEN
+                    if conn.received == 0 and idempotent and x.replay is not None:
+                        if reused:
+                            # Most likely a keep-alive connection the backend was
+                            # closing: try again on a new one.
+                            fresh_only = True
+                        else:
+                            tried.add(backend.index)
+                        continue
+                    self._log_failure(head, failure)
+                    return self._answer(x, 502, "bad gateway")
+                except BaseException:
+                    # Cancelled (the client left) or a bug: the exchange on this
+                    # connection is in an unknown state.
+                    conn.abort()
+                    raise
+            finally:
+                upstreams.finish(backend, outcome, loop.time())
 
-    async def _attempt(self, x: _Exchange, conn: UpstreamConnection) -> bool:
+    async def _attempt(self, x: _Exchange, conn: UpstreamConnection,
+                       upstreams: Upstreams) -> bool:
         """Send the request on ``conn`` and relay the response.
 
         Raises ``UpstreamError`` only while nothing was sent to the client; a
@@ -460,7 +549,8 @@ class ClientConnection(asyncio.Protocol):
         settings = self._settings
         loop = self._loop
         conn.begin(head.method == b"HEAD")
-        out = [upstream_request_head(head, self._client_ip, conn.backend.label_bytes)]
+        out = [upstream_request_head(head, self._client_ip, conn.backend.label_bytes,
+                                     request_id=x.request_id)]
         if x.replay:
             out.append(bytes(x.replay))
         if not x.body_done:
@@ -513,6 +603,7 @@ class ClientConnection(asyncio.Protocol):
                 exc,
             )
             x.size = size
+            x.cut = True
             conn.abort()
             self._cut_client()
             return False
@@ -523,7 +614,7 @@ class ClientConnection(asyncio.Protocol):
         if x.pump is not None and not x.pump.done():
             await self._stop_pump(x)
         if x.body_done:
-            self._server.upstreams.release(conn, loop.time())
+            upstreams.release(conn, loop.time())
         else:
             conn.close()
         return plan.keep_alive and not self._lost
@@ -541,6 +632,10 @@ class ClientConnection(asyncio.Protocol):
     def _frame_body(self, x: _Exchange, event: RequestEvent, out: list[bytes]) -> None:
         if type(event) is BodyData:
             data = event.data
+            x.body_size += len(data)
+            limit = self._settings.policy.max_body_size
+            if limit and x.body_size > limit:
+                raise ClientGone("request body too large", 413)
             pieces = [chunk_size_line(len(data)), data, b"\r\n"] if x.chunked else [data]
         elif event is END:
             x.body_done = True
@@ -601,7 +696,8 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- answers of the proxy itself ------------------------------------------
 
-    def _answer(self, x: _Exchange, status: int, message: str) -> bool:
+    def _answer(self, x: _Exchange, status: int, message: str, *, extra: bytes = b"",
+                body: bytes | None = None) -> bool:
         """Send the proxy's own error response; True if the connection stays usable."""
         # A body already received in full does not stand in the way of keep-alive.
         if not x.body_done and x.pump is None:
@@ -614,16 +710,17 @@ class ClientConnection(asyncio.Protocol):
             x.body_done
             and x.head.keep_alive
             and not self._server.stopping
-            and status not in (400, 408)
+            and status not in (400, 408, 413)
         )
+        head_only = x.head.method == b"HEAD"
         response = error_response(
-            status, message, keep_alive=keep_alive, head_only=x.head.method == b"HEAD"
+            status, message, keep_alive=keep_alive, head_only=head_only, extra=extra, body=body
         )
         assert self._transport is not None
         self._transport.write(response)
         x.status = status
         x.responded = True
-        x.size = 0 if x.head.method == b"HEAD" else len(message) + 1
+        x.size = 0 if head_only else len(message) + 1 if body is None else len(body)
         return keep_alive
 
     @staticmethod
@@ -638,6 +735,20 @@ class ClientConnection(asyncio.Protocol):
         # The response is cut short; closing is the only signal HTTP/1.1 has.
         if self._transport is not None:
             self._transport.close()
+
+
+class RequestIds:
+    """Request ids unique across restarts and processes: a random prefix and a counter."""
+
+    __slots__ = ("_count", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex().encode()
+        self._count = 0
+
+    def next(self) -> bytes:
+        self._count += 1
+        return b"%s-%x" % (self._prefix, self._count)
 
 
 class RequestCounters:
@@ -659,7 +770,15 @@ class ProxyServer:
 
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
-        self.upstreams = Upstreams(list(settings.backends), settings.upstream_settings())
+        policy = settings.policy
+        # Compiling checks the policy once more (regexes, networks, roots): a
+        # ConfigError here stops the start with the key named.
+        self.router = Router.compile(policy.routes, pools={p.name for p in policy.pools})
+        self.abuse = Abuse.compile(policy.abuse)
+        self.static_roots = {r.name: StaticRoot.from_route(r) for r in policy.routes
+                             if r.kind is RouteKind.STATIC}
+        self.pools = Pools(policy.pools, settings.upstream_settings())
+        self.request_ids = RequestIds()
         self.access_log: AccessLog | None = None
         self.counters = RequestCounters()
         self.admin: AdminServer | None = None
@@ -669,6 +788,7 @@ class ProxyServer:
         self.address: tuple[str, int] = (settings.listen.host, settings.listen.port)
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -704,8 +824,15 @@ class ProxyServer:
         self.address = (str(sockname[0]), int(sockname[1]))
         if self.access_log is not None:
             self.access_log.start(self._loop)
-        self.upstreams.start()
+        self.pools.start()
+        self._sweeper = self._loop.create_task(self._sweep_abuse())
         await self._start_admin()
+
+    async def _sweep_abuse(self) -> None:
+        """Forget clients whose buckets refilled, so memory follows the active ones."""
+        while True:
+            await asyncio.sleep(5.0)
+            self.abuse.sweep(self.loop.time())
 
     async def _start_admin(self) -> None:
         admin = self.settings.policy.admin
@@ -746,7 +873,9 @@ class ProxyServer:
         tasks = [c.task for c in left if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
-        await self.upstreams.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.pools.close()
         if self.admin is not None:
             await self.admin.close()
         if self.access_log is not None:

@@ -11,18 +11,8 @@ import pytest
 from tiers.proxy.accesslog import AccessLog, escape, parse_line, unescape
 
 LABELS = [
-    "time",
-    "host",
-    "forwardedfor",
-    "method",
-    "uri",
-    "protocol",
-    "status",
-    "size",
-    "reqtime",
-    "apptime",
-    "upstream",
-    "ua",
+    "time", "host", "forwardedfor", "method", "uri", "protocol", "status", "size", "reqsize",
+    "referer", "reqtime", "apptime", "upstream", "cache", "route", "reqid", "ua",
 ]
 
 
@@ -79,6 +69,20 @@ def test_line_has_every_label_in_order(tmp_path: Path) -> None:
     second = parse_line(lines[1])
     assert second["apptime"] == b"-" and second["upstream"] == b"-" and second["ua"] == b"-"
     assert second["forwardedfor"] == b"1.2.3.4"
+    for label in ("referer", "cache", "route", "reqid"):
+        assert first[label] == b"-"
+    assert first["reqsize"] == b"0"
+
+
+def test_optional_labels_are_written_escaped(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    _record(log, reqsize=12, referer=b"http://a/\tb", cache=b"HIT", route=b"crawlers",
+            reqid=b"abc-1")
+    log.close()
+    record = parse_line(path.read_bytes())
+    assert record["reqsize"] == b"12" and record["referer"] == b"http://a/\tb"
+    assert (record["cache"], record["route"], record["reqid"]) == (b"HIT", b"crawlers", b"abc-1")
 
 
 def test_hostile_values_stay_on_one_line(tmp_path: Path) -> None:
