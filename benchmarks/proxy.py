@@ -1,0 +1,606 @@
+"""The reverse proxy against nginx and HAProxy, side by side on this machine.
+
+    .venv/bin/python benchmarks/proxy.py [--duration 10] [--connections 50]
+        [--rounds 3] [--threads 2] [--warmup 1] [--tiers-cache-args ARGS]
+
+One backend (an nginx of its own, answering a fixed ~600-byte page from
+memory) stands behind three front ends with equivalent settings: tiers'
+proxy, nginx and HAProxy, each one worker process or thread, keep-alive to
+the client and to the backend, X-Forwarded-For added, an access log line per
+request written to a file. wrk loads each in turn, the order rotating every
+round; the table gives medians over the rounds and the ratios tiers/peer.
+
+A second part loads a cacheable page (``Cache-Control: public, max-age=60``)
+through nginx's proxy_cache and HAProxy's cache, and through tiers' page
+cache when ``python -m tiers.proxy --help`` offers one; otherwise that row
+is skipped and the reason printed.
+
+Exit status: 0 after a full run, 1 when a process fails or a check does not
+hold, 2 when nginx, haproxy or wrk is missing or an argument is bad, 128+N
+after signal N (Ctrl-C: 130). Every process started is stopped and the
+temporary directory removed in every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import pwd
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import _harness as h
+
+PACKAGES = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"}
+
+# The page every request gets: about 600 bytes, no quote, dollar or backslash
+# so that it sits verbatim in nginx's return directive.
+BODY = (
+    "<!doctype html><html><head><meta charset=utf-8><title>tiers benchmark page</title>"
+    "</head><body><h1>Bookmarks</h1><ul>"
+    + "".join(
+        f"<li><a href=/entry/{i}>entry {i}: a link someone saved for later</a></li>"
+        for i in range(6)
+    )
+    + "</ul><p>A fixed page of about six hundred bytes, answered from memory.</p>"
+    "</body></html>\n"
+)
+PLAIN_PATH = "/"
+CACHEABLE_PATH = "/cacheable"
+HEALTH_PATH = "/_tiers/health"  # tiers' default; HAProxy checks the same path
+
+# One LTSV line per request with the fields tiers writes, in every front end.
+_NGINX_LTSV = (
+    r"time:$time_iso8601\thost:$remote_addr\tforwardedfor:$http_x_forwarded_for"
+    r"\tmethod:$request_method\turi:$request_uri\tprotocol:$server_protocol"
+    r"\tstatus:$status\tsize:$body_bytes_sent\treqtime:$request_time"
+    r"\tapptime:$upstream_response_time\tupstream:$upstream_addr\tua:$http_user_agent"
+)
+_HAPROXY_LTSV = (
+    r"time:%tr\thost:%ci\tforwardedfor:%[capture.req.hdr(1)]\tmethod:%HM\turi:%HU"
+    r"\tprotocol:%HV\tstatus:%ST\tsize:%B\treqtime:%Ta\tapptime:%Tr\tupstream:%si:%sp"
+    r"\tua:%[capture.req.hdr(0)]"
+)
+
+
+# ---- configurations ---------------------------------------------------------
+
+
+def _nginx_common(tmp: str, name: str) -> tuple[str, str]:
+    # Running as root, nginx would hand its workers to "nobody", who cannot
+    # write the temporary directory; keep them as the invoking user.
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+    scratch = os.path.join(tmp, f"{name}-scratch")
+    return (
+        f"""{user}worker_processes 1;
+daemon off;
+master_process on;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+""",
+        scratch,
+    )
+
+
+def backend_conf(tmp: str, port: int) -> str:
+    """The backend: a fixed page from memory, one nginx worker, no log."""
+    head, scratch = _nginx_common(tmp, "backend")
+    return f"""{head}
+http {{
+    client_body_temp_path {scratch}/client;
+    proxy_temp_path {scratch}/proxy;
+    fastcgi_temp_path {scratch}/fastcgi;
+    uwsgi_temp_path {scratch}/uwsgi;
+    scgi_temp_path {scratch}/scgi;
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 60s;
+    default_type text/html;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ return 200 '{BODY}'; }}
+        location = {CACHEABLE_PATH} {{
+            add_header Cache-Control "public, max-age=60";
+            add_header X-Served-At $msec;
+            return 200 '{BODY}';
+        }}
+    }}
+}}
+"""
+
+
+def nginx_conf(tmp: str, port: int, cache_port: int, backend_port: int) -> str:
+    """nginx as the proxy: one worker, pooled upstream keep-alive, buffered LTSV log."""
+    head, scratch = _nginx_common(tmp, "nginx")
+    proxy = """
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_connect_timeout 1s;
+            proxy_read_timeout 30s;"""
+    return f"""{head}
+http {{
+    client_body_temp_path {scratch}/client;
+    proxy_temp_path {scratch}/proxy;
+    fastcgi_temp_path {scratch}/fastcgi;
+    uwsgi_temp_path {scratch}/uwsgi;
+    scgi_temp_path {scratch}/scgi;
+    log_format ltsv '{_NGINX_LTSV}';
+    access_log {tmp}/nginx-access.log ltsv buffer=64k flush=1s;
+    keepalive_requests 10000000;
+    keepalive_timeout 15s;
+    proxy_cache_path {tmp}/nginx-cache levels=1:2 keys_zone=pages:1m max_size=16m
+                     inactive=60s use_temp_path=off;
+    upstream app {{
+        server 127.0.0.1:{backend_port};
+        keepalive 64;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{{proxy}
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{cache_port} backlog=4096;
+        location / {{{proxy}
+            proxy_cache pages;
+            add_header X-Cache-Status $upstream_cache_status;
+        }}
+    }}
+}}
+"""
+
+
+def haproxy_conf(port: int, cache_port: int, backend_port: int) -> str:
+    """HAProxy as the proxy: one thread, connection reuse, LTSV log line to stdout."""
+    frontend_common = """
+    capture request header User-Agent len 128
+    capture request header X-Forwarded-For len 64
+    http-request set-header X-Forwarded-Proto http
+    default_backend app"""
+    return f"""global
+    nbthread 1
+    maxconn 4096
+    log stdout format raw local0
+
+defaults
+    mode http
+    log global
+    log-format "{_HAPROXY_LTSV}"
+    option http-keep-alive
+    option dontlognull
+    option forwardfor
+    http-reuse always
+    timeout connect 1s
+    timeout client 15s
+    timeout server 30s
+    timeout http-request 10s
+    timeout http-keep-alive 15s
+
+cache pages
+    total-max-size 16
+    max-age 60
+
+frontend main
+    bind 127.0.0.1:{port}{frontend_common}
+
+frontend cached
+    bind 127.0.0.1:{cache_port}{frontend_common}
+    http-request cache-use pages
+    http-response cache-store pages
+
+backend app
+    option httpchk GET {HEALTH_PATH}
+    server app1 127.0.0.1:{backend_port} check inter 250ms fall 2 rise 2
+"""
+
+
+# ---- tiers ------------------------------------------------------------------
+
+
+def tiers_help(python: str) -> str:
+    """``python -m tiers.proxy --help``; exit 2 if tiers is not installed for ``python``."""
+    try:
+        out = subprocess.run(
+            [python, "-m", "tiers.proxy", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"error: cannot run {python} -m tiers.proxy --help: {exc}", file=sys.stderr)
+        sys.exit(h.EXIT_MISSING)
+    if out.returncode != 0:
+        print(
+            f"error: {python} -m tiers.proxy --help failed; install the project first "
+            f"(python3 -m venv .venv && .venv/bin/pip install -e .):\n{out.stderr}",
+            file=sys.stderr,
+        )
+        sys.exit(h.EXIT_MISSING)
+    return out.stdout
+
+
+_CACHE_OPTION = re.compile(r"^\s*(--[a-z0-9-]*cache[a-z0-9-]*)(?:[ =]([A-Z][A-Z0-9_]*))?", re.M)
+
+
+def tiers_cache_args(help_text: str, override: str | None) -> tuple[list[str] | None, str]:
+    """The extra arguments that turn tiers' page cache on, or None and why not.
+
+    ``override`` (from ``--tiers-cache-args``) wins; the run then checks that
+    the page really comes from a cache before measuring it.
+    """
+    found = _CACHE_OPTION.findall(help_text)
+    options = ", ".join(f"{opt} {metavar}".strip() for opt, metavar in found)
+    if override is not None:
+        return shlex.split(override), f"tiers run with --tiers-cache-args {override!r}"
+    if not found:
+        return None, "python -m tiers.proxy --help offers no cache option (no page cache yet)"
+    flags = [opt for opt, metavar in found if not metavar]
+    if len(found) == 1 and flags:
+        return flags, f"tiers run with {flags[0]}"
+    return None, (
+        f"python -m tiers.proxy offers {options}, which needs a value: "
+        "pass --tiers-cache-args '...' to choose it"
+    )
+
+
+# ---- measuring --------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    path: str
+    pid: int
+    results: list[h.WrkResult] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+
+def check_page(target: Target) -> dict[str, str]:
+    """The target answers 200 with the benchmark page; BenchmarkError otherwise."""
+    status, headers, body = h.http_get(target.port, target.path)
+    if status != 200 or body != BODY.encode():
+        raise h.BenchmarkError(
+            f"{target.name}: {target.url} answered {status} with {len(body)} bytes, "
+            f"not 200 with the {len(BODY)}-byte page"
+        )
+    return headers
+
+
+def check_cached(target: Target) -> None:
+    """Two requests apart in time get the same X-Served-At: the second came from a cache."""
+    first = check_page(target).get("x-served-at")
+    time.sleep(0.05)
+    second = check_page(target).get("x-served-at")
+    if first is None or first != second:
+        raise h.BenchmarkError(
+            f"{target.name}: {target.url} is not served from a cache "
+            f"(X-Served-At {first} then {second})"
+        )
+
+
+def run_rounds(
+    children: h.Children, targets: Sequence[Target], args: argparse.Namespace, title: str
+) -> None:
+    """``args.rounds`` rounds over ``targets``, the order rotating, a warm-up before each run."""
+    names = [t.name for t in targets]
+    by_name = {t.name: t for t in targets}
+    for r in range(args.rounds):
+        for name in h.rotated(names, r):
+            t = by_name[name]
+            if args.warmup > 0:
+                h.run_wrk(
+                    children,
+                    t.url,
+                    duration=args.warmup,
+                    connections=args.connections,
+                    threads=args.threads,
+                )
+            res = h.run_wrk(
+                children,
+                t.url,
+                duration=args.duration,
+                connections=args.connections,
+                threads=args.threads,
+                measure_pid=t.pid,
+            )
+            t.results.append(res)
+            cpu = res.cpu_us_per_request
+            print(
+                f"  {title} round {r + 1}/{args.rounds}  {name:<22} {res.rps:>10.0f} req/s"
+                f"  p50 {res.p50_ms:7.3f} ms  p99 {res.p99_ms:7.3f} ms"
+                f"  cpu {cpu if cpu is not None else float('nan'):6.1f} us/req"
+                + (
+                    f"  ERRORS non-2xx {res.non_2xx} socket {res.socket_errors}"
+                    if res.non_2xx or res.socket_errors
+                    else ""
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _med(t: Target, attr: str) -> float:
+    values = [getattr(r, attr) for r in t.results if getattr(r, attr) is not None]
+    return h.median(values) if values else float("nan")
+
+
+def print_table(title: str, targets: Sequence[Target]) -> None:
+    print(title)
+    print(
+        f"  {'target':<24}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
+        f"{'CPU us/req':>12}{'errors':>8}   req/s per round"
+    )
+    for t in targets:
+        errors = sum(r.non_2xx + r.socket_errors for r in t.results)
+        rounds = " ".join(f"{r.rps:.0f}" for r in t.results)
+        print(
+            f"  {t.name:<24}{_med(t, 'rps'):>10.0f}{_med(t, 'p50_ms'):>10.3f}"
+            f"{_med(t, 'p99_ms'):>10.3f}{_med(t, 'cpu_us_per_request'):>12.1f}"
+            f"{errors:>8}   {rounds}"
+        )
+
+
+def print_ratios(ours: Target, peers: Sequence[Target]) -> None:
+    print(f"  {'ratio':<24}{'req/s':>10}{'p99':>10}{'CPU/req':>12}")
+    for peer in peers:
+        label = f"{ours.name} / {peer.name}"
+        print(
+            f"  {label:<24}{_med(ours, 'rps') / _med(peer, 'rps'):>10.2f}"
+            f"{_med(ours, 'p99_ms') / _med(peer, 'p99_ms'):>10.2f}"
+            f"{_med(ours, 'cpu_us_per_request') / _med(peer, 'cpu_us_per_request'):>12.2f}"
+        )
+
+
+def _version(argv: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def _count_lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        return 0
+
+
+# ---- the run ----------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/proxy.py",
+        description="tiers' reverse proxy against nginx and HAProxy, in alternating rounds.",
+    )
+    p.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    p.add_argument("--connections", type=int, default=50, help="wrk connections")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (each target once per round)")
+    p.add_argument("--threads", type=int, default=2, help="wrk threads")
+    p.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each run")
+    p.add_argument(
+        "--tiers-cache-args",
+        default=None,
+        metavar="ARGS",
+        help="extra arguments of python -m tiers.proxy that enable its page cache",
+    )
+    p.add_argument("--skip-cache", action="store_true", help="skip the cached-page part")
+    args = p.parse_args(argv)
+    if not 0 < args.duration <= 600:
+        p.error("--duration must be in (0, 600] seconds")
+    if not 0 <= args.warmup <= 60:
+        p.error("--warmup must be in [0, 60] seconds")
+    if args.threads < 1 or args.connections < args.threads:
+        p.error("need --threads >= 1 and --connections >= --threads")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    return args
+
+
+def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
+    python = sys.executable
+    help_text = tiers_help(python)
+    (
+        backend_port,
+        tiers_port,
+        nginx_port,
+        nginx_cache_port,
+        haproxy_port,
+        haproxy_cache_port,
+        tiers_cache_port,
+    ) = h.free_ports(7)
+
+    # The backend, and a check that it is far faster than any front end needs.
+    conf = os.path.join(tmp, "backend.conf")
+    with open(conf, "w") as f:
+        f.write(backend_conf(tmp, backend_port))
+    os.makedirs(os.path.join(tmp, "backend-scratch"))
+    backend = children.start(
+        "backend", ["nginx", "-p", tmp, "-c", conf, "-e", f"{tmp}/backend-error.log"]
+    )
+    children.wait_listening(backend, backend_port)
+
+    tiers_log = os.path.join(tmp, "tiers-access.log")
+    tiers = children.start(
+        "tiers",
+        [
+            python,
+            "-m",
+            "tiers.proxy",
+            "--listen",
+            f"127.0.0.1:{tiers_port}",
+            "--backend",
+            f"127.0.0.1:{backend_port}",
+            "--access-log",
+            tiers_log,
+        ],
+    )
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(nginx_conf(tmp, nginx_port, nginx_cache_port, backend_port))
+    os.makedirs(os.path.join(tmp, "nginx-scratch"))
+    nginx = children.start(
+        "nginx", ["nginx", "-p", tmp, "-c", conf, "-e", f"{tmp}/nginx-error.log"]
+    )
+    conf = os.path.join(tmp, "haproxy.cfg")
+    with open(conf, "w") as f:
+        f.write(haproxy_conf(haproxy_port, haproxy_cache_port, backend_port))
+    haproxy_log = os.path.join(tmp, "haproxy-access.log")
+    haproxy = children.start("haproxy", ["haproxy", "-db", "-f", conf], stdout_path=haproxy_log)
+    for child, port in ((tiers, tiers_port), (nginx, nginx_port), (haproxy, haproxy_port)):
+        children.wait_listening(child, port)
+
+    targets = [
+        Target("tiers", tiers_port, PLAIN_PATH, tiers.proc.pid),
+        Target("nginx", nginx_port, PLAIN_PATH, nginx.proc.pid),
+        Target("haproxy", haproxy_port, PLAIN_PATH, haproxy.proc.pid),
+        Target("backend (direct)", backend_port, PLAIN_PATH, backend.proc.pid),
+    ]
+    for t in targets:
+        check_page(t)
+
+    cpu_model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?"
+            )
+    except OSError:
+        pass
+    print(
+        f"machine: {os.cpu_count()} CPUs ({cpu_model}), load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at start"
+    )
+    print(
+        f"tiers {importlib.metadata.version('tiers')} on Python {platform.python_version()}, "
+        f"uvloop {importlib.metadata.version('uvloop')}, "
+        f"httptools {importlib.metadata.version('httptools')}; "
+        f"{_version(['nginx', '-v'])}; {_version(['haproxy', '-v'])}; {_version(['wrk', '-v'])}"
+    )
+    print(
+        f"load: wrk --latency -t{args.threads} -c{args.connections} -d{args.duration:g}s, "
+        f"{args.warmup:g} s warm-up before each run, {args.rounds} rounds, order rotating; "
+        f"page {len(BODY)} bytes"
+    )
+    print(file=sys.stdout, flush=True)
+
+    run_rounds(children, targets, args, "proxy")
+    print()
+    print_table(
+        f"Proxy in front of one backend: median of {args.rounds} rounds "
+        "(1 worker each, keep-alive both sides, access log on)",
+        targets,
+    )
+    print_ratios(targets[0], targets[1:3])
+    print(
+        "  access log lines: "
+        + ", ".join(
+            f"{name} {_count_lines(path)}"
+            for name, path in (
+                ("tiers", tiers_log),
+                ("nginx", os.path.join(tmp, "nginx-access.log")),
+                ("haproxy", haproxy_log),
+            )
+        )
+    )
+    print(flush=True)
+
+    if args.skip_cache:
+        print("Cached page: skipped (--skip-cache)")
+        return
+    extra, reason = tiers_cache_args(help_text, args.tiers_cache_args)
+    cached = [
+        Target("nginx proxy_cache", nginx_cache_port, CACHEABLE_PATH, nginx.proc.pid),
+        Target("haproxy cache", haproxy_cache_port, CACHEABLE_PATH, haproxy.proc.pid),
+    ]
+    if extra is not None:
+        tiers_cached = children.start(
+            "tiers-cache",
+            [
+                python,
+                "-m",
+                "tiers.proxy",
+                "--listen",
+                f"127.0.0.1:{tiers_cache_port}",
+                "--backend",
+                f"127.0.0.1:{backend_port}",
+                "--access-log",
+                os.path.join(tmp, "tiers-cache-access.log"),
+                *extra,
+            ],
+        )
+        children.wait_listening(tiers_cached, tiers_cache_port)
+        candidate = Target(
+            "tiers page cache", tiers_cache_port, CACHEABLE_PATH, tiers_cached.proc.pid
+        )
+        try:
+            check_cached(candidate)
+        except h.BenchmarkError as exc:
+            # Measuring an uncached tiers here would be a false row.
+            children.stop(tiers_cached)
+            extra, reason = None, f"{reason}, but {exc}"
+        else:
+            cached.insert(0, candidate)
+    for t in cached:
+        check_cached(t)
+    # The cached runs do not need the uncached front ends' idle processes.
+    children.stop(tiers)
+    run_rounds(children, cached, args, "cache")
+    print()
+    print_table(
+        f"Cached page ({CACHEABLE_PATH}, Cache-Control: public, max-age=60): "
+        f"median of {args.rounds} rounds",
+        cached,
+    )
+    if extra is None:
+        print(f"  {'tiers page cache':<24}skipped: {reason}")
+    else:
+        print(f"  ({reason})")
+        print_ratios(cached[0], cached[1:])
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    h.require_commands(PACKAGES)
+    h.exit_on_signals()
+    tmp = tempfile.mkdtemp(prefix="tiers-bench-proxy-")
+    try:
+        with h.Children(tmp) as children:
+            run(args, tmp, children)
+        return 0
+    except h.BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
