@@ -115,6 +115,14 @@ class _Handler(BaseHTTPRequestHandler):
         if path in backend.cut_paths:
             self._cut()
             return
+        if path == "/cacheable":
+            params = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
+            time.sleep(float(params.get("s", "0")))
+            control = f"public, max-age={params.get('age', '60')}, stale-if-error=60"
+            count = len(backend.requests(path=self.path))
+            self._send(200, f"page from {backend.name} #{count}\n".encode(),
+                       (("Cache-Control", control),))
+            return
         if path == "/slow":
             time.sleep(float(query.split("=")[1]))
         if path == "/truncate":

@@ -27,6 +27,7 @@ def status(server: ProxyServer) -> dict[str, Any]:
         "bytes_out": counters.bytes_out,
         "pools": [dataclasses.asdict(pool) for pool in server.pools.stats()],
         "abuse": dataclasses.asdict(server.abuse.stats(server.loop.time())),
+        "cache": server.cache.metrics(),
     }
 
 
@@ -63,6 +64,17 @@ def metrics(server: ProxyServer) -> list[Metric]:
                [({}, abuse.blocked)]),
         Metric("tiers_proxy_uptime_seconds", "gauge", "Seconds since the proxy started.",
                [({}, time.time() - server.started_at)]),
+    ]
+    cache = server.cache.metrics()
+    found += [
+        Metric("tiers_proxy_cache_lookups_total", "counter", "Page cache lookups by result.",
+               [({"result": r}, cache[r]) for r in ("hits", "misses", "stale") if r in cache]),
+        Metric("tiers_proxy_cache_bytes", "gauge", "Bytes held by the page cache.",
+               [({}, cache.get("bytes", 0))]),
+        Metric("tiers_proxy_cache_entries", "gauge", "Pages held by the page cache.",
+               [({}, cache.get("entries", 0))]),
+        Metric("tiers_proxy_cache_evictions_total", "counter", "Pages evicted for memory.",
+               [({}, cache.get("evictions", 0))]),
     ]
     found += [Metric(f"tiers_proxy_server_{name}_total", "counter",
                      f"Per-server {name.replace('_', ' ')}.", per_server(name))

@@ -36,6 +36,7 @@ from tiers.errors import ProxyError
 from tiers.proxy.accesslog import AccessLog
 from tiers.proxy.admin import AdminHandlers, AdminServer, load_or_create_token
 from tiers.proxy.balancer import Outcome, outcome_for_status
+from tiers.proxy.cache import MISS_LABEL, CacheRequest, Fill, PageCache, Serve, with_x_cache
 from tiers.proxy.errors import ClientGone, ConnectFailed, UpstreamError, UpstreamTimeout
 from tiers.proxy.forward import (
     CONTINUE,
@@ -96,9 +97,11 @@ class _Exchange:
         "body_error",
         "body_size",
         "cache",
+        "cache_req",
         "chunked",
         "continue_sent",
         "cut",
+        "fill",
         "head",
         "pump",
         "replay",
@@ -109,6 +112,7 @@ class _Exchange:
         "start",
         "status",
         "upstream",
+        "upstream_status",
     )
 
     def __init__(self, head: RequestHead, start: float) -> None:
@@ -132,6 +136,10 @@ class _Exchange:
         self.request_id: bytes | None = None
         self.cache: bytes | None = None  # X-Cache label for the access log
         self.cut = False  # the backend failed after the response started
+        self.upstream_status = 0  # what the backend answered (stale may be served instead)
+        # Set when the page cache sends this request to the app on its behalf.
+        self.fill: Fill | None = None
+        self.cache_req: CacheRequest | None = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -438,7 +446,7 @@ class ClientConnection(asyncio.Protocol):
         kind = route.kind
         if kind is RouteKind.POOL:
             assert route.pool is not None
-            return await self._forward(x, server.pools[route.pool])
+            return await self._from_pool(x, route, server.pools[route.pool])
         if kind is RouteKind.STATIC:
             return await self._serve_static(x, route)
         if kind is RouteKind.REDIRECT:
@@ -446,6 +454,42 @@ class ClientConnection(asyncio.Protocol):
             return self._answer(x, route.status, "", extra=b"Location: %s\r\n" % location,
                                 body=b"")
         return self._answer(x, route.status, "", body=route.body)
+
+    async def _from_pool(self, x: _Exchange, route: CompiledRoute, upstreams: Upstreams) -> bool:
+        """Answer from the page cache when it can, else forward (filling the cache)."""
+        cache = self._server.cache
+        head = x.head
+        req = cache.request(head, route.route, self._client_ip)
+        if req is None:
+            keep_alive = await self._forward(x, upstreams)
+            cache.invalidate(head, x.status)  # after a successful POST, PUT, DELETE, ...
+            return keep_alive
+        plan = await cache.prepare(req)
+        if type(plan) is Serve:
+            return self._serve_cached(x, req, plan)
+        assert isinstance(plan, Fill)
+        x.fill, x.cache_req, x.cache = plan, req, MISS_LABEL
+        try:
+            return await self._forward(x, upstreams)
+        finally:
+            plan.close()
+
+    def _serve_cached(self, x: _Exchange, req: CacheRequest, serve: Serve) -> bool:
+        keep_alive = x.head.keep_alive and not self._server.stopping and not self._lost
+        answer = serve.response(req, keep_alive=keep_alive)
+        assert self._transport is not None
+        self._transport.write(answer.head + answer.body if answer.body else answer.head)
+        x.status, x.size, x.responded, x.cache = answer.status, len(answer.body), True, serve.label
+        return keep_alive
+
+    def _fail(self, x: _Exchange, status: int, message: str) -> bool:
+        """Answer a failure to reach the app, or a stale page where stale-if-error allows."""
+        fill = x.fill
+        if fill is not None and x.cache_req is not None:
+            stale = fill.serve_stale()
+            if stale is not None:
+                return self._serve_cached(x, x.cache_req, stale)
+        return self._answer(x, status, message)
 
     async def _serve_static(self, x: _Exchange, route: CompiledRoute) -> bool:
         head = x.head
@@ -485,12 +529,12 @@ class ClientConnection(asyncio.Protocol):
                 backend = await upstreams.acquire(tried, key=head.path)
             except PoolBusy as exc:
                 self._log_failure(head, f"pool {upstreams.name}: {exc}")
-                return self._answer(x, 503, "service unavailable: all servers busy")
+                return self._fail(x, 503, "service unavailable: all servers busy")
             if backend is None:
                 if not tried:
-                    return self._answer(x, 503, "no backend is available")
+                    return self._fail(x, 503, "no backend is available")
                 self._log_failure(head, failure)
-                return self._answer(x, 502, "bad gateway")
+                return self._fail(x, 502, "bad gateway")
             outcome = Outcome.NEUTRAL
             try:
                 conn = None if fresh_only else upstreams.take_idle(backend, loop.time())
@@ -506,7 +550,8 @@ class ClientConnection(asyncio.Protocol):
                 x.upstream = backend.label_bytes
                 try:
                     keep_alive = await self._attempt(x, conn, upstreams)
-                    outcome = Outcome.BROKEN if x.cut else outcome_for_status(x.status)
+                    outcome = (Outcome.BROKEN if x.cut
+                               else outcome_for_status(x.upstream_status))
                     return keep_alive
                 except UpstreamError as exc:
                     conn.abort()
@@ -517,7 +562,7 @@ class ClientConnection(asyncio.Protocol):
                     if isinstance(exc, UpstreamTimeout):
                         outcome = Outcome.TIMEOUT
                         self._log_failure(head, failure)
-                        return self._answer(x, 504, "gateway timeout")
+                        return self._fail(x, 504, "gateway timeout")
                     stale = reused and conn.received == 0
                     outcome = Outcome.NEUTRAL if stale else Outcome.BROKEN
                     if conn.received == 0 and idempotent and x.replay is not None:
@@ -529,7 +574,7 @@ class ClientConnection(asyncio.Protocol):
                             tried.add(backend.index)
                         continue
                     self._log_failure(head, failure)
-                    return self._answer(x, 502, "bad gateway")
+                    return self._fail(x, 502, "bad gateway")
                 except BaseException:
                     # Cancelled (the client left) or a bug: the exchange on this
                     # connection is in an unknown state.
@@ -548,8 +593,10 @@ class ClientConnection(asyncio.Protocol):
         head = x.head
         settings = self._settings
         loop = self._loop
-        conn.begin(head.method == b"HEAD")
-        out = [upstream_request_head(head, self._client_ip, conn.backend.label_bytes,
+        fill = x.fill
+        sent = head if fill is None else fill.request_head
+        conn.begin(sent.method == b"HEAD")
+        out = [upstream_request_head(sent, self._client_ip, conn.backend.label_bytes,
                                      request_id=x.request_id)]
         if x.replay:
             out.append(bytes(x.replay))
@@ -566,6 +613,15 @@ class ClientConnection(asyncio.Protocol):
         response = await conn.next_event(settings.read_timeout)
         x.apptime = loop.time() - sent_at
         assert isinstance(response, ResponseHead)
+        x.upstream_status = response.status
+        capturing = False
+        if fill is not None:
+            if response.status >= 500 and x.cache_req is not None:
+                stale = fill.serve_stale()
+                if stale is not None:  # stale-if-error: the old page beats an error
+                    conn.abort()
+                    return self._serve_cached(x, x.cache_req, stale)
+            capturing = fill.on_head(response)
         plan = plan_response(
             head, response, request_body_done=x.body_done, stopping=self._server.stopping
         )
@@ -574,7 +630,8 @@ class ClientConnection(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         chunked = plan.chunked
-        pieces = [client_response_head(response, plan, head)]
+        client_head = client_response_head(response, plan, head)
+        pieces = [client_head if fill is None else with_x_cache(client_head)]
         size = 0
         try:
             while True:
@@ -588,6 +645,8 @@ class ClientConnection(asyncio.Protocol):
                 if type(event) is BodyData:
                     data = event.data
                     size += len(data)
+                    if capturing:
+                        capturing = fill.on_body(data)  # type: ignore[union-attr]
                     if chunked:
                         pieces += (chunk_size_line(len(data)), data, b"\r\n")
                     else:
@@ -611,6 +670,8 @@ class ClientConnection(asyncio.Protocol):
             pieces.append(LAST_CHUNK)
         transport.writelines(pieces)
         x.size = size
+        if capturing:
+            fill.on_end()  # type: ignore[union-attr]
         if x.pump is not None and not x.pump.done():
             await self._stop_pump(x)
         if x.body_done:
@@ -779,6 +840,8 @@ class ProxyServer:
                              if r.kind is RouteKind.STATIC}
         self.pools = Pools(policy.pools, settings.upstream_settings())
         self.request_ids = RequestIds()
+        self.cache = PageCache(policy.cache, fetch=self._cache_fetch,
+                               wait_timeout=settings.read_timeout)
         self.access_log: AccessLog | None = None
         self.counters = RequestCounters()
         self.admin: AdminServer | None = None
@@ -842,7 +905,8 @@ class ProxyServer:
 
         token = load_or_create_token(admin.token, self.settings.admin_token_file)
         handlers = AdminHandlers(status=lambda: observe.status(self),
-                                 metrics=lambda: observe.metrics(self))
+                                 metrics=lambda: observe.metrics(self),
+                                 purge=lambda url: self.cache.purge(url.encode(), prefix=True))
         self.admin = AdminServer(admin.listen, token, handlers)
         try:
             await self.admin.start()
@@ -850,6 +914,51 @@ class ProxyServer:
             self.admin = None
             await self.shutdown()
             raise
+
+    async def _cache_fetch(self, req: CacheRequest, fill: Fill) -> None:
+        """A background refresh for the page cache: one GET with no client waiting.
+
+        Raises UpstreamError or ProxyError when the app cannot be reached or
+        fails; the cache logs it and keeps serving the stale page.
+        """
+        route = req.route
+        assert route is not None and route.pool is not None
+        upstreams = self.pools[route.pool]
+        loop = self.loop
+        timeout = self.settings.read_timeout
+        backend = await upstreams.acquire((), key=req.head.path)
+        if backend is None:
+            raise ProxyError(f"pool {route.pool}: no backend is available")
+        outcome = Outcome.NEUTRAL
+        conn: UpstreamConnection | None = None
+        try:
+            conn = upstreams.take_idle(backend, loop.time()) or await upstreams.connect(backend)
+            conn.begin(False)
+            conn.writelines([upstream_request_head(fill.request_head, req.client_ip,
+                                                   backend.label_bytes,
+                                                   request_id=self.request_ids.next())])
+            response = await conn.next_event(timeout)
+            assert isinstance(response, ResponseHead)
+            outcome = Outcome.BROKEN  # until the body is complete
+            capturing = fill.on_head(response)
+            while True:
+                event = conn.pop_ready() or await conn.next_event(timeout)
+                if type(event) is not BodyData:
+                    break
+                if capturing:
+                    capturing = fill.on_body(event.data)
+            if capturing:
+                fill.on_end()
+            outcome = outcome_for_status(response.status)
+            upstreams.release(conn, loop.time())
+            conn = None
+        except UpstreamTimeout:
+            outcome = Outcome.TIMEOUT
+            raise
+        finally:
+            if conn is not None:
+                conn.abort()
+            upstreams.finish(backend, outcome, loop.time())
 
     def connection_done(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -875,6 +984,7 @@ class ProxyServer:
             await asyncio.wait(tasks, timeout=1.0)
         if self._sweeper is not None:
             self._sweeper.cancel()
+        await self.cache.close()
         await self.pools.close()
         if self.admin is not None:
             await self.admin.close()
