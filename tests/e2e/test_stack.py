@@ -195,3 +195,22 @@ def test_a_service_that_fails_on_every_start_gives_up_cleanly(open_tmp: Path) ->
         assert handle.processes() == []
     finally:
         tear_down(handle)
+
+
+def test_reload_signals_the_proxy_after_checking_the_file(
+        running_stack: StackHandle) -> None:
+    proxy_log = running_stack.state_dir / "logs" / "proxy.log"
+    before = proxy_log.read_text().count("configuration reloaded")
+    running_stack.tiers("reload")
+    running_stack.wait_for(
+        lambda: proxy_log.read_text().count("configuration reloaded") > before, 5,
+        "the proxy to reload")
+    with urllib.request.urlopen(running_stack.base_url + "/", timeout=10) as response:
+        assert response.status == 200
+    good = running_stack.topology.read_text()
+    try:
+        running_stack.topology.write_text(good + "\n[proxy.cache]\nsize = 1\n")
+        done = running_stack.tiers("reload", check=False)
+        assert done.returncode == 2 and "proxy.cache.size: unknown key" in done.stderr
+    finally:
+        running_stack.topology.write_text(good)

@@ -153,4 +153,23 @@ def down(ctx: Context, timeout: float) -> None:
     click.echo("tiers: stopped")
 
 
-COMMANDS = (up, down, supervise)
+@click.command()
+@click.pass_obj
+@handles_errors
+def reload(ctx: Context) -> None:
+    """Apply the topology file's proxy policy (routes, pools, limits, cache) without a restart.
+
+    The file is checked first; a bad one changes nothing. Changes to app servers,
+    the database or listen addresses need `tiers down` and `tiers up`.
+    """
+    ctx.topology()  # a ConfigError names the file and key, and nothing is signalled
+    status = ctx.state.read_status() if ctx.state.is_locked() else None
+    proxy = next((s for s in (status or {}).get("services", []) if s.get("name") == "proxy"),
+                 None)
+    if proxy is None or not proxy.get("pid"):
+        raise StateError(f"no running proxy in {ctx.state.path}")
+    os.kill(proxy["pid"], signal.SIGHUP)
+    click.echo(f"tiers: proxy (pid {proxy['pid']}) is reloading; see 'tiers logs proxy'")
+
+
+COMMANDS = (up, down, supervise, reload)

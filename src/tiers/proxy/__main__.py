@@ -28,7 +28,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import uvloop
 from tiers.config import load_topology
 from tiers.config.model import Address, ProxyConfig
 from tiers.config.proxy import AdminConfig, Pool, ProxyPolicy, Route, RouteKind, Server
-from tiers.errors import ConfigError, ProxyError
+from tiers.errors import ConfigError, ProxyError, TiersError
 from tiers.proxy.server import ProxyServer
 from tiers.proxy.settings import ProxySettings
 
@@ -171,22 +171,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+Reloader = Callable[[], ProxySettings]
+
+
 def settings_from_args(argv: Sequence[str] | None = None) -> ProxySettings:
     """Parse the command line; on a bad argument print why and exit with status 2."""
+    return parse_args(argv)[0]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, Reloader | None]:
+    """The settings, and with --topology a function that reads them again (for SIGHUP).
+
+    A bad argument prints why and exits with status 2; a bad topology raises ConfigError.
+    """
     parser = build_parser()
     ns = parser.parse_args(argv)
     if (ns.topology is None) == (ns.backend is None):
         parser.error("give either --backend (one or more) or --topology")
     if ns.topology is not None:
-        settings = settings_from_topology(ns.topology, ns.access_log, ns.admin_token_file)
-        return settings if ns.listen is None else replace(settings, listen=ns.listen)
+
+        def reload() -> ProxySettings:
+            settings = settings_from_topology(ns.topology, ns.access_log, ns.admin_token_file)
+            return settings if ns.listen is None else replace(settings, listen=ns.listen)
+
+        return reload(), reload
     backends = tuple(ns.backend)
     pool = Pool(name="default", servers=tuple(Server(a) for a in backends),
                 passive_fall=ns.passive_fall)
     policy = ProxyPolicy(pools=(pool,),
                          routes=(Route(name="default", kind=RouteKind.POOL, pool="default"),),
                          admin=AdminConfig(listen=None), max_body_size=ns.max_body_size)
-    return ProxySettings(
+    settings = ProxySettings(
         listen=ns.listen or ProxyConfig().listen,
         policy=policy,
         backends=tuple(ns.backend),
@@ -201,6 +216,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ProxySettings:
         client_idle_timeout=ns.client_idle_timeout,
         header_timeout=ns.header_timeout,
     )
+    return settings, None
 
 
 def settings_from_topology(path: str, access_log: str | None,
@@ -217,8 +233,12 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
     log.error("%s%s", context.get("message", "event loop error"), detail)
 
 
-async def serve(settings: ProxySettings) -> int:
-    """Run the proxy until SIGTERM or SIGINT; return the exit status."""
+async def serve(settings: ProxySettings, reload: Reloader | None = None) -> int:
+    """Run the proxy until SIGTERM or SIGINT; return the exit status.
+
+    With ``reload``, SIGHUP reads the configuration again and applies it without
+    dropping connections; a bad new configuration is logged and the old one kept.
+    """
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_exception)
     stop = asyncio.Event()
@@ -235,6 +255,8 @@ async def serve(settings: ProxySettings) -> int:
     # Signal handlers only ask for the stop; the stop itself runs here.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload, server, reload)
     host, port = server.address
     log.info(
         "listening on %s:%d, backends %s",
@@ -249,9 +271,19 @@ async def serve(settings: ProxySettings) -> int:
     return EXIT_OK
 
 
+def _reload(server: ProxyServer, reload: Reloader) -> None:
+    log.info("reloading the configuration")
+    try:
+        server.reload(reload())
+    except TiersError as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        return
+    log.info("configuration reloaded")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        settings = settings_from_args(argv)
+        settings, reload = parse_args(argv)
     except ConfigError as exc:
         print(f"tiers.proxy: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -260,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return uvloop.run(serve(settings))
+    return uvloop.run(serve(settings, reload))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections import deque
+from dataclasses import replace
 from typing import cast
 
 from tiers.config.proxy import RouteKind
@@ -798,6 +799,11 @@ class ClientConnection(asyncio.Protocol):
             self._transport.close()
 
 
+def _static_roots(settings: ProxySettings) -> dict[str, StaticRoot]:
+    return {r.name: StaticRoot.from_route(r) for r in settings.policy.routes
+            if r.kind is RouteKind.STATIC}
+
+
 class RequestIds:
     """Request ids unique across restarts and processes: a random prefix and a counter."""
 
@@ -836,12 +842,11 @@ class ProxyServer:
         # ConfigError here stops the start with the key named.
         self.router = Router.compile(policy.routes, pools={p.name for p in policy.pools})
         self.abuse = Abuse.compile(policy.abuse)
-        self.static_roots = {r.name: StaticRoot.from_route(r) for r in policy.routes
-                             if r.kind is RouteKind.STATIC}
+        self.static_roots = _static_roots(settings)
         self.pools = Pools(policy.pools, settings.upstream_settings())
         self.request_ids = RequestIds()
-        self.cache = PageCache(policy.cache, fetch=self._cache_fetch,
-                               wait_timeout=settings.read_timeout)
+        self.cache = self._new_cache(settings)
+        self._retiring: set[asyncio.Task[None]] = set()
         self.access_log: AccessLog | None = None
         self.counters = RequestCounters()
         self.admin: AdminServer | None = None
@@ -915,6 +920,52 @@ class ProxyServer:
             await self.shutdown()
             raise
 
+    def _new_cache(self, settings: ProxySettings) -> PageCache:
+        return PageCache(settings.policy.cache, fetch=self._cache_fetch,
+                         wait_timeout=settings.read_timeout)
+
+    def reload(self, settings: ProxySettings) -> None:
+        """Apply new routes, pools, limits, cache settings and timeouts while running.
+
+        Everything is compiled before anything is swapped, so a bad
+        configuration raises ConfigError and changes nothing. Requests in
+        flight finish on the pools they started with, which close once idle;
+        open client connections stay open. The listen and admin addresses
+        cannot change without a restart (a warning says so).
+        """
+        old = self.settings
+        policy = settings.policy
+        router = Router.compile(policy.routes, pools={p.name for p in policy.pools})
+        abuse = self.abuse if policy.abuse == old.policy.abuse else Abuse.compile(policy.abuse)
+        static_roots = _static_roots(settings)
+        pools = Pools(policy.pools, settings.upstream_settings())
+        if settings.listen != old.listen or policy.admin != old.policy.admin:
+            log.warning("listen and admin addresses change only with a restart")
+            settings = replace(settings, listen=old.listen,
+                               policy=replace(policy, admin=old.policy.admin))
+        old_pools, old_cache = self.pools, self.cache
+        self.settings, self.router, self.abuse = settings, router, abuse
+        self.static_roots, self.pools = static_roots, pools
+        if policy.cache != old.policy.cache or settings.read_timeout != old.read_timeout:
+            self.cache = self._new_cache(settings)
+        pools.start()
+        task = self.loop.create_task(self._retire(old_pools, old_cache))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, pools: Pools, cache: PageCache) -> None:
+        """Close replaced pools (and cache) once their requests in flight are done."""
+        loop = self.loop
+        deadline = loop.time() + self.settings.shutdown_timeout
+        try:
+            while loop.time() < deadline and any(
+                    p.queued or any(s.active for s in p.servers) for p in pools.stats()):
+                await asyncio.sleep(0.05)
+        finally:  # at shutdown too, when this is cancelled
+            if cache is not self.cache:
+                await cache.close()
+            await pools.close()
+
     async def _cache_fetch(self, req: CacheRequest, fill: Fill) -> None:
         """A background refresh for the page cache: one GET with no client waiting.
 
@@ -984,6 +1035,11 @@ class ProxyServer:
             await asyncio.wait(tasks, timeout=1.0)
         if self._sweeper is not None:
             self._sweeper.cancel()
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()
+        if retiring:
+            await asyncio.wait(retiring, timeout=5.0)
         await self.cache.close()
         await self.pools.close()
         if self.admin is not None:
