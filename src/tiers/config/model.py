@@ -33,6 +33,8 @@ class ProxyConfig:
     client_idle_timeout: float = 15.0
     header_timeout: float = 10.0
     access_log: bool = True
+    # Worker processes sharing the listen port (SO_REUSEPORT), one event loop each.
+    workers: int = 1
     # Routes, pools, abuse limits, page cache and admin listener. Without routes
     # in the file, every request goes to the pool of the main app group.
     policy: ProxyPolicy = field(default_factory=ProxyPolicy)

@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-idle-timeout", type=_positive_float, default=d.client_idle_timeout)
     p.add_argument("--header-timeout", type=_positive_float, default=d.header_timeout)
     policy, pool = ProxyPolicy(), Pool(name="default", servers=())
+    p.add_argument("--workers", type=_positive_int, default=d.workers, metavar="N",
+                   help="worker processes sharing the port with SO_REUSEPORT (default 1)")
     p.add_argument("--max-body-size", type=_non_negative_int, default=policy.max_body_size,
                    metavar="BYTES", help="413 for larger request bodies; 0: no limit")
     p.add_argument("--passive-fall", type=_non_negative_int, default=pool.passive_fall,
@@ -204,6 +206,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, Reload
     settings = ProxySettings(
         listen=ns.listen or ProxyConfig().listen,
         policy=policy,
+        workers=ns.workers,
         backends=tuple(ns.backend),
         access_log=ns.access_log,
         health_path=ns.health_path,
@@ -255,8 +258,7 @@ async def serve(settings: ProxySettings, reload: Reloader | None = None) -> int:
     # Signal handlers only ask for the stop; the stop itself runs here.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload, server, reload)
+    loop.add_signal_handler(signal.SIGHUP, _reload, server, reload)
     host, port = server.address
     log.info(
         "listening on %s:%d, backends %s",
@@ -271,7 +273,10 @@ async def serve(settings: ProxySettings, reload: Reloader | None = None) -> int:
     return EXIT_OK
 
 
-def _reload(server: ProxyServer, reload: Reloader) -> None:
+def _reload(server: ProxyServer, reload: Reloader | None) -> None:
+    if reload is None:
+        log.info("SIGHUP: nothing to reload without --topology")
+        return
     log.info("reloading the configuration")
     try:
         server.reload(reload())
@@ -292,7 +297,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.workers > 1:
+        from tiers.proxy.workers import Master
+
+        def run_worker(worker: ProxySettings, index: int) -> int:
+            return uvloop.run(serve(worker, _for_worker(reload, index)))
+
+        return Master(settings, run_worker).run()
     return uvloop.run(serve(settings, reload))
+
+
+def _for_worker(reload: Reloader | None, index: int) -> Reloader | None:
+    """A reloader that applies worker ``index``'s share of the settings."""
+    if reload is None:
+        return None
+    from tiers.proxy.workers import worker_settings
+
+    reload_all = reload
+    return lambda: worker_settings(reload_all(), index)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ def status(server: ProxyServer) -> dict[str, Any]:
     """Pools and their servers, request counts, abuse limits, connections, as JSON data."""
     counters = server.counters
     return {
+        # With several workers, this is worker 0's view only.
+        "worker": server.settings.worker,
+        "workers": server.settings.workers,
         "uptime_seconds": round(time.time() - server.started_at, 3),
         "connections": len(server.connections),
         "requests": {name: count for name, count in zip(_CLASSES, counters.by_class,

@@ -882,6 +882,9 @@ class ProxyServer:
                 listen.host,
                 listen.port,
                 reuse_address=True,
+                # Several worker processes bind the same port; the kernel spreads
+                # new connections over them.
+                reuse_port=settings.workers > 1,
                 backlog=1024,
             )
         except OSError as exc:

@@ -33,6 +33,9 @@ class ProxySettings:
     policy: ProxyPolicy = field(default_factory=ProxyPolicy)
     # Where a generated admin token is written (None: not written anywhere).
     admin_token_file: str | None = None
+    # Processes sharing the port with SO_REUSEPORT; see tiers.proxy.workers.
+    workers: int = 1
+    worker: int = 0  # this process's index among them
 
     def __post_init__(self) -> None:
         if not self.policy.pools:
@@ -55,6 +58,7 @@ class ProxySettings:
             access_log=access_log,
             admin_token_file=admin_token_file,
             policy=config.policy,
+            workers=config.workers,
             health_path=config.health_path,
             health_interval=config.health_interval,
             health_timeout=config.health_timeout,

@@ -1,0 +1,152 @@
+"""Several proxy worker processes on one port (SO_REUSEPORT), under a small master.
+
+The master forks ``workers`` children; each runs its own event loop and binds
+the listen address with SO_REUSEPORT, so the kernel spreads new connections
+over them and one busy loop does not stall the others. The master only
+relays signals and keeps the count:
+
+    SIGTERM / SIGINT   passed on; the master exits once every worker has
+                       finished its requests in flight (status 0)
+    SIGHUP             passed on: each worker reloads its configuration
+    a worker dies      it is started again after a short pause; a worker that
+                       dies this way ``_MAX_QUICK_DEATHS`` times in a row within
+                       a second of starting stops the proxy (status 1)
+
+Each worker gets SIGTERM if the master dies (even by SIGKILL), so none is
+left behind. Only worker 0 runs the admin listener: its status and metrics
+describe that worker (they say which), not the sum of all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from tiers.config.address import Address
+from tiers.config.proxy import AdminConfig
+from tiers.proxy.settings import ProxySettings
+
+log = logging.getLogger("tiers.proxy")
+
+_PR_SET_PDEATHSIG = 1
+_QUICK = 1.0  # seconds: a worker dying sooner than this counts as failing to start
+_MAX_QUICK_DEATHS = 5
+_RESPAWN_PAUSE = 0.5
+
+# Runs one worker to completion and returns its exit status.
+WorkerMain = Callable[[ProxySettings, int], int]
+
+
+def worker_settings(settings: ProxySettings, index: int) -> ProxySettings:
+    """Worker ``index``'s settings: only worker 0 keeps the admin listener."""
+    if index == 0:
+        return replace(settings, worker=0)
+    policy = replace(settings.policy, admin=AdminConfig(listen=None))
+    return replace(settings, policy=policy, admin_token_file=None, worker=index)
+
+
+class Master:
+    """Forks, watches and signals the workers; see the module docstring."""
+
+    def __init__(self, settings: ProxySettings, run_worker: WorkerMain) -> None:
+        self.settings = settings
+        self.run_worker = run_worker
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+        self._pending: list[int] = []  # signals received, handled by the loop
+        self._quick_deaths = 0
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._note)
+        reserved = self._fix_port()
+        for index in range(self.settings.workers):
+            self._spawn(index)
+        log.info("master %d: %d workers", os.getpid(), self.settings.workers)
+        stopping = False
+        status = 0
+        while self.children:
+            while self._pending:
+                received = self._pending.pop(0)
+                if received == signal.SIGHUP:
+                    self._signal_all(signal.SIGHUP)
+                elif not stopping:
+                    stopping = True
+                    self._signal_all(signal.SIGTERM)
+            try:
+                pid, code = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.05)
+                continue
+            index, started = self.children.pop(pid)
+            if stopping:
+                continue
+            reason = _describe(code)
+            if time.monotonic() - started < _QUICK:
+                self._quick_deaths += 1
+            else:
+                self._quick_deaths = 0
+            if self._quick_deaths >= _MAX_QUICK_DEATHS:
+                log.error("worker %d keeps dying at start (%s); stopping", index, reason)
+                stopping, status = True, 1
+                self._signal_all(signal.SIGTERM)
+                continue
+            log.warning("worker %d (pid %d) %s; starting it again", index, pid, reason)
+            time.sleep(_RESPAWN_PAUSE)
+            self._spawn(index)
+        if reserved is not None:
+            reserved.close()
+        return status
+
+    def _fix_port(self) -> socket.socket | None:
+        """With port 0, choose the port here so that every worker binds the same one.
+
+        The master keeps a bound, never listening, SO_REUSEPORT socket on it,
+        which holds the port for workers started again later.
+        """
+        listen = self.settings.listen
+        if listen.port != 0:
+            return None
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        reserved = socket.socket(family, socket.SOCK_STREAM)
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserved.bind((listen.host, 0))
+        port = reserved.getsockname()[1]
+        self.settings = replace(self.settings, listen=Address(listen.host, port))
+        return reserved
+
+    def _note(self, signum: int, _frame: object) -> None:
+        self._pending.append(signum)
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(signum, signal.SIG_DFL)
+                ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+                code = self.run_worker(worker_settings(self.settings, index), index)
+            finally:
+                os._exit(code)
+        self.children[pid] = (index, time.monotonic())
+
+
+def _describe(code: int) -> str:
+    if os.WIFSIGNALED(code):
+        return f"was killed by {signal.Signals(os.WTERMSIG(code)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(code)}"
