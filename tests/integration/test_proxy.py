@@ -498,3 +498,23 @@ def _refused(port: int) -> bool:
             return False
     except OSError:
         return True
+
+
+def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(
+        backends: Any, proxy: Any) -> None:
+    (a,) = backends(1)
+    p = proxy([a], "--send-timeout", "0.5")
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /big?mb=64 HTTP/1.1\r\nHost: t\r\n\r\n")
+        # Read nothing: the proxy's buffers fill, then it must give up on us.
+        def logged() -> list[dict[str, bytes]]:
+            data = p.access_log.read_bytes() if p.access_log.exists() else b""
+            return [r for r in map(parse_line, data.splitlines()) if r["uri"] == b"/big?mb=64"]
+
+        assert _wait(lambda: bool(logged()), 10)
+        (record,) = logged()
+        assert float(record["reqtime"]) < 5  # dropped, not waiting for us forever
+        assert 0 < int(record["size"]) < 64 << 20  # what went out before the drop
+    status, _, _ = p.get("/still-serving")
+    assert status == 200

@@ -123,6 +123,7 @@ def _build_proxy(s: _Section, base: Path, groups: dict[str, list[Address]]) -> P
         read_timeout=s.seconds("read_timeout", d.read_timeout),
         client_idle_timeout=s.seconds("client_idle_timeout", d.client_idle_timeout),
         header_timeout=s.seconds("header_timeout", d.header_timeout),
+        send_timeout=s.seconds("send_timeout", d.send_timeout),
         access_log=s.get("access_log", bool, d.access_log),
         workers=s.integer("workers", d.workers, 1, 64),
         policy=_with_admin_port(build_policy(s, base, groups), s),

@@ -32,6 +32,8 @@ class ProxyConfig:
     read_timeout: float = 30.0
     client_idle_timeout: float = 15.0
     header_timeout: float = 10.0
+    # A client or backend that accepts none of what is written for this long is dropped.
+    send_timeout: float = 60.0
     access_log: bool = True
     # Worker processes sharing the listen port (SO_REUSEPORT), one event loop each.
     workers: int = 1

@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=_positive_float, default=d.read_timeout)
     p.add_argument("--client-idle-timeout", type=_positive_float, default=d.client_idle_timeout)
     p.add_argument("--header-timeout", type=_positive_float, default=d.header_timeout)
+    p.add_argument("--send-timeout", type=_positive_float, default=d.send_timeout)
     policy, pool = ProxyPolicy(), Pool(name="default", servers=())
     p.add_argument("--workers", type=_positive_int, default=d.workers, metavar="N",
                    help="worker processes sharing the port with SO_REUSEPORT (default 1)")
@@ -218,6 +219,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, Reload
         read_timeout=ns.read_timeout,
         client_idle_timeout=ns.client_idle_timeout,
         header_timeout=ns.header_timeout,
+        send_timeout=ns.send_timeout,
     )
     return settings, None
 

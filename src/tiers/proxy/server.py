@@ -371,12 +371,19 @@ class ClientConnection(asyncio.Protocol):
         self._loop.call_later(_LINGER, transport.close)
 
     async def _drain(self) -> None:
+        """Wait until the client reads what was written, at most ``send_timeout``."""
         while self._write_paused and not self._lost:
             waiter = self._loop.create_future()
             self._drain_waiter = waiter
+            timer = self._loop.call_later(self._settings.send_timeout, _wake, waiter, False)
             try:
-                await waiter
+                if not await waiter:
+                    # A client that reads nothing must not hold a connection forever.
+                    self.abort()
+                    raise ClientGone("client read nothing within the send timeout",
+                                     _CLIENT_CLOSED)
             finally:
+                timer.cancel()
                 self._drain_waiter = None
         if self._lost:
             raise ClientGone("client closed the connection", _CLIENT_CLOSED)
@@ -654,6 +661,9 @@ class ClientConnection(asyncio.Protocol):
                         pieces.append(data)
                 else:
                     break
+        except ClientGone:
+            x.size = size  # what the client got before it stopped reading or left
+            raise
         except UpstreamError as exc:
             log.warning(
                 "%s %s: %s: %s after the response started",
@@ -734,7 +744,12 @@ class ClientConnection(asyncio.Protocol):
                 out: list[bytes] = []
                 self._frame_body(x, event, out)
                 conn.writelines(out)
-                await conn.drain()
+                try:
+                    await asyncio.wait_for(conn.drain(), self._settings.send_timeout)
+                except TimeoutError:
+                    # The backend reads nothing: give up on it (the answer is a 502).
+                    conn.abort()
+                    return
         except ClientGone as exc:
             x.body_error = exc
             if not x.responded:

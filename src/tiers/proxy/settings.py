@@ -26,6 +26,7 @@ class ProxySettings:
     read_timeout: float = ProxyConfig.read_timeout
     client_idle_timeout: float = ProxyConfig.client_idle_timeout
     header_timeout: float = ProxyConfig.header_timeout
+    send_timeout: float = ProxyConfig.send_timeout
     shutdown_timeout: float = 10.0
     limits: Limits = DEFAULT_LIMITS
     # Routes, pools, limits, cache, admin. Empty pools: one pool of ``backends``
@@ -68,6 +69,7 @@ class ProxySettings:
             read_timeout=config.read_timeout,
             client_idle_timeout=config.client_idle_timeout,
             header_timeout=config.header_timeout,
+            send_timeout=config.send_timeout,
         )
 
     def upstream_settings(self) -> UpstreamSettings:
