@@ -17,7 +17,7 @@ from tiers.errors import ServiceError, StateError
 from tiers.supervisor.plan import Phase, Plan, Service
 from tiers.supervisor.runner import Runner
 from tiers.supervisor.stack import Stack, busy_ports
-from tiers.supervisor.statedir import StateDir, stop_orphans
+from tiers.supervisor.statedir import StateDir, process_alive, stop_orphans
 
 # How long `up -d` waits for a whole fresh stack (initdb and base backups included).
 DETACHED_START_TIMEOUT = 300.0
@@ -149,6 +149,8 @@ def down(ctx: Context, timeout: float) -> None:
         os.kill(pid, signal.SIGKILL)
         while state.is_locked():
             time.sleep(0.05)
+    # The lock goes a moment before the supervisor process itself is gone.
+    _wait_exit(pid, 10.0)
     stop_orphans(state)
     click.echo("tiers: stopped")
 
@@ -170,6 +172,12 @@ def reload(ctx: Context) -> None:
         raise StateError(f"no running proxy in {ctx.state.path}")
     os.kill(proxy["pid"], signal.SIGHUP)
     click.echo(f"tiers: proxy (pid {proxy['pid']}) is reloading; see 'tiers logs proxy'")
+
+
+def _wait_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process_alive(pid, None):
+        time.sleep(0.02)
 
 
 COMMANDS = (up, down, supervise, reload)
