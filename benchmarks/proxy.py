@@ -1,7 +1,7 @@
 """The reverse proxy against nginx and HAProxy, side by side on this machine.
 
     .venv/bin/python benchmarks/proxy.py [--duration 10] [--connections 50]
-        [--rounds 3] [--threads 2] [--warmup 1] [--tiers-cache-args ARGS]
+        [--rounds 3] [--threads 2] [--warmup 1] [--skip-cache]
 
 One backend (an nginx of its own, answering a fixed ~600-byte page from
 memory) stands behind three front ends with equivalent settings: tiers'
@@ -11,8 +11,8 @@ request written to a file. wrk loads each in turn, the order rotating every
 round; the table gives medians over the rounds and the ratios tiers/peer.
 
 A second part loads a cacheable page (``Cache-Control: public, max-age=60``)
-through nginx's proxy_cache and HAProxy's cache, and through tiers' page
-cache when ``python -m tiers.proxy --help`` offers one; otherwise that row
+through nginx's proxy_cache, HAProxy's cache and tiers' page cache (on by
+default); each must prove it answers from its cache first, otherwise that row
 is skipped and the reason printed.
 
 Exit status: 0 after a full run, 1 when a process fails or a check does not
@@ -28,8 +28,6 @@ import importlib.metadata
 import os
 import platform
 import pwd
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -235,30 +233,6 @@ def tiers_help(python: str) -> str:
     return out.stdout
 
 
-_CACHE_OPTION = re.compile(r"^\s*(--[a-z0-9-]*cache[a-z0-9-]*)(?:[ =]([A-Z][A-Z0-9_]*))?", re.M)
-
-
-def tiers_cache_args(help_text: str, override: str | None) -> tuple[list[str] | None, str]:
-    """The extra arguments that turn tiers' page cache on, or None and why not.
-
-    ``override`` (from ``--tiers-cache-args``) wins; the run then checks that
-    the page really comes from a cache before measuring it.
-    """
-    found = _CACHE_OPTION.findall(help_text)
-    options = ", ".join(f"{opt} {metavar}".strip() for opt, metavar in found)
-    if override is not None:
-        return shlex.split(override), f"tiers run with --tiers-cache-args {override!r}"
-    if not found:
-        return None, "python -m tiers.proxy --help offers no cache option (no page cache yet)"
-    flags = [opt for opt, metavar in found if not metavar]
-    if len(found) == 1 and flags:
-        return flags, f"tiers run with {flags[0]}"
-    return None, (
-        f"python -m tiers.proxy offers {options}, which needs a value: "
-        "pass --tiers-cache-args '...' to choose it"
-    )
-
-
 # ---- measuring --------------------------------------------------------------
 
 
@@ -401,12 +375,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds (each target once per round)")
     p.add_argument("--threads", type=int, default=2, help="wrk threads")
     p.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each run")
-    p.add_argument(
-        "--tiers-cache-args",
-        default=None,
-        metavar="ARGS",
-        help="extra arguments of python -m tiers.proxy that enable its page cache",
-    )
     p.add_argument("--skip-cache", action="store_true", help="skip the cached-page part")
     args = p.parse_args(argv)
     if not 0 < args.duration <= 600:
@@ -422,7 +390,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
     python = sys.executable
-    help_text = tiers_help(python)
+    tiers_help(python)  # fails early and clearly when tiers is not installed
     (
         backend_port,
         tiers_port,
@@ -531,7 +499,9 @@ def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
     if args.skip_cache:
         print("Cached page: skipped (--skip-cache)")
         return
-    extra, reason = tiers_cache_args(help_text, args.tiers_cache_args)
+    # tiers' page cache is on by default; check_cached proves it answers.
+    extra: list[str] | None = []
+    reason = "tiers page cache on by default"
     cached = [
         Target("nginx proxy_cache", nginx_cache_port, CACHEABLE_PATH, nginx.proc.pid),
         Target("haproxy cache", haproxy_cache_port, CACHEABLE_PATH, haproxy.proc.pid),
