@@ -518,3 +518,40 @@ def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(
         assert 0 < int(record["size"]) < 64 << 20  # what went out before the drop
     status, _, _ = p.get("/still-serving")
     assert status == 200
+
+
+def test_three_servers_one_killed_under_get_and_post_load(backends: Any, proxy: Any) -> None:
+    a, b, c = backends(3)
+    # The default health timings, which promise a dead server out within about a second.
+    p = proxy([a, b, c], "--health-interval", "0.25", "--health-timeout", "0.5")
+    failures: list[tuple[int, int]] = []
+    post_statuses: dict[str, int] = {}
+    killed_at = 0.0
+    for i in range(150):
+        if i == 40:
+            mark = len(p.lines)
+            killed_at = time.monotonic()
+            b.stop()
+        conn = p.connection()
+        try:
+            if i % 3 == 0:
+                body = f"order {i}"
+                conn.request("POST", "/orders", body=body.encode())
+                response = conn.getresponse()
+                response.read()
+                post_statuses[body] = response.status
+            else:
+                conn.request("GET", f"/page/{i}")
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    failures.append((i, response.status))
+        finally:
+            conn.close()
+    assert failures == []
+    p.wait_for(rf"backend {b.address} is down", timeout=3, start=mark)
+    assert time.monotonic() - killed_at < 10  # sanity: the loop itself was quick
+    # Every POST reached an app at most once; those that got 200 exactly once.
+    seen = [s.body.decode() for backend in (a, b, c) for s in backend.requests("POST")]
+    assert len(seen) == len(set(seen))
+    assert all(seen.count(body) == 1 for body, status in post_statuses.items() if status == 200)
