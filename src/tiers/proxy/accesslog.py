@@ -35,6 +35,14 @@ _ESCAPES = {b"\t": b"\\t", b"\n": b"\\n", b"\r": b"\\r", b"\\": b"\\\\"}
 _ESCAPED = re.compile(rb"\\([tnr\\])")
 _UNESCAPES = {b"t": b"\t", b"n": b"\n", b"r": b"\r", b"\\": b"\\"}
 
+_LINE = (
+    b"time:%s\thost:%s\tforwardedfor:%s\tmethod:%s\turi:%s\tprotocol:%s\tstatus:%d\tsize:%d"
+    b"\treqsize:%d\treferer:%s\treqtime:%.3f\tapptime:%s\tupstream:%s\tcache:%s\troute:%s"
+    b"\treqid:%s\tua:%s\n"
+)
+_ESCAPABLE = b"\t\n\r\\"
+_SEPARATORS = _LINE.count(b"\t") + _LINE.count(b"\n")
+
 FLUSH_INTERVAL = 1.0
 _FLUSH_SIZE = 64 * 1024
 
@@ -126,37 +134,47 @@ class AccessLog:
         reqid: bytes | None = None,
     ) -> None:
         """Buffer one request's line."""
-        line = b"".join(
-            (
-                b"time:",
-                self._clock.now(),
-                b"\thost:",
-                host,
-                b"\tforwardedfor:",
-                b"-" if forwardedfor is None else escape(forwardedfor),
-                b"\tmethod:",
-                escape(method),
-                b"\turi:",
-                escape(uri),
-                b"\tprotocol:",
-                protocol,
-                b"\tstatus:%d\tsize:%d\treqsize:%d\treferer:" % (status, size, reqsize),
-                b"-" if referer is None else escape(referer),
-                b"\treqtime:%.3f\tapptime:" % reqtime,
-                b"-" if apptime is None else b"%.3f" % apptime,
-                b"\tupstream:",
-                b"-" if upstream is None else upstream,
-                b"\tcache:",
-                b"-" if cache is None else cache,
-                b"\troute:",
-                b"-" if route is None else escape(route),
-                b"\treqid:",
-                b"-" if reqid is None else escape(reqid),
-                b"\tua:",
-                b"-" if ua is None else escape(ua),
-                b"\n",
-            )
+        forwardedfor = b"-" if forwardedfor is None else forwardedfor
+        referer = b"-" if referer is None else referer
+        route = b"-" if route is None else route
+        reqid = b"-" if reqid is None else reqid
+        ua = b"-" if ua is None else ua
+        values = (
+            self._clock.now(),
+            host,
+            forwardedfor,
+            method,
+            uri,
+            protocol,
+            status,
+            size,
+            reqsize,
+            referer,
+            reqtime,
+            b"-" if apptime is None else b"%.3f" % apptime,
+            b"-" if upstream is None else upstream,
+            b"-" if cache is None else cache,
+            route,
+            reqid,
+            ua,
         )
+        line = _LINE % values
+        # Values rarely hold a byte to escape: find out with one pass over the
+        # line (its own tabs and newline are all it may lose) rather than one
+        # per value.
+        if len(line) - len(line.translate(None, _ESCAPABLE)) != _SEPARATORS:
+            line = _LINE % (
+                *values[:2],
+                escape(forwardedfor),
+                escape(method),
+                escape(uri),
+                *values[5:9],
+                escape(referer),
+                *values[10:14],
+                escape(route),
+                escape(reqid),
+                escape(ua),
+            )
         self._buffer.append(line)
         self._size += len(line)
         if self._size >= _FLUSH_SIZE:

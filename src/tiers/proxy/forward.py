@@ -34,6 +34,11 @@ IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 
+_CHUNKED = Framing.CHUNKED
+_CLOSE = Framing.CLOSE
+_NONE = Framing.NONE
+_STATUS_LINES = {status: b"HTTP/1.1 %d " % status for status in range(100, 600)}
+
 
 def upstream_request_head(
     head: RequestHead,
@@ -51,7 +56,9 @@ def upstream_request_head(
     ``request_id`` is sent as X-Request-Id unless the request carries one.
     """
     host = head.host if head.host is not None else default_host
-    parts = [head.method, b" ", head.path, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    # Lines without their CRLF, joined by it at the end.
+    lines = [b"%s %s HTTP/1.1" % (head.method, head.path), b"Host: " + host]
+    add = lines.append
     forwarded: bytes | None = None
     named = head.connection
     for name, value in head.headers:
@@ -62,20 +69,20 @@ def upstream_request_head(
             if lname == b"x-forwarded-for":
                 forwarded = value if forwarded is None else forwarded + b", " + value
             continue
-        parts += (name, b": ", value, b"\r\n")
+        add(name + b": " + value)
     if forwarded is not None:
-        parts += (b"X-Forwarded-For: ", forwarded, b", ", client_ip, b"\r\n")
+        add(b"X-Forwarded-For: %s, %s" % (forwarded, client_ip))
     else:
-        parts += (b"X-Forwarded-For: ", client_ip, b"\r\n")
-    parts += (b"X-Forwarded-Proto: ", proto, b"\r\n")
+        add(b"X-Forwarded-For: " + client_ip)
+    add(b"X-Forwarded-Proto: " + proto)
     if request_id is not None:
-        parts += (b"X-Request-Id: ", request_id, b"\r\n")
-    if head.framing is Framing.CHUNKED:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
+        add(b"X-Request-Id: " + request_id)
+    if head.framing is _CHUNKED:
+        add(b"Transfer-Encoding: chunked")
     elif head.content_length is not None:
-        parts.append(b"Content-Length: %d\r\n" % head.content_length)
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        add(b"Content-Length: %d" % head.content_length)
+    add(b"\r\n")
+    return b"\r\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,15 @@ class ResponsePlan:
     chunked: bool
     keep_alive: bool
     has_body: bool
+
+
+# Every plan there can be, made once: deciding a response allocates nothing.
+_PLANS = {
+    (chunked, keep_alive, has_body): ResponsePlan(chunked, keep_alive, has_body)
+    for chunked in (False, True)
+    for keep_alive in (False, True)
+    for has_body in (False, True)
+}
 
 
 def plan_response(
@@ -97,40 +113,44 @@ def plan_response(
     cannot take chunks and gets it delimited by closing. The client connection
     is kept only if the client asked for it, its request body was read to the
     end (else the next "request" would start inside it) and the proxy is not
-    stopping.
+    stopping. Plans are shared, immutable values.
     """
-    has_body = response.framing is not Framing.NONE
+    framing = response.framing
     chunked = False
     close_delimited = False
-    if response.framing is Framing.CHUNKED or response.framing is Framing.CLOSE:
+    if framing is _CHUNKED or framing is _CLOSE:
         if request.version == b"1.1":
             chunked = True
         else:
             close_delimited = True
     keep_alive = request.keep_alive and request_body_done and not close_delimited and not stopping
-    return ResponsePlan(chunked=chunked, keep_alive=keep_alive, has_body=has_body)
+    return _PLANS[chunked, keep_alive, framing is not _NONE]
 
 
 def client_response_head(response: ResponseHead, plan: ResponsePlan, request: RequestHead) -> bytes:
     """The status line and headers to send to the client for ``response``."""
-    parts = [b"HTTP/1.1 %d " % response.status, response.reason, b"\r\n"]
+    status = response.status
+    line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d " % status
+    # Lines without their CRLF, joined by it at the end.
+    lines = [line + response.reason]
+    add = lines.append
     named = response.connection
     for name, value in response.headers:
         lname = name.lower()
         if lname in _RESPONSE_DROP or lname in named:
             continue
-        parts += (name, b": ", value, b"\r\n")
+        add(name + b": " + value)
     if plan.chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    elif response.content_length is not None and response.status != 204:
+        add(b"Transfer-Encoding: chunked")
+    elif response.content_length is not None and status != 204:
         # Kept for HEAD and 304 too, where it describes the body not sent.
-        parts.append(b"Content-Length: %d\r\n" % response.content_length)
+        add(b"Content-Length: %d" % response.content_length)
     if not plan.keep_alive:
-        parts.append(b"Connection: close\r\n")
+        add(b"Connection: close")
     elif request.version == b"1.0":
-        parts.append(b"Connection: keep-alive\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        add(b"Connection: keep-alive")
+    add(b"\r\n")
+    return b"\r\n".join(lines)
 
 
 def chunk_size_line(size: int) -> bytes:
@@ -168,7 +188,9 @@ def error_response(
 
 def header_value(head: RequestHead, lname: bytes) -> bytes | None:
     """The first value of header ``lname`` (lower-case), or None."""
+    size = len(lname)
     for name, value in head.headers:
-        if name.lower() == lname:
+        # Comparing lengths first spares lower-casing nearly every other name.
+        if len(name) == size and name.lower() == lname:
             return value
     return None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httptools
 
@@ -108,6 +109,9 @@ class RequestError:
 RequestEvent = RequestHead | BodyData | MessageEnd | RequestError
 
 
+_T = TypeVar("_T")
+
+
 class _Reject(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -121,6 +125,17 @@ class _Phase(enum.Enum):
     BODY_CHUNKED = 2
     CLOSED = 3
 
+
+# Enum members looked up through the class cost more than a module name; the
+# per-request paths below use these.
+_HEAD = _Phase.HEAD
+_BODY_LENGTH = _Phase.BODY_LENGTH
+_BODY_CHUNKED = _Phase.BODY_CHUNKED
+_CLOSED = _Phase.CLOSED
+_NONE = Framing.NONE
+_LENGTH = Framing.LENGTH
+_CHUNKED = Framing.CHUNKED
+_CLOSE = Framing.CLOSE
 
 # Header names the parser must look at; everything else is passed through untouched.
 _SPECIAL = frozenset(
@@ -138,28 +153,48 @@ _SPECIAL = frozenset(
 _HOST_RE = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _SYNTHETIC_CHUNKED = b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+# Most connections send the same few Host and Connection values again and
+# again: remember the verdicts on short ones, in bounded tables, so each is
+# checked once rather than once per message.
+_MEMO_SIZE = 256
+_MEMO_KEY_LIMIT = 256
+_valid_hosts: dict[bytes, bytes] = {}
+_token_sets: dict[bytes, frozenset[bytes]] = {}
+
+
+def _remember(table: dict[bytes, _T], key: bytes, value: _T) -> None:
+    if len(key) <= _MEMO_KEY_LIMIT:
+        if len(table) >= _MEMO_SIZE:
+            table.clear()
+        table[key] = value
+
+
+def _split_tokens(value: bytes, found: set[bytes]) -> None:
+    for raw in value.split(b","):
+        token = raw.strip(b" \t").lower()
+        if token:
+            found.add(token)
 
 
 def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
+    """The lower-cased tokens of a comma-separated header that may be repeated."""
     if values is None:
-        return frozenset()
+        return _NO_TOKENS
+    if len(values) == 1:
+        value = values[0]
+        tokens = _token_sets.get(value)
+        if tokens is None:
+            found: set[bytes] = set()
+            _split_tokens(value, found)
+            tokens = frozenset(found)
+            _remember(_token_sets, value, tokens)
+        return tokens
     found = set()
     for value in values:
-        for raw in value.split(b","):
-            token = raw.strip(b" \t").lower()
-            if token:
-                found.add(token)
+        _split_tokens(value, found)
     return frozenset(found)
-
-
-def _first(values: list[bytes] | None) -> bytes | None:
-    return None if values is None else values[0]
-
-
-def _joined(values: list[bytes] | None) -> bytes | None:
-    if values is None:
-        return None
-    return values[0] if len(values) == 1 else b", ".join(values)
 
 
 def _llhttp_reject(exc: Exception) -> _Reject:
@@ -172,6 +207,82 @@ def _llhttp_reject(exc: Exception) -> _Reject:
     return _Reject(400, reason or type(exc).__name__)
 
 
+def _check_host(hosts: list[bytes] | None, version: bytes) -> bytes | None:
+    if hosts is None:
+        if version == b"1.1":
+            raise _Reject(400, "missing Host header")
+        return None
+    if len(hosts) != 1:
+        raise _Reject(400, "more than one Host header")
+    raw = hosts[0]
+    host = _valid_hosts.get(raw)
+    if host is None:
+        host = raw.strip(b" \t")
+        if _HOST_RE.fullmatch(host) is None:
+            raise _Reject(400, "invalid Host header")
+        _remember(_valid_hosts, raw, host)
+    return host
+
+
+def _check_framing(
+    special: dict[bytes, list[bytes]], version: bytes
+) -> tuple[Framing, int | None]:
+    lengths = special.get(b"content-length")
+    codings_values = special.get(b"transfer-encoding")
+    if codings_values is not None:
+        if lengths is not None:
+            raise _Reject(400, "both Content-Length and Transfer-Encoding")
+        if version != b"1.1":
+            raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [
+            c.strip(b" \t").lower() for value in codings_values for c in value.split(b",")
+        ]
+        codings = [c for c in codings if c]
+        if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+            raise _Reject(400, "Transfer-Encoding must end with a single chunked")
+        if len(codings) != 1:
+            raise _Reject(501, "unsupported transfer coding")
+        return _CHUNKED, None
+    if lengths is None:
+        return _NONE, None
+    if len(lengths) != 1:
+        raise _Reject(400, "more than one Content-Length")
+    value = lengths[0].strip(b" \t")
+    if not value.isdigit() or len(value) > 18:
+        raise _Reject(400, "invalid Content-Length")
+    length = int(value)
+    return (_LENGTH if length else _NONE), length
+
+
+def _check_target(method: bytes, target: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:
+    first = target[:1]
+    if first == b"/":
+        if b"#" in target:
+            raise _Reject(400, "fragment in request target")
+        return target, host
+    if target == b"*":
+        if method != b"OPTIONS":
+            raise _Reject(400, "asterisk target outside OPTIONS")
+        return target, host
+    lowered = target[:8].lower()
+    if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
+        # Absolute form: the target's authority replaces Host (RFC 9112, 3.2.2).
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError as exc:
+            raise _Reject(400, "invalid request target") from exc
+        if not url.host or b"#" in target:
+            raise _Reject(400, "invalid request target")
+        authority = url.host if url.port is None else b"%s:%d" % (url.host, url.port)
+        if b":" in url.host:
+            authority = b"[" + url.host + b"]" + authority[len(url.host) :]
+        path = url.path or b"/"
+        if url.query:
+            path += b"?" + url.query
+        return path, authority
+    raise _Reject(400, "invalid request target")
+
+
 class RequestParser:
     """Turns the bytes of one client connection into request events.
 
@@ -182,8 +293,10 @@ class RequestParser:
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self._limits = limits
+        self._max_line = limits.max_request_line
+        self._max_headers = limits.max_header_count
         self._parser = httptools.HttpRequestParser(self)
-        self._phase = _Phase.HEAD
+        self._phase = _HEAD
         self._out: list[RequestEvent] = []
         self._remaining = 0
         self._keep_alive = True
@@ -192,15 +305,9 @@ class RequestParser:
         self._skip_end = False
         self._synthetic = False
         self._feeding_head = False
-        self._reset_message()
-        self._reset_head_budget()
-
-    def _reset_message(self) -> None:
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._special: dict[bytes, list[bytes]] = {}
-
-    def _reset_head_budget(self) -> None:
         self._head_used = 0
         self._line_len = 0
         self._line_done = False
@@ -209,12 +316,12 @@ class RequestParser:
     @property
     def in_head(self) -> bool:
         """Some bytes of a request head have arrived but the head is not complete."""
-        return self._phase is _Phase.HEAD and self._head_used > 0
+        return self._phase is _HEAD and self._head_used > 0
 
     @property
     def closed(self) -> bool:
         """No further request will be read from this connection."""
-        return self._phase is _Phase.CLOSED
+        return self._phase is _CLOSED
 
     def feed(self, data: bytes) -> list[RequestEvent]:
         """Parse ``data`` and return the events it completes."""
@@ -225,15 +332,15 @@ class RequestParser:
         try:
             while pos < size:
                 phase = self._phase
-                if phase is _Phase.HEAD:
+                if phase is _HEAD:
                     pos = self._feed_head(data, pos)
-                elif phase is _Phase.BODY_LENGTH:
+                elif phase is _BODY_LENGTH:
                     # Feeding exactly the body keeps the next head's bytes countable.
                     take = min(self._remaining, size - pos)
                     self._remaining -= take
                     self._execute(data[pos : pos + take])
                     pos += take
-                elif phase is _Phase.BODY_CHUNKED:
+                elif phase is _BODY_CHUNKED:
                     # The chunk framing is llhttp's to find; a pipelined head after
                     # the last chunk in this same read escapes the head budget, which
                     # stays bounded by the read size.
@@ -242,7 +349,7 @@ class RequestParser:
                 else:
                     break
         except _Reject as rej:
-            self._phase = _Phase.CLOSED
+            self._phase = _CLOSED
             out.append(RequestError(rej.status, rej.reason))
         return out
 
@@ -261,21 +368,20 @@ class RequestParser:
                 end = found + 4
         stop = size if end == -1 else end
         span = stop - pos
-        limits = self._limits
         if not self._line_done:
             newline = data.find(b"\n", pos, stop)
             if newline == -1:
                 # May end with the line's CR, which the limit does not count.
                 self._line_len += span
-                too_long = self._line_len > limits.max_request_line + 1
+                too_long = self._line_len > self._max_line + 1
             else:
                 self._line_len += newline - pos - 1
                 self._line_done = True
-                too_long = self._line_len > limits.max_request_line
+                too_long = self._line_len > self._max_line
             if too_long:
                 raise _Reject(414, "request line too long")
         self._head_used += span
-        if self._head_used > limits.max_head_size:
+        if self._head_used > self._limits.max_head_size:
             if not self._line_done:
                 raise _Reject(414, "request line too long")
             raise _Reject(431, "request header fields too large")
@@ -307,7 +413,7 @@ class RequestParser:
         self._resume_framing = None
         if framing is not None:
             self._synthetic = True
-            if framing is Framing.CHUNKED:
+            if framing is _CHUNKED:
                 self._parser.feed_data(_SYNTHETIC_CHUNKED)
             else:
                 self._parser.feed_data(
@@ -321,7 +427,9 @@ class RequestParser:
     def on_message_begin(self) -> None:
         if self._synthetic:
             return
-        self._reset_message()
+        self._url = b""
+        self._headers = []
+        self._special = {}
         if not self._feeding_head:
             # A head that began inside a chunked body's read: its request line
             # was not measured, so only the head budget applies to it.
@@ -330,20 +438,26 @@ class RequestParser:
     def on_url(self, url: bytes) -> None:
         if self._synthetic:
             return
-        self._url += url
-        if len(self._url) > self._limits.max_request_line:
+        url = self._url + url
+        self._url = url
+        if len(url) > self._max_line:
             raise _Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._synthetic:
             return
         headers = self._headers
-        if len(headers) >= self._limits.max_header_count:
+        if len(headers) >= self._max_headers:
             raise _Reject(431, "too many header fields")
         headers.append((name, value))
         lname = name.lower()
         if lname in _SPECIAL:
-            self._special.setdefault(lname, []).append(value)
+            special = self._special
+            values = special.get(lname)
+            if values is None:
+                special[lname] = [value]
+            else:
+                values.append(value)
 
     def on_headers_complete(self) -> None:
         if self._synthetic:
@@ -357,47 +471,65 @@ class RequestParser:
         if method == b"CONNECT":
             raise _Reject(501, "CONNECT is not supported")
         special = self._special
-        host = self._check_host(special.get(b"host"), version)
-        framing, length = self._check_framing(special, version)
-        connection = _tokens(special.get(b"connection"))
+        get = special.get
+        host = _check_host(get(b"host"), version)
+        if b"content-length" in special or b"transfer-encoding" in special:
+            framing, length = _check_framing(special, version)
+        else:
+            framing, length = _NONE, None
+        connection = _tokens(get(b"connection"))
         if version == b"1.1":
             keep_alive = b"close" not in connection
         else:
             keep_alive = b"keep-alive" in connection
         expect_continue = False
-        expect = special.get(b"expect")
+        expect = get(b"expect")
         if expect is not None:
             if len(expect) != 1 or expect[0].strip(b" \t").lower() != b"100-continue":
                 raise _Reject(417, "unsupported expectation")
             expect_continue = version == b"1.1"
         target = self._url
-        path, host = self._check_target(method, target, host)
+        # Origin form, by far the most common. (``find`` rather than ``in``:
+        # bytes.__contains__ first tries its argument as an integer.)
+        if target[:1] == b"/" and target.find(b"#") == -1:
+            path = target
+        else:
+            path, host = _check_target(method, target, host)
 
-        if parser.should_upgrade() and framing is not Framing.NONE:
+        if framing is not _NONE and parser.should_upgrade():
             self._resume_framing = framing
             self._skip_end = True
         self._keep_alive = keep_alive
-        if framing is Framing.LENGTH:
-            self._phase = _Phase.BODY_LENGTH
+        if framing is _LENGTH:
+            self._phase = _BODY_LENGTH
             self._remaining = length or 0
-        elif framing is Framing.CHUNKED:
-            self._phase = _Phase.BODY_CHUNKED
-        self._reset_head_budget()
+        elif framing is _CHUNKED:
+            self._phase = _BODY_CHUNKED
+        self._head_used = 0
+        self._line_len = 0
+        self._line_done = False
+        self._tail = b""
+        user_agent = get(b"user-agent")
+        forwarded = get(b"x-forwarded-for")
         self._out.append(
             RequestHead(
-                method=method,
-                target=target,
-                path=path,
-                version=version,
-                headers=self._headers,
-                host=host,
-                keep_alive=keep_alive,
-                framing=framing,
-                content_length=length,
-                expect_continue=expect_continue,
-                connection=connection,
-                user_agent=_first(special.get(b"user-agent")),
-                forwarded_for=_joined(special.get(b"x-forwarded-for")),
+                method,
+                target,
+                path,
+                version,
+                self._headers,
+                host,
+                keep_alive,
+                framing,
+                length,
+                expect_continue,
+                connection,
+                None if user_agent is None else user_agent[0],
+                None
+                if forwarded is None
+                else forwarded[0]
+                if len(forwarded) == 1
+                else b", ".join(forwarded),
             )
         )
 
@@ -411,83 +543,7 @@ class RequestParser:
             self._skip_end = False
             return
         self._out.append(END)
-        self._phase = _Phase.HEAD if self._keep_alive else _Phase.CLOSED
-
-    # ---- checks --------------------------------------------------------------
-
-    @staticmethod
-    def _check_host(hosts: list[bytes] | None, version: bytes) -> bytes | None:
-        if hosts is None:
-            if version == b"1.1":
-                raise _Reject(400, "missing Host header")
-            return None
-        if len(hosts) != 1:
-            raise _Reject(400, "more than one Host header")
-        host = hosts[0].strip(b" \t")
-        if _HOST_RE.fullmatch(host) is None:
-            raise _Reject(400, "invalid Host header")
-        return host
-
-    @staticmethod
-    def _check_framing(
-        special: dict[bytes, list[bytes]], version: bytes
-    ) -> tuple[Framing, int | None]:
-        lengths = special.get(b"content-length")
-        codings_values = special.get(b"transfer-encoding")
-        if codings_values is not None:
-            if lengths is not None:
-                raise _Reject(400, "both Content-Length and Transfer-Encoding")
-            if version != b"1.1":
-                raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
-            codings = [
-                c.strip(b" \t").lower() for value in codings_values for c in value.split(b",")
-            ]
-            codings = [c for c in codings if c]
-            if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
-                raise _Reject(400, "Transfer-Encoding must end with a single chunked")
-            if len(codings) != 1:
-                raise _Reject(501, "unsupported transfer coding")
-            return Framing.CHUNKED, None
-        if lengths is None:
-            return Framing.NONE, None
-        if len(lengths) != 1:
-            raise _Reject(400, "more than one Content-Length")
-        value = lengths[0].strip(b" \t")
-        if not value.isdigit() or len(value) > 18:
-            raise _Reject(400, "invalid Content-Length")
-        length = int(value)
-        return (Framing.LENGTH if length else Framing.NONE), length
-
-    @staticmethod
-    def _check_target(
-        method: bytes, target: bytes, host: bytes | None
-    ) -> tuple[bytes, bytes | None]:
-        first = target[:1]
-        if first == b"/":
-            if b"#" in target:
-                raise _Reject(400, "fragment in request target")
-            return target, host
-        if target == b"*":
-            if method != b"OPTIONS":
-                raise _Reject(400, "asterisk target outside OPTIONS")
-            return target, host
-        lowered = target[:8].lower()
-        if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
-            # Absolute form: the target's authority replaces Host (RFC 9112, 3.2.2).
-            try:
-                url = httptools.parse_url(target)
-            except httptools.HttpParserInvalidURLError as exc:
-                raise _Reject(400, "invalid request target") from exc
-            if not url.host or b"#" in target:
-                raise _Reject(400, "invalid request target")
-            authority = url.host if url.port is None else b"%s:%d" % (url.host, url.port)
-            if b":" in url.host:
-                authority = b"[" + url.host + b"]" + authority[len(url.host) :]
-            path = url.path or b"/"
-            if url.query:
-                path += b"?" + url.query
-            return path, authority
-        raise _Reject(400, "invalid request target")
+        self._phase = _HEAD if self._keep_alive else _CLOSED
 
 
 # ---- responses ------------------------------------------------------------------
@@ -513,91 +569,92 @@ _MAX_RESPONSE_HEAD = 65536
 _MAX_RESPONSE_HEADERS = 200
 
 
-class ResponseParser:
-    """Parses the one response a backend sends to one request.
+class _ResponseReader:
+    """The state of ``ResponseParser`` and the target of llhttp's callbacks.
 
-    ``head_request`` says the request was HEAD: its response has no body
-    whatever its headers say. 1xx interim responses are consumed silently
-    (the proxy answers ``Expect: 100-continue`` itself). ``feed`` and
-    ``feed_eof`` raise ``UpstreamProtocolError`` on anything that cannot be
-    framed. ``extra`` turns true when bytes arrive after the response ended,
-    which makes the connection unfit for reuse.
+    llhttp keeps its callbacks, bound to this object, for its whole life, so
+    this object must not hold llhttp in turn: that cycle would leave garbage
+    for the cyclic collector with every parser. ``llhttp`` is set only while
+    ``ResponseParser.feed`` runs.
     """
 
+    __slots__ = (
+        "clean",
+        "done",
+        "extra",
+        "framing",
+        "head",
+        "head_request",
+        "head_used",
+        "headers",
+        "in_head",
+        "interim",
+        "llhttp",
+        "out",
+        "reason",
+    )
+
     def __init__(self, head_request: bool) -> None:
-        self._parser = httptools.HttpResponseParser(self)
-        self._head_request = head_request
-        self._out: list[ResponseEvent] = []
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
-        self._in_head = True
-        self._head_used = 0
-        self._interim = False
-        self._framing = Framing.NONE
+        self.llhttp: httptools.HttpResponseParser | None = None
+        self.out: list[ResponseEvent] = []
+        self.reset(head_request)
+
+    def reset(self, head_request: bool) -> None:
+        """Expect a new response (to a HEAD request if ``head_request``)."""
+        self.head_request = head_request
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.in_head = True
+        self.head_used = 0
+        self.interim = False
+        self.framing = _NONE
         self.head: ResponseHead | None = None
         self.done = False
         self.extra = False
-
-    def feed(self, data: bytes) -> list[ResponseEvent]:
-        """Parse ``data``; return the events it completes."""
-        if self.done:
-            self.extra = True
-            return []
-        out: list[ResponseEvent] = []
-        self._out = out
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            raise UpstreamProtocolError("backend switched protocols unasked") from exc
-        except httptools.HttpParserError as exc:
-            context = exc.__context__
-            if isinstance(context, UpstreamProtocolError):
-                raise context from exc
-            raise UpstreamProtocolError(f"invalid response: {exc}") from exc
-        if self._in_head:
-            self._head_used += len(data)
-            if self._head_used > _MAX_RESPONSE_HEAD:
-                raise UpstreamProtocolError("response head too large")
-        return out
-
-    def feed_eof(self) -> list[ResponseEvent]:
-        """The backend closed its side: end a close-delimited body, else fail."""
-        if self.done:
-            return []
-        if self.head is not None and self._framing is Framing.CLOSE:
-            self.done = True
-            return [END]
-        raise UpstreamProtocolError("backend closed the connection before the response ended")
+        # llhttp ended the response itself and expects another on the same
+        # stream: only then may its state carry over to the next exchange.
+        self.clean = False
 
     def on_message_begin(self) -> None:
-        self._headers = []
-        self._reason = b""
-        self._in_head = True
-        self._head_used = 0
+        if self.done:
+            # A second response to one request: the stream is out of step.
+            self.extra = True
+            return
+        self.headers = []
+        self.reason = b""
+        self.in_head = True
+        self.head_used = 0
 
     def on_status(self, reason: bytes) -> None:
-        self._reason += reason
+        if not self.done:
+            self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self._headers) >= _MAX_RESPONSE_HEADERS:
+        if self.done:
+            return
+        headers = self.headers
+        if len(headers) >= _MAX_RESPONSE_HEADERS:
             raise UpstreamProtocolError("too many response header fields")
-        self._headers.append((name, value))
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
+        if self.done:
+            return
+        parser = self.llhttp
+        assert parser is not None
         status = parser.get_status_code()
-        self._in_head = False
+        self.in_head = False
         if status < 200:
             # llhttp ends a 1xx message here and parses the next one.
-            self._interim = True
+            self.interim = True
             return
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             raise UpstreamProtocolError("unsupported HTTP version in response")
         length: int | None = None
         chunked = False
-        connection_values: list[bytes] = []
-        for name, value in self._headers:
+        connection_values: list[bytes] | None = None
+        for name, value in self.headers:
             lname = name.lower()
             if lname == b"content-length":
                 length = int(value.strip(b" \t"))  # llhttp checked digits and duplicates
@@ -608,48 +665,152 @@ class ResponseParser:
                     raise UpstreamProtocolError("unsupported transfer coding in response")
                 chunked = True
             elif lname == b"connection":
-                connection_values.append(value)
-        if self._head_request or status in (204, 304):
-            framing = Framing.NONE
+                if connection_values is None:
+                    connection_values = [value]
+                else:
+                    connection_values.append(value)
+        head_request = self.head_request
+        if head_request or status in {204, 304}:
+            framing = _NONE
         elif chunked:
-            framing = Framing.CHUNKED
+            framing = _CHUNKED
         elif length is not None:
-            framing = Framing.LENGTH
+            framing = _LENGTH
         else:
-            framing = Framing.CLOSE
-        self._framing = framing
-        connection = _tokens(connection_values or None)
+            framing = _CLOSE
+        self.framing = framing
+        connection = _tokens(connection_values)
         if version == b"1.1":
             keep_alive = b"close" not in connection
         else:
             keep_alive = b"keep-alive" in connection
         head = ResponseHead(
-            status=status,
-            reason=self._reason,
-            version=version,
-            headers=self._headers,
-            framing=framing,
-            content_length=length,
-            keep_alive=keep_alive and framing is not Framing.CLOSE,
-            connection=connection,
+            status,
+            self.reason,
+            version,
+            self.headers,
+            framing,
+            length,
+            keep_alive and framing is not _CLOSE,
+            connection,
         )
         self.head = head
-        self._out.append(head)
-        if self._head_request:
+        out = self.out
+        out.append(head)
+        if head_request:
             # llhttp would wait for the body the headers announce; there is none.
             self.done = True
-            self._out.append(END)
+            out.append(END)
 
     def on_body(self, body: bytes) -> None:
         if self.done:
             self.extra = True
             return
-        self._out.append(BodyData(body))
+        self.out.append(BodyData(body))
 
     def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
+        if self.interim:
+            self.interim = False
             return
         if not self.done:
             self.done = True
-            self._out.append(END)
+            self.out.append(END)
+            parser = self.llhttp
+            self.clean = parser is not None and parser.should_keep_alive()
+
+
+class ResponseParser:
+    """Parses the responses a backend sends, one per request, on one connection.
+
+    ``head_request`` says the request was HEAD: its response has no body
+    whatever its headers say. 1xx interim responses are consumed silently
+    (the proxy answers ``Expect: 100-continue`` itself). ``feed`` and
+    ``feed_eof`` raise ``UpstreamProtocolError`` on anything that cannot be
+    framed. ``extra`` turns true when bytes arrive after the response ended,
+    which makes the connection unfit for reuse. ``begin`` readies the parser
+    for the next response on the same connection.
+
+    A parser holds no reference cycle: dropping it frees it at once.
+    """
+
+    __slots__ = ("_llhttp", "_reader")
+
+    def __init__(self, head_request: bool = False) -> None:
+        reader = _ResponseReader(head_request)
+        self._reader = reader
+        self._llhttp = httptools.HttpResponseParser(reader)
+
+    @property
+    def head(self) -> ResponseHead | None:
+        """The final response head, once parsed."""
+        return self._reader.head
+
+    @property
+    def done(self) -> bool:
+        """The response has ended."""
+        return self._reader.done
+
+    @property
+    def extra(self) -> bool:
+        """Bytes came after the end of the response."""
+        return self._reader.extra
+
+    @property
+    def reusable(self) -> bool:
+        """The response ended cleanly and the backend keeps the connection open."""
+        reader = self._reader
+        head = reader.head
+        return reader.done and not reader.extra and head is not None and head.keep_alive
+
+    def begin(self, head_request: bool) -> None:
+        """Expect the response to the next request sent on the same connection.
+
+        llhttp's state carries over only when it ended the last response
+        itself and expects another; otherwise (a HEAD response, whose body
+        llhttp still awaits, or a response that did not end cleanly) parsing
+        starts afresh.
+        """
+        reader = self._reader
+        if reader.clean and not reader.extra:
+            reader.reset(head_request)
+        else:
+            reader = _ResponseReader(head_request)
+            self._reader = reader
+            self._llhttp = httptools.HttpResponseParser(reader)
+
+    def feed(self, data: bytes) -> list[ResponseEvent]:
+        """Parse ``data``; return the events it completes."""
+        reader = self._reader
+        if reader.done:
+            reader.extra = True
+            return []
+        out: list[ResponseEvent] = []
+        reader.out = out
+        llhttp = self._llhttp
+        reader.llhttp = llhttp
+        try:
+            llhttp.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            raise UpstreamProtocolError("backend switched protocols unasked") from exc
+        except httptools.HttpParserError as exc:
+            context = exc.__context__
+            if isinstance(context, UpstreamProtocolError):
+                raise context from exc
+            raise UpstreamProtocolError(f"invalid response: {exc}") from exc
+        finally:
+            reader.llhttp = None
+        if reader.in_head:
+            reader.head_used += len(data)
+            if reader.head_used > _MAX_RESPONSE_HEAD:
+                raise UpstreamProtocolError("response head too large")
+        return out
+
+    def feed_eof(self) -> list[ResponseEvent]:
+        """The backend closed its side: end a close-delimited body, else fail."""
+        reader = self._reader
+        if reader.done:
+            return []
+        if reader.head is not None and reader.framing is _CLOSE:
+            reader.done = True
+            return [END]
+        raise UpstreamProtocolError("backend closed the connection before the response ended")

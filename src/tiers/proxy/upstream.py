@@ -107,17 +107,33 @@ def _wake(waiter: asyncio.Future[bool] | None, value: bool = True) -> None:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One TCP connection to a backend, carrying one request/response at a time."""
+    """One TCP connection to a backend, carrying one request/response at a time.
+
+    One ``ResponseParser`` serves every exchange of the connection, and one
+    timer bounds every wait for the backend. It is not set up and torn down
+    per wait: armed by a wait, it stays armed for the waits that follow, and
+    when it fires it ends the wait in progress if that one's time is up, or
+    else moves on to that wait's deadline. A backend that answers within the
+    timeout thus costs one timer per timeout period, not one per request.
+    """
+
+    # Timers may fire up to a clock tick early; a wait this close to its
+    # deadline counts as timed out.
+    _TIMER_SLACK = 0.001
 
     def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend
         self._loop = loop
         self._transport: asyncio.Transport | None = None
         self._parser: ResponseParser | None = None
+        self._active = False  # an exchange is in progress
         self._events: deque[ResponseEvent] = deque()
         self._buffered = 0
         self._reading_paused = False
         self._waiter: asyncio.Future[bool] | None = None
+        self._deadline = 0.0  # of the wait in progress, on the loop's clock
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._write_paused = False
         self._drain_waiter: asyncio.Future[bool] | None = None
         self._error: UpstreamError | None = None
@@ -136,7 +152,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if parser is None:
+        if parser is None or not self._active:
             # Bytes nobody asked for: the stream can no longer be trusted.
             self._fail(UpstreamProtocolError("unsolicited bytes from backend"))
             return
@@ -151,7 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         parser = self._parser
-        if parser is not None:
+        if parser is not None and self._active:
             try:
                 events = parser.feed_eof()
             except UpstreamProtocolError as exc:
@@ -167,6 +183,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         if exc is not None and self._error is None:
             self._error = UpstreamClosed(f"connection to {self.backend.label} lost: {exc}")
+        self._stop_timer()
         _wake(self._waiter)
         _wake(self._drain_waiter)
 
@@ -182,26 +199,37 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         """Still open and idle with nothing unread: fit to carry a new exchange."""
-        return not self.closed and self._error is None and self._parser is None
+        return not self.closed and self._error is None and not self._active
 
     @property
     def reusable(self) -> bool:
         """The current exchange ended cleanly and the backend keeps the connection open."""
         parser = self._parser
-        if parser is None or self.closed or self._error is not None:
+        if parser is None or not self._active or self.closed or self._error is not None:
             return False
-        head = parser.head
-        return parser.done and not parser.extra and head is not None and head.keep_alive
+        return parser.reusable
 
     def begin(self, head_request: bool) -> None:
         """Start an exchange; ``head_request`` says the request is HEAD."""
-        self._parser = ResponseParser(head_request)
+        parser = self._parser
+        if parser is None:
+            self._parser = ResponseParser(head_request)
+        else:
+            parser.begin(head_request)
+        if self._events:
+            # Left over from an exchange that was given up: not this one's.
+            self._events.clear()
+            self._buffered = 0
+            if self._reading_paused and self._transport is not None:
+                self._reading_paused = False
+                self._transport.resume_reading()
+        self._active = True
         self.received = 0
         self.exchanges += 1
 
     def finish(self, now: float) -> None:
         """End the exchange; the connection goes idle."""
-        self._parser = None
+        self._active = False
         self.idle_since = now
 
     def write(self, data: bytes) -> None:
@@ -227,24 +255,54 @@ class UpstreamConnection(asyncio.Protocol):
             raise self._error or UpstreamClosed(f"connection to {self.backend.label} closed")
 
     async def next_event(self, timeout: float) -> ResponseEvent:
-        """The next response event; raises an ``UpstreamError`` on failure or silence."""
+        """The next response event; raises an ``UpstreamError`` on failure or silence.
+
+        Silence means no event for ``timeout`` seconds from the call.
+        """
         events = self._events
+        if events:
+            return self._pop()
+        loop = self._loop
+        deadline = loop.time() + timeout
         while not events:
             if self._error is not None:
                 raise self._error
             if self.closed:
                 raise UpstreamClosed(f"{self.backend.label} closed the connection")
-            waiter = self._loop.create_future()
+            waiter = loop.create_future()
             self._waiter = waiter
-            timer = self._loop.call_later(timeout, _wake, waiter, False)
+            self._deadline = deadline
+            if self._timer is None or self._timer_at > deadline:
+                self._start_timer(deadline)
             try:
                 arrived = await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
             if not arrived and not events:
                 raise UpstreamTimeout(f"{self.backend.label} sent nothing for {timeout:g} s")
         return self._pop()
+
+    def _start_timer(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+        self._timer_at = when
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: stay disarmed until the next wait
+        if self._loop.time() + self._TIMER_SLACK >= self._deadline:
+            waiter.set_result(False)
+        else:
+            # The wait that armed the timer ended; this one ends later.
+            self._start_timer(self._deadline)
 
     def pop_ready(self) -> ResponseEvent | None:
         """The next response event if one is already parsed, else None (never waits)."""
@@ -262,11 +320,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._stop_timer()
         if self._transport is not None:
             self._transport.close()
 
     def abort(self) -> None:
         self.closed = True
+        self._stop_timer()
         if self._transport is not None:
             self._transport.abort()
         _wake(self._waiter)

@@ -148,3 +148,23 @@ def test_dash_means_stdout(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     log.close()
     out = capsysbinary.readouterr().out
     assert parse_line(out)["uri"] == b"/to-stdout"
+
+
+@pytest.mark.parametrize("byte", [b"\t", b"\n", b"\r", b"\\"])
+@pytest.mark.parametrize(
+    "field", ["forwardedfor", "method", "uri", "referer", "route", "reqid", "ua"]
+)
+def test_each_client_value_is_escaped_alone(tmp_path: Path, field: str, byte: bytes) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    value = b"a" + byte + b"b"
+    _record(log, **{field: value})
+    _record(log, uri=b"/clean")
+    log.close()
+    lines = path.read_bytes().split(b"\n")
+    assert len(lines) == 3 and lines[2] == b""
+    record = parse_line(lines[0])
+    assert list(record) == LABELS
+    assert record[field] == value
+    assert lines[0].count(escape(value)) == 1
+    assert parse_line(lines[1])["uri"] == b"/clean"

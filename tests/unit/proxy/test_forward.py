@@ -5,6 +5,7 @@ from __future__ import annotations
 from tiers.proxy.forward import (
     client_response_head,
     error_response,
+    header_value,
     plan_response,
     upstream_request_head,
 )
@@ -166,3 +167,29 @@ def test_error_response() -> None:
     assert b"Content-Length: 24" in head and b"Connection: close" in head
     kept = error_response(502, "bad gateway", keep_alive=True, head_only=True)
     assert b"Connection" not in kept and kept.endswith(b"\r\n\r\n")
+
+
+def test_header_value_is_the_first_of_that_name_in_any_case() -> None:
+    head = _request(
+        b"GET / HTTP/1.1\r\nHost: a\r\nReferrer: typo\r\nX-Refer: n\r\n"
+        b"REFERER: http://first/\r\nReferer: http://second/\r\n\r\n"
+    )
+    assert header_value(head, b"referer") == b"http://first/"
+    assert header_value(head, b"x-refer") == b"n"
+    assert header_value(head, b"cookie") is None
+
+
+def test_plan_for_each_kind_of_body_and_connection_state() -> None:
+    request = _request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    responses = {
+        "sized": _response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"),
+        "chunked": _response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        "empty": _response(b"HTTP/1.1 204 No Content\r\n\r\n"),
+    }
+    for name, response in responses.items():
+        for done in (False, True):
+            for stopping in (False, True):
+                plan = plan_response(request, response, request_body_done=done, stopping=stopping)
+                assert plan.chunked is (name == "chunked")
+                assert plan.has_body is (name != "empty")
+                assert plan.keep_alive is (done and not stopping)

@@ -8,6 +8,7 @@ in random pieces, and all three must agree.
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from pathlib import Path
@@ -375,3 +376,104 @@ def test_response_head_size_is_bounded() -> None:
     with pytest.raises(UpstreamProtocolError):
         for _ in range(100):
             parser.feed(b"X-Filler: " + b"f" * 1000 + b"\r\n")
+
+
+# ---- one response parser per connection ---------------------------------------
+
+_KEPT_ALIVE = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello",
+    b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+]
+_OTHERS = [
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\n\r\nclose-delimited",
+]
+
+
+def _without_body(raw: bytes) -> bytes:
+    """The response as it comes to a HEAD request: up to the end of the final head."""
+    return raw[: raw.index(b"\r\n\r\n", raw.rindex(b"HTTP/1.")) + 4]
+
+
+def _described(events: list[ResponseEvent]) -> list[object]:
+    """Events as comparable values, the body joined (pieces depend on the reads)."""
+    heads = [e for e in events if isinstance(e, ResponseHead)]
+    return [
+        [(h.status, h.reason, h.version, h.headers, h.framing, h.content_length, h.keep_alive,
+          h.connection) for h in heads],
+        _body(events),
+        [e for e in events if isinstance(e, MessageEnd)],
+        events[-1] is END,
+    ]
+
+
+@pytest.mark.parametrize("first", _KEPT_ALIVE + _OTHERS)
+@pytest.mark.parametrize("head_first", [False, True])
+@pytest.mark.parametrize("mode", ["whole", "bytes"])
+def test_a_reused_response_parser_reads_each_response_as_a_fresh_one(
+    first: bytes, head_first: bool, mode: str
+) -> None:
+    parser = ResponseParser(head_first)
+    parser.feed(_without_body(first) if head_first else first)
+    for second in _KEPT_ALIVE:
+        for head_request in (False, True):
+            raw = _without_body(second) if head_request else second
+            parser.begin(head_request)
+            events: list[ResponseEvent] = []
+            for piece in _pieces(raw, mode):
+                events += parser.feed(piece)
+            assert parser.done and parser.reusable
+            assert _described(events) == _described(ResponseParser(head_request).feed(raw))
+
+
+def test_after_a_head_response_the_next_response_is_not_taken_for_its_body() -> None:
+    parser = ResponseParser(True)
+    events = parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
+    assert events[-1] is END and parser.reusable
+    parser.begin(False)
+    events = parser.feed(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok")
+    head = events[0]
+    assert isinstance(head, ResponseHead) and head.status == 202
+    assert _body(events) == b"ok" and events[-1] is END
+
+
+def test_a_second_response_to_one_request_is_not_delivered() -> None:
+    parser = ResponseParser(False)
+    events = parser.feed(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+    )
+    assert [type(e) for e in events] == [ResponseHead, BodyData, MessageEnd]
+    assert _body(events) == b"ok"
+    assert parser.extra and not parser.reusable
+
+
+def test_a_response_that_did_not_end_is_not_reused() -> None:
+    parser = ResponseParser(False)
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    assert not parser.done and not parser.reusable
+    parser.begin(False)
+    events = parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert isinstance(events[0], ResponseHead) and _body(events) == b"ok"
+
+
+def test_response_parsers_leave_nothing_for_the_cycle_collector() -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        for head_request in (False, True):
+            parser = ResponseParser(head_request)
+            parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nok")
+            parser.begin(False)
+            parser.feed(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            )
+            del parser
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
