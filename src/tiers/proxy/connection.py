@@ -59,6 +59,7 @@ from tiers.proxy.limits import ALLOW
 from tiers.proxy.routing import CompiledRoute
 from tiers.proxy.static import StaticFileError, plan_static_file, send_static
 from tiers.proxy.upstream import PoolBusy, UpstreamConnection, Upstreams
+from tiers.proxy.waittimer import WaitTimer
 
 if TYPE_CHECKING:
     from tiers.proxy.server import ProxyServer
@@ -152,10 +153,7 @@ class ClientConnection(asyncio.Protocol):
         self._buffered = 0
         self._reading_paused = False
         self._waiter: asyncio.Future[bool] | None = None
-        # One timer serves every wait of the connection (see _wait).
-        self._deadline = 0.0  # of the wait in progress, on the loop's clock
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer = WaitTimer(server.loop)
         self._write_paused = False
         self._drain_waiter: asyncio.Future[bool] | None = None
         self._transport: asyncio.Transport | None = None
@@ -214,7 +212,7 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_timer()
+        self._timer.stop()
         self._lost = True
         _wake(self._waiter)
         _wake(self._drain_waiter)
@@ -274,51 +272,22 @@ class ClientConnection(asyncio.Protocol):
                 "client %s: unexpected %s: %s", self._client_ip.decode(), type(exc).__name__, exc
             )
         finally:
-            self._stop_timer()
+            self._timer.stop()
             if self._transport is not None and not self._lingering:
                 self._transport.close()
             self._server.connection_done(self)
 
     async def _wait(self, timeout: float) -> bool:
-        """Wait for news from the client (data, EOF, close, stop); False on timeout.
-
-        One timer serves every wait of the connection: when it fires before the
-        deadline of the wait in progress it is moved on to it, instead of a timer
-        being set up and torn down per wait (a measurable cost per request).
-        """
-        loop = self._loop
-        deadline = loop.time() + timeout
-        waiter = loop.create_future()
+        """Wait for news from the client (data, EOF, close, stop); False on timeout."""
+        waiter = self._loop.create_future()
         self._waiter = waiter
-        self._deadline = deadline
-        if self._timer is None or self._timer_at > deadline:
-            self._start_timer(deadline)
+        self._timer.arm(waiter, timeout)
         try:
             arrived: bool = await waiter
         finally:
             self._waiter = None
+            self._timer.release()
         return arrived
-
-    def _start_timer(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(when, self._on_timer)
-        self._timer_at = when
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return  # nobody waits: stay disarmed until the next wait
-        if self._loop.time() + 0.001 >= self._deadline:  # timers may fire a tick early
-            waiter.set_result(False)
-        else:
-            self._start_timer(self._deadline)
 
     def _pop(self) -> RequestEvent | None:
         queue = self._events

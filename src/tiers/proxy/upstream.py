@@ -65,6 +65,7 @@ from tiers.proxy.errors import (
     UpstreamTimeout,
 )
 from tiers.proxy.http1 import BodyData, ResponseEvent, ResponseHead, ResponseParser
+from tiers.proxy.waittimer import WaitTimer
 
 log = logging.getLogger("tiers.proxy")
 
@@ -117,10 +118,6 @@ class UpstreamConnection(asyncio.Protocol):
     timeout thus costs one timer per timeout period, not one per request.
     """
 
-    # Timers may fire up to a clock tick early; a wait this close to its
-    # deadline counts as timed out.
-    _TIMER_SLACK = 0.001
-
     def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend
         self._loop = loop
@@ -131,9 +128,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._buffered = 0
         self._reading_paused = False
         self._waiter: asyncio.Future[bool] | None = None
-        self._deadline = 0.0  # of the wait in progress, on the loop's clock
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer = WaitTimer(loop)
         self._write_paused = False
         self._drain_waiter: asyncio.Future[bool] | None = None
         self._error: UpstreamError | None = None
@@ -183,7 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         if exc is not None and self._error is None:
             self._error = UpstreamClosed(f"connection to {self.backend.label} lost: {exc}")
-        self._stop_timer()
+        self._timer.stop()
         _wake(self._waiter)
         _wake(self._drain_waiter)
 
@@ -271,38 +266,15 @@ class UpstreamConnection(asyncio.Protocol):
                 raise UpstreamClosed(f"{self.backend.label} closed the connection")
             waiter = loop.create_future()
             self._waiter = waiter
-            self._deadline = deadline
-            if self._timer is None or self._timer_at > deadline:
-                self._start_timer(deadline)
+            self._timer.arm(waiter, deadline - loop.time())
             try:
                 arrived = await waiter
             finally:
                 self._waiter = None
+                self._timer.release()
             if not arrived and not events:
                 raise UpstreamTimeout(f"{self.backend.label} sent nothing for {timeout:g} s")
         return self._pop()
-
-    def _start_timer(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(when, self._on_timer)
-        self._timer_at = when
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return  # nobody waits: stay disarmed until the next wait
-        if self._loop.time() + self._TIMER_SLACK >= self._deadline:
-            waiter.set_result(False)
-        else:
-            # The wait that armed the timer ended; this one ends later.
-            self._start_timer(self._deadline)
 
     def pop_ready(self) -> ResponseEvent | None:
         """The next response event if one is already parsed, else None (never waits)."""
@@ -320,13 +292,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        self._stop_timer()
+        self._timer.stop()
         if self._transport is not None:
             self._transport.close()
 
     def abort(self) -> None:
         self.closed = True
-        self._stop_timer()
+        self._timer.stop()
         if self._transport is not None:
             self._transport.abort()
         _wake(self._waiter)

@@ -1,0 +1,62 @@
+"""One event-loop timer shared by the consecutive waits of a connection.
+
+Setting up and cancelling a timer for every wait is a measurable cost per
+request. A ``WaitTimer`` is armed once and reused: when it fires before the
+deadline of the wait in progress (the wait that armed it ended early), it is
+moved on to the current deadline; when nobody waits, it stays disarmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+# Timers may fire a loop tick early; a wait this close to its deadline has timed out.
+_SLACK = 0.001
+
+
+class WaitTimer:
+    """Times out the future of the wait in progress with ``False``."""
+
+    __slots__ = ("_at", "_deadline", "_handle", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0  # when the armed handle fires
+        self._deadline = 0.0  # of the wait in progress, on the loop's clock
+        self._waiter: asyncio.Future[bool] | None = None
+
+    def arm(self, waiter: asyncio.Future[bool], timeout: float) -> None:
+        """``waiter`` gets ``False`` unless something else completes it within ``timeout``."""
+        deadline = self._loop.time() + timeout
+        self._waiter = waiter
+        self._deadline = deadline
+        if self._handle is None or self._at > deadline:
+            self._start(deadline)
+
+    def release(self) -> None:
+        """The wait is over (however it ended); the handle may stay armed for the next."""
+        self._waiter = None
+
+    def stop(self) -> None:
+        """No more waits: cancel the handle (on close)."""
+        self._waiter = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _start(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self._loop.call_at(when, self._fire)
+        self._at = when
+
+    def _fire(self) -> None:
+        self._handle = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: stay disarmed until the next wait
+        if self._loop.time() + _SLACK >= self._deadline:
+            waiter.set_result(False)
+        else:
+            self._start(self._deadline)
