@@ -66,9 +66,10 @@ def test_runs_as_an_unprivileged_user_under_root(cluster: Cluster) -> None:
     cluster.start("db-primary", cluster.ports[0])
     with wait_connect(cluster.ports[0]) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None
-    with open(f"/proc/{row[0]}/status") as status:
-        uid_line = next(line for line in status if line.startswith("Uid:"))
+        assert row is not None
+        # Read while the session (and so its backend process) is still there.
+        with open(f"/proc/{row[0]}/status") as status:
+            uid_line = next(line for line in status if line.startswith("Uid:"))
     assert int(uid_line.split()[1]) == run_as.uid
     assert (cluster.layout.node_dir("db-primary") / "PG_VERSION").stat().st_uid == run_as.uid
 
