@@ -192,6 +192,39 @@ class Policy(Protocol):
     ) -> int | None: ...
 
 
+def _candidates(
+    servers: Sequence[ServerState], exclude: Collection[int], backup: bool, limit: int, now: float
+) -> list[tuple[ServerState, float]]:
+    """The servers a request may go to now, each with its effective weight.
+
+    A candidate is up, in the tier asked for (backups or not), not already
+    tried for this request and, with a ``limit``, below it.
+    """
+    return [
+        (s, s.weight if now >= s.ramp_end else s.weight_at(now))
+        for s in servers
+        if s.up
+        and s.backup is backup
+        and s.index not in exclude
+        and not (limit and s.active >= limit)
+    ]
+
+
+def _smooth_pick(candidates: Sequence[tuple[ServerState, float]]) -> int | None:
+    """One step of smooth weighted round robin over ``candidates``."""
+    best: ServerState | None = None
+    total = 0.0
+    for s, weight in candidates:
+        s.current += weight
+        total += weight
+        if best is None or s.current > best.current:
+            best = s
+    if best is None:
+        return None
+    best.current -= total
+    return best.index
+
+
 class SmoothWeighted:
     """nginx's smooth weighted round robin: weights 5, 1, 1 give a a b a c a a.
 
@@ -206,25 +239,7 @@ class SmoothWeighted:
     def choose(
         self, key: bytes, exclude: Collection[int], backup: bool, limit: int, now: float
     ) -> int | None:
-        best: ServerState | None = None
-        total = 0.0
-        for s in self._servers:
-            if (
-                not s.up
-                or s.backup is not backup
-                or s.index in exclude
-                or (limit and s.active >= limit)
-            ):
-                continue
-            weight = s.weight if now >= s.ramp_end else s.weight_at(now)
-            s.current += weight
-            total += weight
-            if best is None or s.current > best.current:
-                best = s
-        if best is None:
-            return None
-        best.current -= total
-        return best.index
+        return _smooth_pick(_candidates(self._servers, exclude, backup, limit, now))
 
 
 class LeastConnections:
@@ -241,45 +256,17 @@ class LeastConnections:
     def choose(
         self, key: bytes, exclude: Collection[int], backup: bool, limit: int, now: float
     ) -> int | None:
-        servers = self._servers
-        least: ServerState | None = None
-        least_weight = 1.0
-        for s in servers:
-            if (
-                not s.up
-                or s.backup is not backup
-                or s.index in exclude
-                or (limit and s.active >= limit)
-            ):
-                continue
-            weight = s.weight if now >= s.ramp_end else s.weight_at(now)
-            # active / weight < least.active / least_weight, without dividing.
-            if least is None or s.active * least_weight < least.active * weight:
-                least = s
-                least_weight = weight
-        if least is None:
+        candidates = _candidates(self._servers, exclude, backup, limit, now)
+        if not candidates:
             return None
+        least, least_weight = candidates[0]
+        for s, weight in candidates:
+            # active / weight < least.active / least_weight, without dividing.
+            if s.active * least_weight < least.active * weight:
+                least, least_weight = s, weight
         least_active = least.active
-        best: ServerState | None = None
-        total = 0.0
-        for s in servers:
-            if (
-                not s.up
-                or s.backup is not backup
-                or s.index in exclude
-                or (limit and s.active >= limit)
-            ):
-                continue
-            weight = s.weight if now >= s.ramp_end else s.weight_at(now)
-            if s.active * least_weight != least_active * weight:
-                continue
-            s.current += weight
-            total += weight
-            if best is None or s.current > best.current:
-                best = s
-        assert best is not None  # ``least`` itself is among the tied
-        best.current -= total
-        return best.index
+        tied = [(s, w) for s, w in candidates if s.active * least_weight == least_active * w]
+        return _smooth_pick(tied)
 
 
 class ConsistentHash:
