@@ -7,23 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.proxykit import FAST_HEALTH, Backend, Proxy
+from tests.integration.proxykit import FAST_HEALTH, Backend, Proxy, start_backends
 
 
 @pytest.fixture
 def backends() -> Iterator[Callable[[int], list[Backend]]]:
-    started: list[Backend] = []
-
-    def make(count: int) -> list[Backend]:
-        made = [Backend(name=chr(ord("A") + len(started) + i)) for i in range(count)]
-        for backend in made:
-            backend.start()
-            started.append(backend)
-        return made
-
-    yield make
-    for backend in started:
-        backend.stop()
+    yield from start_backends(lambda name: Backend(name=name))
 
 
 

@@ -20,11 +20,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 HEALTH = "/_tiers/health"
 FAST_HEALTH = ["--health-interval", "0.1", "--health-timeout", "0.3"]
@@ -372,3 +372,30 @@ def _wait(condition: Callable[[], bool], timeout: float) -> bool:
     return condition()
 
 
+
+
+class _Startable(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Startable)
+
+
+def start_backends(make_one: Callable[[str], S]) -> Iterator[Callable[[int], list[S]]]:
+    """The body of a ``backends`` fixture: a factory of started backends named A, B, ...
+
+    Every backend it made is stopped when the fixture ends, whatever the test did.
+    """
+    started: list[S] = []
+
+    def make(count: int) -> list[S]:
+        made = [make_one(chr(ord("A") + len(started) + i)) for i in range(count)]
+        for backend in made:
+            backend.start()
+            started.append(backend)
+        return made
+
+    yield make
+    for backend in started:
+        backend.stop()

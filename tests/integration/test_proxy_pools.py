@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.proxykit import start_backends
 from tiers.config.model import Address
 from tiers.config.proxy import Balance, Pool, Server
 from tiers.proxy.balancer import Outcome, PoolStats, ServerStats, outcome_for_status
@@ -119,18 +120,7 @@ class Backend:
 
 @pytest.fixture
 def backends() -> Iterator[Callable[[int], list[Backend]]]:
-    started: list[Backend] = []
-
-    def make(count: int) -> list[Backend]:
-        made = [Backend(name=chr(ord("A") + len(started) + i)) for i in range(count)]
-        for backend in made:
-            backend.start()
-            started.append(backend)
-        return made
-
-    yield make
-    for backend in started:
-        backend.stop()
+    yield from start_backends(lambda name: Backend(name=name))
 
 
 def _run(test: Coroutine[Any, Any, None], limit: float = 30.0) -> None:

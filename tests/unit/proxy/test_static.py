@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from tiers.config.proxy import Match, Route, RouteKind
 from tiers.errors import ConfigError
 from tiers.proxy.static import (
@@ -405,10 +406,11 @@ def test_last_component_swapped_for_a_symlink_is_refused(
         assert _open_inside(root, path) == 403
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 def test_directory_swapped_for_a_symlink_is_refused(
     tree: Path, root: StaticRoot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The check under test reads /proc/self/fd; under TIERS_REQUIRE_ALL its absence fails.
+    require(os.path.isdir("/proc/self/fd"), "needs /proc/self/fd")
     # O_NOFOLLOW guards only the last component; the descriptor's own path
     # gives the swapped directory away.
     os.symlink(tree / "outside", tree / "root" / "swapdir")
