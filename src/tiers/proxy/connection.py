@@ -451,7 +451,7 @@ class ClientConnection(asyncio.Protocol):
         route = server.router.route_head(head, self._client_ip)
         if route is None:
             return self._answer(x, 404, "no route for this request")
-        x.route = route.name.encode()
+        x.route = route.label
         kind = route.kind
         if kind is RouteKind.POOL:
             assert route.pool is not None

@@ -451,6 +451,7 @@ class CompiledRoute:
         "cache",
         "cache_private_requests",
         "kind",
+        "label",
         "name",
         "pool",
         "root",
@@ -461,6 +462,7 @@ class CompiledRoute:
     def __init__(self, route: Route, index: int, source: str) -> None:
         self.route = route
         self.name = route.name
+        self.label = route.name.encode()  # for the access log, encoded once
         self.kind = route.kind
         self.pool = route.pool
         self.root: Path | None = route.root
