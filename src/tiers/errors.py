@@ -6,6 +6,9 @@
      +-- ServiceError         a service could not be prepared, started or stopped
      |    +-- AppLoadError      the WSGI app could not be imported (tiers.app.loader)
      +-- DatabaseError        a database node could not be reached or answered wrongly
+     |    +-- NodeUnavailable   a node is gone or no longer primary (tiers.db.errors)
+     |    +-- CrossShardError   one operation's keys map to several clusters (tiers.db.sharding)
+     |    +-- FailoverStepError a failover step failed; names the step and node (tiers.db.promote)
      +-- ProxyError           the proxy failed; its own subtree is in tiers.proxy.errors
           +-- UpstreamError     talking to one backend failed (connect, closed, timeout, protocol)
           +-- ClientGone        the client left or broke its request mid-flight

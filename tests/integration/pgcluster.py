@@ -33,12 +33,28 @@ class Cluster:
         self.layout = embedded.prepare_layout(root / "db", self.run_as)
         self.ports = free_ports(nodes)
         self.procs: list[subprocess.Popen[bytes]] = []
+        # The latest server of each node and its port, for tests that stop and restart nodes.
+        self.servers: dict[str, subprocess.Popen[bytes]] = {}
+        self.node_ports: dict[str, int] = {}
 
     def start(self, name: str, port: int) -> None:
-        self.procs.append(subprocess.Popen(
+        proc = subprocess.Popen(
             embedded.server_argv(self.layout, name, port), cwd=self.layout.root,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            **self.run_as.popen_kwargs()))  # type: ignore[call-overload]
+            **self.run_as.popen_kwargs())  # type: ignore[call-overload]
+        self.procs.append(proc)
+        self.servers[name] = proc
+        self.node_ports[name] = port
+
+    def start_node(self, name: str) -> None:
+        """Start a node again on the port it had."""
+        self.start(name, self.node_ports[name])
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the node's postmaster, like a crash (its children notice and exit)."""
+        proc = self.servers[name]
+        proc.kill()
+        proc.wait()
 
     def start_replicated(self) -> None:
         """Start a primary and a streaming replica on each further port (database ``postgres``)."""

@@ -229,6 +229,10 @@ wal_keep_size = '512MB'
 hot_standby = on
 hot_standby_feedback = on
 max_connections = 200
+# pg_rewind (rejoining an old primary after a failover) needs hint-bit changes logged in
+# the WAL. Data checksums (initdb's default since PostgreSQL 18) do that; this covers a
+# cluster made without them.
+wal_log_hints = on
 """
 
 _HBA = """# Written by tiers: loopback only.
