@@ -29,7 +29,7 @@ def collect_status(state: StateDir, topology: Topology) -> dict[str, Any]:
         for entry in services:
             entry.update(state="stopped", pid=None)
     else:
-        _add_replication(services, topology)
+        _add_replication(services, topology, state)
     return {
         "state_dir": str(state.path),
         "running": running,
@@ -39,14 +39,40 @@ def collect_status(state: StateDir, topology: Topology) -> dict[str, Any]:
     }
 
 
-def _add_replication(services: list[dict[str, Any]], topology: Topology) -> None:
-    """What the primary says of each replica's WAL stream (pg_stat_replication)."""
-    replicas = [e for e in services if e.get("role") == "replica"]
+def _add_replication(services: list[dict[str, Any]], topology: Topology,
+                     state: StateDir) -> None:
+    """Each database node's live role, and its WAL stream as its live primary reports it."""
+    entries = {e["name"]: e for e in services if e.get("role") in ("primary", "replica")}
+    if not entries:
+        return
+    from tiers.cli.db import node_report
+    from tiers.supervisor.stack import Stack
+
+    for nodes in Stack(topology, state.path).databases:
+        report = node_report(nodes)
+        for node in report:
+            entry = entries.get(node["name"])
+            if entry is not None:
+                # Roles move with failover; the supervisor records what each node was made.
+                entry["role"] = node["recorded_role"] if node["role"] == "down" else node["role"]
+                entry["fenced"] = node["fenced"]
+        primary = next((n for n in report if n["role"] == "primary"), None)
+        replicas = [entries[n["name"]] for n in report
+                    if n["name"] in entries and entries[n["name"]]["role"] == "replica"]
+        _add_streams(replicas, None if primary is None else nodes.ports[primary["name"]])
+
+
+def _add_streams(replicas: list[dict[str, Any]], primary_port: int | None) -> None:
+    """What the primary on ``primary_port`` says of each replica (pg_stat_replication)."""
     if not replicas:
+        return
+    if primary_port is None:
+        for entry in replicas:
+            entry["replication"] = {"state": "unknown", "error": "no primary is answering"}
         return
     streams: dict[str, dict[str, Any]] = {}
     try:
-        with psycopg.connect(embedded.conninfo(topology.db.primary_port, "postgres"),
+        with psycopg.connect(embedded.conninfo(primary_port, "postgres"),
                              connect_timeout=2, autocommit=True) as conn:
             rows = conn.execute(
                 "SELECT application_name, state, "
@@ -82,6 +108,8 @@ def print_status(state: StateDir, topology: Topology, *, as_json: bool) -> None:
             lag = stream.get("replay_lag_bytes")
             detail = f"replication {stream['state']}" + (f", lag {lag} B" if lag is not None
                                                           else "")
+        if entry.get("fenced"):
+            detail = "fenced" + (f"; {detail}" if detail else "")
         rows.append((entry["name"], entry["role"], str(entry.get("pid") or "-"),
                      entry["address"], entry["state"], str(entry["restarts"]), detail))
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]

@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import click
 
@@ -14,8 +16,10 @@ from tiers.cli.context import EXIT_FAILURE, Context, handles_errors
 from tiers.cli.logtail import Follower, last_lines, stderr_prefixer
 from tiers.config import Topology
 from tiers.errors import ServiceError, StateError
+from tiers.supervisor.control import ControlServer
+from tiers.supervisor.database import PrimaryWatch
 from tiers.supervisor.plan import Phase, Plan, Service
-from tiers.supervisor.runner import Runner
+from tiers.supervisor.runner import Runner, say_stderr
 from tiers.supervisor.stack import Stack, busy_ports
 from tiers.supervisor.statedir import StateDir, process_alive, stop_orphans
 
@@ -23,10 +27,31 @@ from tiers.supervisor.statedir import StateDir, process_alive, stop_orphans
 DETACHED_START_TIMEOUT = 300.0
 
 
-def _runner_for(topology: Topology, state: StateDir) -> tuple[Runner, list[str]]:
-    specs = Stack(topology, state.path).specs()
+def _runner_for(topology: Topology, state: StateDir) -> tuple[Runner, Stack]:
+    stack = Stack(topology, state.path, say=say_stderr)
+    specs = stack.specs()
     plan = Plan([Service(s.name, s.depends) for s in specs], topology.supervisor)
-    return Runner(specs, plan, state), [s.name for s in specs]
+
+    def switchover(request: Mapping[str, Any]) -> str:
+        target = request.get("to")
+        nodes = stack.cluster_of(target) if isinstance(target, str) else stack.database
+        return nodes.switchover(target)
+
+    control = ControlServer(state.path, {"switchover": switchover}, say_stderr)
+    return Runner(specs, plan, state, control=control.poll), stack
+
+
+def _run(runner: Runner, stack: Stack) -> Phase:
+    """Run the stack until it stops, with the watch on the primary that failover needs."""
+    watches = [PrimaryWatch(nodes, runner.is_ready, runner.request_kill)
+               for nodes in stack.databases]
+    for watch in watches:
+        watch.start()
+    try:
+        return runner.run()
+    finally:
+        for watch in watches:
+            watch.stop()
 
 
 def _check_can_start(ctx: Context, topology: Topology) -> None:
@@ -59,12 +84,13 @@ def up(ctx: Context, detach: bool) -> None:
     state = ctx.state
     state.acquire()
     try:
-        runner, names = _runner_for(topology, state)
+        runner, stack = _runner_for(topology, state)
+        names = list(runner.specs)
         follower = Follower({n: state.log_path(n) for n in names}, stderr_prefixer(names))
         follower.start()
         runner.install_signal_handlers()
         try:
-            phase = runner.run()
+            phase = _run(runner, stack)
         finally:
             follower.stop()
     finally:
@@ -114,9 +140,9 @@ def supervise(ctx: Context) -> None:
     state = ctx.state
     state.acquire()
     try:
-        runner, _ = _runner_for(topology, state)
+        runner, stack = _runner_for(topology, state)
         runner.install_signal_handlers()
-        phase = runner.run()
+        phase = _run(runner, stack)
     finally:
         state.release()
     if phase is Phase.FAILED:

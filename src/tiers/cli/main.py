@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tiers.cli import inspect, lifecycle
+from tiers.cli import db, inspect, lifecycle
 from tiers.cli.context import Context
 
 
@@ -19,7 +19,7 @@ def cli(ctx: click.Context, state_dir: str | None, topology_file: str | None) ->
     ctx.obj = Context(state_dir, topology_file)
 
 
-for _command in (*lifecycle.COMMANDS, *inspect.COMMANDS):
+for _command in (*lifecycle.COMMANDS, *inspect.COMMANDS, *db.COMMANDS):
     cli.add_command(_command)
 
 

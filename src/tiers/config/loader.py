@@ -18,6 +18,22 @@ key and the reason, before anything starts. Example::
     replicas = 1
     port = 15432         # the primary; replicas count up (or: ports = [..])
     data_dir = "db"      # relative to the state directory
+    failover = true      # promote the best replica when the primary dies
+    check_interval = 0.5 # seconds between the supervisor's checks of the primary
+    failover_checks = 3  # failed checks in a row before a live but silent primary is replaced
+
+    [db.clusters.social] # a second cluster (services db-social-primary, ...)
+    replicas = 0
+    port = 15434
+
+    [db.tables]          # vertical partitioning: table groups on clusters
+    bookmarks = { cluster = "social", tables = ["bookmarks"] }
+
+    [db.shards]          # horizontal: rows of these tables spread by key
+    tables = ["stars"]
+    [db.shards.clusters]
+    main = ["0-511"]
+    social = ["512-1023"]
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ from tiers.config.model import (
     AppConfig,
     DbConfig,
     ProxyConfig,
+    ShardingConfig,
     SupervisorConfig,
     Topology,
 )
@@ -39,6 +56,7 @@ from tiers.config.proxy import ProxyPolicy
 from tiers.config.proxy_loader import build_policy, policy_keys
 from tiers.config.sections import Section as _Section
 from tiers.config.sections import parse_address as _parse_address
+from tiers.db.sharding import DEFAULT_VIRTUAL_SHARDS, ShardMap, TableGroup, TableGroups
 from tiers.errors import ConfigError
 
 DEFAULT_FILE = "tiers.toml"
@@ -212,7 +230,7 @@ def _build_groups(s: _Section, main: AppConfig) -> tuple[AppConfig, ...]:
 
 def _build_db(s: _Section, base: Path) -> DbConfig:
     d = DbConfig()
-    s.check_keys({f.name for f in fields(DbConfig)} | {"port"})
+    s.check_keys({f.name for f in fields(DbConfig)} - {"name"} | {"port"})
     replicas = s.integer("replicas", d.replicas, 0, 16)
     data_dir_text = s.get("data_dir", str, None)
     database = s.get("database", str, d.database)
@@ -221,7 +239,7 @@ def _build_db(s: _Section, base: Path) -> DbConfig:
     user = s.get("system_user", str, d.system_user)
     if not user or not all(c.isalnum() or c in "_-" for c in user):
         raise s.fail("system_user", f"not a valid user name: {user!r}")
-    return DbConfig(
+    main = DbConfig(
         replicas=replicas,
         host=s.get("host", str, d.host),
         ports=s.ports(replicas + 1, d.ports[0]),
@@ -229,7 +247,67 @@ def _build_db(s: _Section, base: Path) -> DbConfig:
         data_dir=Path(data_dir_text).expanduser() if data_dir_text else None,
         database=database,
         system_user=user,
+        failover=s.get("failover", bool, d.failover),
+        check_interval=s.seconds("check_interval", d.check_interval, 0.05),
+        failover_checks=s.integer("failover_checks", d.failover_checks, 1, 100),
     )
+    clusters = _build_clusters(s.sub("clusters"), main)
+    names = [c.name for c in (main, *clusters)]
+    return replace(main, clusters=clusters, tables=_build_tables(s.sub("tables"), names),
+                   shards=_build_shards(s.sub("shards"), names))
+
+
+def _build_clusters(s: _Section, main: DbConfig) -> tuple[DbConfig, ...]:
+    """Further clusters: their own primary, replicas and ports; the rest as main's."""
+    clusters = []
+    for name, raw in s.raw.items():
+        c = _Section(s.source, f"{s.name}.{name}", raw)
+        if not name.isidentifier() or not name.islower() or name == main.name:
+            raise c.fail("-", f"cluster name {name!r} must be a lower-case identifier "
+                              f"other than {main.name!r}")
+        c.check_keys({"replicas", "port", "ports"})
+        if "port" not in c.raw and "ports" not in c.raw:
+            raise c.fail("port", "each cluster needs its own 'port' or 'ports'")
+        replicas = c.integer("replicas", 0, 0, 16)
+        clusters.append(replace(main, name=name, replicas=replicas,
+                                ports=c.ports(replicas + 1, 0), data_dir=None))
+    return tuple(clusters)
+
+
+def _build_tables(s: _Section, clusters: list[str]) -> TableGroups | None:
+    """``[db.tables]``: ``default = "main"`` and ``GROUP = {cluster = .., tables = [..]}``."""
+    if not s.raw:
+        return None
+    default = s.get("default", str, "main")
+    groups = {}
+    for name, raw in s.raw.items():
+        if name == "default":
+            continue
+        g = _Section(s.source, f"{s.name}.{name}", raw)
+        g.check_keys({"cluster", "tables"})
+        groups[name] = TableGroup(cluster=g.get("cluster", str, ""), tables=g.strings("tables"))
+    return TableGroups(groups, default, clusters, source=s.source, section=s.name)
+
+
+def _build_shards(s: _Section, clusters: list[str]) -> ShardingConfig | None:
+    """``[db.shards]``: ``tables``, ``virtual_shards`` and ``[db.shards.clusters]`` ranges."""
+    if not s.raw:
+        return None
+    s.check_keys({"tables", "virtual_shards", "clusters"})
+    tables = s.strings("tables")
+    if not tables:
+        raise s.fail("tables", "name the sharded tables")
+    ranges = s.sub("clusters")
+    assigned: dict[str, list[str | int]] = {}
+    for cluster, items in ranges.raw.items():
+        listed = items if isinstance(items, list) else [items]
+        if not all(isinstance(i, str | int) and not isinstance(i, bool) for i in listed):
+            raise ranges.fail(cluster, "shards are numbers or 'first-last' ranges")
+        assigned[cluster] = listed
+    shard_map = ShardMap.from_ranges(
+        assigned, virtual_shards=s.integer("virtual_shards", DEFAULT_VIRTUAL_SHARDS, 1),
+        known_clusters=clusters, source=s.source, section=ranges.name)
+    return ShardingConfig(tables=tables, map=shard_map)
 
 
 def _build_supervisor(s: _Section) -> SupervisorConfig:
@@ -257,6 +335,8 @@ def _check_ports_unique(t: Topology) -> None:
     if t.proxy.policy.admin.listen is not None:
         claims.append(("proxy.admin.listen", t.proxy.policy.admin.listen.port))
     claims += [("db.ports", p) for p in t.db.ports]
+    for cluster in t.db.clusters:
+        claims += [(f"db.clusters.{cluster.name}.ports", p) for p in cluster.ports]
     for key, port in claims:
         if port in taken:
             raise ConfigError(t.source, key, f"port {port} is already used by {taken[port]}")

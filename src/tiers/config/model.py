@@ -12,8 +12,10 @@ from pathlib import Path
 
 from tiers.config.address import Address
 from tiers.config.proxy import ProxyPolicy
+from tiers.db.sharding import ShardMap, TableGroups
 
-__all__ = ["Address", "AppConfig", "DbConfig", "ProxyConfig", "SupervisorConfig", "Topology"]
+__all__ = ["Address", "AppConfig", "DbConfig", "ProxyConfig", "ShardingConfig",
+           "SupervisorConfig", "Topology"]
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,24 @@ class AppConfig:
 
 
 @dataclass(frozen=True)
-class DbConfig:
-    """A PostgreSQL primary and ``replicas`` streaming replicas, embedded."""
+class ShardingConfig:
+    """Horizontally sharded ``tables``: their rows live where ``map`` puts each key."""
 
+    tables: tuple[str, ...]
+    map: ShardMap
+
+
+@dataclass(frozen=True)
+class DbConfig:
+    """A PostgreSQL primary and ``replicas`` streaming replicas, embedded.
+
+    This is the cluster named ``main``; ``clusters`` holds further ones, each
+    a DbConfig of its own (``name``, ports, replicas; the rest as main's).
+    ``tables`` puts table groups on clusters (vertical partitioning) and
+    ``shards`` spreads the rows of some tables over clusters by key.
+    """
+
+    name: str = "main"
     replicas: int = 1
     host: str = "127.0.0.1"
     # The primary's port first, then one per replica.
@@ -84,6 +101,18 @@ class DbConfig:
     database: str = "tiers"
     # The unprivileged system user that runs PostgreSQL when tiers runs as root.
     system_user: str = "tiers"
+    # Promote the most advanced replica when the primary dies or stops answering.
+    failover: bool = True
+    # The supervisor checks the primary this often; ``failover_checks`` failed
+    # checks in a row count as dead (a process that exits counts at once).
+    check_interval: float = 0.5
+    failover_checks: int = 3
+    clusters: tuple[DbConfig, ...] = ()
+    tables: TableGroups | None = None
+    shards: ShardingConfig | None = None
+
+    def all_clusters(self) -> tuple[DbConfig, ...]:
+        return (self, *self.clusters)
 
     @property
     def primary_port(self) -> int:

@@ -73,16 +73,26 @@ class _Probed:
     error: str | None
 
 
+@dataclass
+class _KillRequest:
+    name: str
+    reason: str
+
+
 class Runner:
     """Carries out a :class:`Plan` for a list of specs, writing status as it goes."""
 
     def __init__(self, specs: Sequence[ServiceSpec], plan: Plan, state: StateDir,
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None,
+                 control: Callable[[], None] | None = None) -> None:
         self.specs = {spec.name: spec for spec in specs}
         self.plan = plan
         self.state = state
-        self.say = say or _say_stderr
-        self._events: queue.Queue[_Prepared | _Probed] = queue.Queue()
+        self.say = say or say_stderr
+        self._events: queue.Queue[_Prepared | _Probed | _KillRequest] = queue.Queue()
+        # Runs in the loop after SIGUSR1: the CLI's way to hand the supervisor a request.
+        self._control = control
+        self._control_requested = False
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._gone: dict[str, threading.Event] = {}
         self._leftovers: dict[str, list[psutil.Process]] = {}
@@ -104,6 +114,18 @@ class Runner:
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self.request_stop)
+        signal.signal(signal.SIGUSR1, self._request_control)
+
+    def _request_control(self, *_: object) -> None:
+        self._control_requested = True
+
+    def request_kill(self, name: str, reason: str) -> None:
+        """From any thread: kill ``name`` as a service that cannot serve (then restart it)."""
+        self._events.put(_KillRequest(name, reason))
+
+    def is_ready(self, name: str) -> bool:
+        """From any thread: whether ``name`` is up and has passed its readiness probe."""
+        return self.plan.get(name).state is ServiceState.READY
 
     def run(self) -> Phase:
         """Loop until every service is stopped; returns the phase the stack ended in."""
@@ -117,6 +139,9 @@ class Runner:
                 if self._stop_requested and not self.plan.stopping:
                     self.say("stopping the stack (again to kill at once)")
                     self.plan.request_stop()
+                if self._control_requested and self._control is not None:
+                    self._control_requested = False
+                    self._control()
                 if self._force_requested:
                     self._force_requested = False
                     self.say("killing every service now")
@@ -226,7 +251,11 @@ class Runner:
                 event = self._events.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(event, _Prepared):
+            if isinstance(event, _KillRequest):
+                self.say(f"{event.name}: {event.reason}")
+                for action in self.plan.start_failed(event.name, event.reason):
+                    self._act(action)
+            elif isinstance(event, _Prepared):
                 if event.command is not None:
                     self._spawn(self.specs[event.name], event.command, now)
                 else:
@@ -360,7 +389,7 @@ def _group_members(pgid: int) -> list[psutil.Process]:
     return members
 
 
-def _say_stderr(message: str) -> None:
+def say_stderr(message: str) -> None:
     _write_line(sys.stderr, message)
 
 

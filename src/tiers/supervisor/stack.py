@@ -1,36 +1,28 @@
 """What a topology means as processes: one :class:`ServiceSpec` per service, in start order.
 
-    db-primary -> db-replica1..N -> app1..N -> proxy
+    db-primary, db-replica1..N -> app1..N -> proxy
 
-The database specs create what is missing before they start (initdb for the
-primary, a base backup of the running primary for each replica) and the
-primary applies the app's migrations once it is ready, so a fresh state
-directory and a reused one go through the same steps.
+The database specs (:mod:`tiers.supervisor.database`) create what is missing
+before they start (initdb for the primary, a base backup of the running
+primary for each replica) and the primary applies the app's migrations once
+it is ready, so a fresh state directory and a reused one go through the
+same steps. Which node is the primary can change by failover.
 """
 
 from __future__ import annotations
 
 import http.client
-import signal
+import json
 import socket
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import psycopg
-import psycopg.sql
-
 from tiers.config.model import Topology
-from tiers.db import embedded
-from tiers.db.embedded import Layout, RunAs
 from tiers.errors import DatabaseError
+from tiers.supervisor.database import DatabaseNodes
 from tiers.supervisor.runner import Command, ServiceSpec
-
-PRIMARY = "db-primary"
-
-
-def replica_name(index: int) -> str:
-    return f"db-replica{index}"
 
 
 def app_name(index: int) -> str:
@@ -40,87 +32,38 @@ def app_name(index: int) -> str:
 class Stack:
     """The services of one topology in one state directory."""
 
-    def __init__(self, topology: Topology, state_path: Path) -> None:
+    def __init__(self, topology: Topology, state_path: Path,
+                 say: Callable[[str], None] = print) -> None:
         self.topology = topology
         self.state_path = state_path
-        db = topology.db
-        data_dir = db.data_dir or Path("db")
+        data_dir = topology.db.data_dir or Path("db")
         self.data_dir = data_dir if data_dir.is_absolute() else state_path / data_dir
-        self._run_as: RunAs | None = None
-        self._layout: Layout | None = None
-
-    # The system user and the on-disk layout are settled lazily, in the first
-    # prepare step, so that building the specs (e.g. for `status`) has no side effects.
-    def _db_layout(self) -> tuple[Layout, RunAs]:
-        if self._layout is None or self._run_as is None:
-            self._run_as = embedded.resolve_run_as(self.topology.db.system_user)
-            self._layout = embedded.prepare_layout(self.data_dir, self._run_as)
-        return self._layout, self._run_as
-
-    def primary_dsn(self) -> str:
-        return embedded.conninfo(self.topology.db.primary_port, self.topology.db.database)
-
-    def replica_dsns(self) -> list[str]:
-        return [embedded.conninfo(p, self.topology.db.database)
-                for p in self.topology.db.replica_ports]
+        # Each cluster keeps its data (and its record of the primary) in a
+        # directory of its own: the main one in data_dir, others beside it.
+        self.databases = [
+            DatabaseNodes(cluster, self.data_dir if cluster is topology.db
+                          else self.data_dir.with_name(f"{self.data_dir.name}-{cluster.name}"),
+                          migrations=topology.app.migrations, say=say)
+            for cluster in topology.db.all_clusters()
+        ]
+        self.database = self.databases[0]
 
     def specs(self) -> list[ServiceSpec]:
-        return [self._primary(), *self._replicas(), *self._apps(), self._proxy()]
+        db_specs = [spec for nodes in self.databases for spec in nodes.specs()]
+        return [*db_specs, *self._apps(), self._proxy()]
 
-    # ---- database ------------------------------------------------------------
-
-    def _primary(self) -> ServiceSpec:
-        db = self.topology.db
-
-        def prepare() -> Command:
-            layout, run_as = self._db_layout()
-            embedded.init_primary(layout, run_as, PRIMARY)
-            return _postgres_command(layout, run_as, PRIMARY, db.primary_port)
-
-        def after_ready() -> None:
-            _ensure_database(db.primary_port, db.database)
-            migrations = self.topology.app.migrations
-            if migrations is not None:
-                from tiers.db.migrate import apply_migrations
-                apply_migrations(self.primary_dsn(), migrations)
-
-        return ServiceSpec(
-            name=PRIMARY, role="primary", address=f"{db.host}:{db.primary_port}",
-            stop_signal=signal.SIGINT, prepare=prepare,
-            probe=lambda: _probe_postgres(db.primary_port, recovery=False),
-            after_ready=after_ready,
-        )
-
-    def _replicas(self) -> list[ServiceSpec]:
-        db = self.topology.db
-        specs = []
-        for index, port in enumerate(db.replica_ports, start=1):
-            name = replica_name(index)
-
-            def prepare(name: str = name, port: int = port) -> Command:
-                layout, run_as = self._db_layout()
-                embedded.init_replica(layout, run_as, name, db.primary_port)
-                embedded.point_replica_at(layout, run_as, name, db.primary_port)
-                return _postgres_command(layout, run_as, name, port)
-
-            specs.append(ServiceSpec(
-                name=name, role="replica", address=f"{db.host}:{port}",
-                depends=(PRIMARY,),
-                stop_signal=signal.SIGINT, prepare=prepare,
-                probe=partial(_probe_postgres, port, recovery=True),
-            ))
-        return specs
+    def cluster_of(self, node: str) -> DatabaseNodes:
+        """The cluster that has a node named ``node``; DatabaseError if none has."""
+        for nodes in self.databases:
+            if node in nodes.ports:
+                return nodes
+        known = ", ".join(name for nodes in self.databases for name in nodes.names)
+        raise DatabaseError(f"no database node named {node!r} (nodes: {known})")
 
     # ---- application servers ---------------------------------------------------
 
     def _apps(self) -> list[ServiceSpec]:
-        db_services = (PRIMARY,
-                       *(replica_name(i) for i in range(1, self.topology.db.replicas + 1)))
-        env = {
-            "TIERS_DB_PRIMARY": self.primary_dsn(),
-            "TIERS_DB_REPLICAS": ",".join(self.replica_dsns()),
-            "PYTHONUNBUFFERED": "1",
-        }
+        db_services = tuple(name for nodes in self.databases for name in nodes.names)
         specs = []
         for app in self.topology.all_app_groups():
             for name, address in zip(app.service_names(), app.addresses(), strict=True):
@@ -136,12 +79,44 @@ class Stack:
                     argv += ["--pythonpath", str(entry)]
                 specs.append(ServiceSpec(
                     name=name, role="app" if app is self.topology.app else f"app:{app.name}",
-                    address=str(address), prepare=partial(_same, Command(argv, env)),
+                    address=str(address), prepare=partial(self._app_command, argv),
                     depends=db_services,
                     probe=partial(_probe_http, address.host, address.port,
                                   self.topology.proxy.health_path),
                 ))
         return specs
+
+    def _app_command(self, argv: list[str]) -> Command:
+        return Command(argv, {**self.database_env(), "PYTHONUNBUFFERED": "1"})
+
+    def database_env(self) -> dict[str, str]:
+        """What app servers learn of the databases (read by ``tiers.db`` in the app).
+
+        Read at each start: after a failover the recorded primary is another
+        node. Routers also find a new primary by themselves; this is the first
+        guess. TIERS_DB_CLUSTERS, TIERS_DB_TABLES and TIERS_DB_SHARDS (JSON)
+        are set only when the topology has more than the main cluster.
+        """
+        env = {
+            "TIERS_DB_PRIMARY": self.database.primary_dsn(),
+            "TIERS_DB_REPLICAS": ",".join(self.database.replica_dsns()),
+        }
+        db = self.topology.db
+        if db.clusters:
+            env["TIERS_DB_CLUSTERS"] = json.dumps({
+                nodes.db.name: {"primary": nodes.primary_dsn(), "replicas": nodes.replica_dsns()}
+                for nodes in self.databases})
+        if db.tables is not None:
+            env["TIERS_DB_TABLES"] = json.dumps({
+                "default": db.tables.default_cluster,
+                "groups": {name: {"cluster": group.cluster, "tables": list(group.tables)}
+                           for name, group in db.tables.groups.items()}})
+        if db.shards is not None:
+            env["TIERS_DB_SHARDS"] = json.dumps({
+                "tables": list(db.shards.tables),
+                "virtual_shards": db.shards.map.virtual_shards,
+                "clusters": db.shards.map.to_ranges()})
+        return env
 
     # ---- proxy -----------------------------------------------------------------
 
@@ -165,36 +140,9 @@ class Stack:
         )
 
 
-def _postgres_command(layout: Layout, run_as: RunAs, name: str, port: int) -> Command:
-    # cwd: the user's working directory may be private to root.
-    return Command(embedded.server_argv(layout, name, port),
-                   popen_kwargs={**run_as.popen_kwargs(), "cwd": str(layout.root)})
-
-
 def _same(command: Command) -> Command:
     """The prepare step of a service that needs nothing made before it starts."""
     return command
-
-
-def _probe_postgres(port: int, *, recovery: bool) -> None:
-    """Ready when it answers a query and is in the expected role."""
-    with psycopg.connect(embedded.conninfo(port, "postgres"), connect_timeout=1,
-                         autocommit=True) as conn:
-        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-    if row is None or bool(row[0]) is not recovery:
-        role = "replica" if recovery else "primary"
-        raise DatabaseError(f"server on port {port} is not a {role}")
-
-
-def _ensure_database(port: int, database: str) -> None:
-    with psycopg.connect(embedded.conninfo(port, "postgres"), connect_timeout=2,
-                         autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                              (database,)).fetchone()
-        if exists is None:
-            # The name is validated as an identifier when the config is loaded.
-            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(
-                psycopg.sql.Identifier(database)))
 
 
 def _probe_http(host: str, port: int, path: str) -> None:
@@ -219,7 +167,9 @@ def busy_ports(topology: Topology) -> list[str]:
     claims = [("proxy.listen", topology.proxy.listen.host, topology.proxy.listen.port)]
     for group in topology.all_app_groups():
         claims += [(f"app {group.name}", group.host, p) for p in group.ports]
-    claims += [("db.ports", topology.db.host, p) for p in topology.db.ports]
+    for cluster in topology.db.all_clusters():
+        key = "db.ports" if cluster is topology.db else f"db.clusters.{cluster.name}.ports"
+        claims += [(key, cluster.host, p) for p in cluster.ports]
     admin = topology.proxy.policy.admin.listen
     if admin is not None:
         claims.append(("proxy.admin.listen", admin.host, admin.port))

@@ -71,6 +71,25 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
          "at least backoff_initial"),
         ('[proxy]\nlisten = "127.0.0.1:8401"\n', "app.ports", "already used by proxy.listen"),
         ("[db]\nport = 8400\n", "db.ports", "already used"),
+        ('[db]\nfailover = "yes"\n', "db.failover", "expected a boolean, got str"),
+        ("[db]\nfailover_checks = 0\n", "db.failover_checks", "between 1 and 100"),
+        ("[db]\ncheck_interval = 0.001\n", "db.check_interval", "at least"),
+        ("[db.clusters.Main]\nport = 16000\n", "db.clusters.Main.-", "lower-case identifier"),
+        ("[db.clusters.main]\nport = 16000\n", "db.clusters.main.-", "other than 'main'"),
+        ("[db.clusters.social]\nreplicas = 1\n", "db.clusters.social.port", "its own"),
+        ("[db.clusters.social]\nport = 15432\n", "db.clusters.social.ports", "already used"),
+        ("[db.clusters.social]\nport = 16000\nwho = 1\n", "db.clusters.social.who",
+         "unknown key"),
+        ('[db.tables]\nb = { cluster = "nope", tables = ["b"] }\n', "db.tables.b.cluster",
+         "nope"),
+        ('[db.tables]\nb = { cluster = "main", tables = ["b"] }\n'
+         'c = { cluster = "main", tables = ["b"] }\n', "db.tables.c.tables", "already in group"),
+        ('[db.shards]\nvirtual_shards = 4\n[db.shards.clusters]\nmain = ["0-3"]\n',
+         "db.shards.tables", "name the sharded tables"),
+        ('[db.shards]\ntables = ["s"]\nvirtual_shards = 4\n[db.shards.clusters]\n'
+         'main = ["0-2"]\n', "db.shards.clusters", "shards 3 are assigned to no cluster"),
+        ('[db.shards]\ntables = ["s"]\nvirtual_shards = 4\n[db.shards.clusters]\n'
+         'other = ["0-3"]\n', "db.shards.clusters.other", "other"),
         ("[app]\nport = 9000\n[db]\nports = [9001, 9500]\n", "db.ports", "already used by app"),
     ],
 )
@@ -105,3 +124,28 @@ def test_topology_is_frozen() -> None:
     topology = parse_topology("")
     with pytest.raises(AttributeError):
         topology.app.count = 5  # type: ignore[misc]
+
+
+def test_failover_settings() -> None:
+    default = parse_topology("", source="x").db
+    assert (default.failover, default.check_interval, default.failover_checks) == (True, 0.5, 3)
+    db = parse_topology("[db]\nfailover = false\ncheck_interval = 0.2\nfailover_checks = 5\n",
+                        source="x").db
+    assert (db.failover, db.check_interval, db.failover_checks) == (False, 0.2, 5)
+
+
+def test_clusters_table_groups_and_shards() -> None:
+    db = parse_topology(
+        "[db]\nport = 15500\n"
+        "[db.clusters.social]\nreplicas = 1\nport = 15510\n"
+        '[db.tables]\nbookmarks = { cluster = "social", tables = ["bookmarks", "tags"] }\n'
+        '[db.shards]\ntables = ["stars"]\nvirtual_shards = 8\n'
+        '[db.shards.clusters]\nmain = ["0-3"]\nsocial = ["4-7"]\n', source="x").db
+    assert [c.name for c in db.all_clusters()] == ["main", "social"]
+    social = db.clusters[0]
+    assert (social.ports, social.replicas, social.database) == ((15510, 15511), 1, "tiers")
+    assert db.tables is not None and db.tables.cluster_for_table("tags") == "social"
+    assert db.tables.cluster_for_table("users") == "main"
+    assert db.shards is not None and db.shards.tables == ("stars",)
+    assert [db.shards.map.cluster_of_shard(i) for i in (0, 3, 4, 7)] == [
+        "main", "main", "social", "social"]
