@@ -4,14 +4,18 @@
     GET  /entry/<id>   one entry with its bookmarks and comments; 404 if there is none
     POST /bookmarks    url, title, user, comment -> 303 to the entry; 400 if invalid
 
-Read-your-writes: the POST's response sets the cookie ``tiers_causal`` to the
-causal token of its commit, and every page passes the cookie to its read, so
-the page the redirect leads to (and every later one) shows the new bookmark
-even if the replica that serves it lags.
+Read-your-writes: the app runs inside ``tiers.app.causal.CausalMiddleware``.
+The POST's response carries the causal token of its commit in the signed
+cookie ``tiers_causal``, and every later request's reads use the token from
+the cookie, so the page the redirect leads to (and every later one) shows the
+new bookmark even if the replica that serves it lags, on whichever app server
+it lands. Give every app server the same ``TIERS_SECRET_KEY`` to sign it (see
+``tiers.app.causal`` for what happens without one).
 
 ``app`` is built with a store that connects on first use in each process
-(``TIERS_DB_PRIMARY``, ``TIERS_DB_REPLICAS``); tests call ``create_app`` with
-a ``bookmarks.memory.MemoryStore``.
+(``TIERS_DB_PRIMARY``, ``TIERS_DB_REPLICAS``, see
+``tiers.db.router.Cluster.from_env``); tests call ``create_app`` with a
+``bookmarks.memory.MemoryStore``.
 """
 
 from __future__ import annotations
@@ -26,19 +30,17 @@ from werkzeug.wrappers import Response
 
 from bookmarks.forms import COMMENT_MAX, TITLE_MAX, URL_MAX, ValidationError, validate_bookmark
 from bookmarks.store import ProcessLocalStore, SqlStore, Store
-from tiers.db.router import Router, is_token
+from tiers.app.causal import COOKIE_NAME, CausalMiddleware
+from tiers.db.router import Cluster
 from tiers.errors import DatabaseError
 
-TOKEN_COOKIE = "tiers_causal"
-# Long enough for any sane replica lag; a stale token only sends reads to
-# the primary until the replicas pass it, which they do within moments.
-TOKEN_MAX_AGE = 3600
+TOKEN_COOKIE = COOKIE_NAME
 # The form is four short fields; anything larger is not a browser using it.
 MAX_FORM_BYTES = 16 * 1024
 
 
 def _default_store() -> Store:
-    return ProcessLocalStore(lambda: SqlStore(Router.from_env()))
+    return ProcessLocalStore(lambda: SqlStore(Cluster.from_env()))
 
 
 def _when(value: datetime) -> str:
@@ -49,28 +51,27 @@ def _site(url: str) -> str:
     return urlsplit(url).hostname or ""
 
 
-def create_app(store: Store | None = None) -> Flask:
-    """Build the site over ``store`` (by default PostgreSQL through tiers' router, lazily)."""
+def create_app(store: Store | None = None, *, secret_key: str | None = None) -> Flask:
+    """Build the site over ``store`` (by default PostgreSQL through tiers' router, lazily).
+
+    ``secret_key`` signs the causal-token cookie; by default ``TIERS_SECRET_KEY``.
+    """
     app = Flask(__name__)
+    app.wsgi_app = CausalMiddleware(app.wsgi_app, secret_key=secret_key)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = MAX_FORM_BYTES
     data = store if store is not None else _default_store()
     app.jinja_env.filters["when"] = _when
     app.jinja_env.filters["site"] = _site
     limits = {"url_max": URL_MAX, "title_max": TITLE_MAX, "comment_max": COMMENT_MAX}
 
-    def reader_token() -> str | None:
-        token = request.cookies.get(TOKEN_COOKIE)
-        # A cookie is client input: a malformed one is ignored, not trusted.
-        return token if is_token(token) else None
-
     @app.get("/")
     def index() -> str:
-        page = data.front_page(reader_token())
+        page = data.front_page()
         return render_template("index.html", page=page, limits=limits)
 
     @app.get("/entry/<int:entry_id>")
     def entry(entry_id: int) -> str | tuple[str, int]:
-        page = data.entry_page(entry_id, reader_token())
+        page = data.entry_page(entry_id)
         if page is None:
             return render_template("error.html", status=404, message="No such entry."), 404
         return render_template("entry.html", page=page, limits=limits)
@@ -79,12 +80,8 @@ def create_app(store: Store | None = None) -> Flask:
     def add_bookmark() -> Response:
         bookmark = validate_bookmark(request.form)
         saved = data.save_bookmark(bookmark)
-        response = redirect(url_for("entry", entry_id=saved.entry_id), code=303)
-        if saved.token is not None:
-            response.set_cookie(
-                TOKEN_COOKIE, saved.token, max_age=TOKEN_MAX_AGE, httponly=True, samesite="Lax"
-            )
-        return response
+        # The middleware adds the commit's token to this response as a cookie.
+        return redirect(url_for("entry", entry_id=saved.entry_id), code=303)
 
     @app.errorhandler(ValidationError)
     def invalid(exc: ValidationError) -> tuple[str, int]:

@@ -1,11 +1,12 @@
 """An in-memory Store with a primary and one lagging replica, for tests of the pages.
 
-Every write gets the next LSN as its causal token. Reads follow the same rule
-as tiers' router: a read whose token the replica has not reached, sees the
-primary (everything); any other read sees only what the replica has replayed
-(``replica_position``, which tests advance with ``catch_up``). A page that
-forgets to pass the reader's token therefore shows stale data here, as it
-would with a real lagging replica.
+Every write gets the next LSN as its causal token and records it in the
+request's causal scope, as tiers' router does. Reads follow the router's
+rule with the scope's token: a read whose token the replica has not
+reached sees the primary (everything); any other read sees only what the
+replica has replayed (``replica_position``, which tests advance with
+``catch_up``). A page that loses the reader's token therefore shows stale
+data here, as it would with a real lagging replica.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bookmarks.store import (
     FrontPage,
     Saved,
 )
-from tiers.db.router import format_lsn, parse_lsn
+from tiers.db.tokens import current_token, format_lsn, note_write, parse_lsn
 
 HOT_WINDOW = timedelta(hours=24)
 
@@ -66,8 +67,9 @@ class MemoryStore:
         """Let the replica replay everything written so far."""
         self.replica_position = self.position
 
-    def _visible(self, token: str | None) -> int:
+    def _visible(self) -> int:
         """The position a read sees: the replica's if it has the token, else the primary's."""
+        token = current_token()
         self.read_tokens.append(token)
         if token is not None and parse_lsn(token) > self.replica_position:
             return self.position
@@ -87,9 +89,9 @@ class MemoryStore:
                 seen.append((row, comments[-1]))
         return seen
 
-    def front_page(self, token: str | None) -> FrontPage:
+    def front_page(self) -> FrontPage:
         with self._lock:
-            at = self._visible(token)
+            at = self._visible()
             entries = [row for row in self._entries.values() if row.lsn <= at]
             entries.sort(key=lambda row: (row.created_at, row.id), reverse=True)
             recent = [self._entry(row, at) for row in entries[:RECENT_LIMIT]]
@@ -103,9 +105,9 @@ class MemoryStore:
             hot = [self._entry(self._entries[entry_id], at) for entry_id, _ in ranked[:HOT_LIMIT]]
             return FrontPage(recent=recent, hot=hot)
 
-    def entry_page(self, entry_id: int, token: str | None) -> EntryPage | None:
+    def entry_page(self, entry_id: int) -> EntryPage | None:
         with self._lock:
-            at = self._visible(token)
+            at = self._visible()
             row = self._entries.get(entry_id)
             if row is None or row.lsn > at:
                 return None
@@ -133,4 +135,6 @@ class MemoryStore:
                 (entry_id, bookmark.user), _BookmarkRow(entry_id, bookmark.user, now)
             )
             row.versions.append((lsn, bookmark.comment))
-            return Saved(entry_id=entry_id, token=format_lsn(lsn))
+        token = format_lsn(lsn)
+        note_write(token)
+        return Saved(entry_id=entry_id, token=token)

@@ -1,10 +1,12 @@
 """The site's data: what the pages read and write, behind one narrow interface.
 
 ``SqlStore`` keeps all the SQL and talks to PostgreSQL through a
-``tiers.db.router.Router``: reads take the reader's causal token so a replica
-serves them only once it has the reader's last write; the write returns the
-token of its commit. ``MemoryStore`` (in ``bookmarks.memory``) has the same
-interface, for tests of the pages without a database.
+``tiers.db.router.Cluster``: writes go to the primary; reads go to a replica
+that has the reader's last write. The reader's causal token is not passed
+around: ``tiers.app.causal.CausalMiddleware`` puts it in the request's scope,
+the cluster's reads use it, and its writes update it. ``MemoryStore`` (in
+``bookmarks.memory``) has the same interface and follows the same scope, for
+tests of the pages without a database.
 """
 
 from __future__ import annotations
@@ -68,11 +70,11 @@ class Saved:
 
 
 class Store(Protocol):
-    """What the pages need. ``token`` is the reader's causal token, or None."""
+    """What the pages need; reads see the current request's causal token (see above)."""
 
-    def front_page(self, token: str | None) -> FrontPage: ...
+    def front_page(self) -> FrontPage: ...
 
-    def entry_page(self, entry_id: int, token: str | None) -> EntryPage | None: ...
+    def entry_page(self, entry_id: int) -> EntryPage | None: ...
 
     def save_bookmark(self, bookmark: NewBookmark) -> Saved: ...
 
@@ -93,10 +95,10 @@ class WriteBlock(Protocol):
     ) -> None: ...
 
 
-class RouterLike(Protocol):
-    """The part of tiers.db.router.Router the store uses."""
+class ClusterLike(Protocol):
+    """The part of tiers.db.router.Cluster the store uses."""
 
-    def read(self, token: str | None = None) -> AbstractContextManager[Connection]: ...
+    def read(self) -> AbstractContextManager[Connection]: ...
 
     def write(self) -> WriteBlock: ...
 
@@ -162,19 +164,19 @@ def _entry(row: tuple[Any, ...]) -> Entry:
 class SqlStore:
     """The store over PostgreSQL, through a read/write router."""
 
-    def __init__(self, router: RouterLike) -> None:
-        self.router = router
+    def __init__(self, cluster: ClusterLike) -> None:
+        self.cluster = cluster
 
-    def front_page(self, token: str | None) -> FrontPage:
-        with self.router.read(token) as conn:
+    def front_page(self) -> FrontPage:
+        with self.cluster.read() as conn:
             recent = conn.execute(_RECENT_SQL, (RECENT_LIMIT,)).fetchall()
             hot = conn.execute(_HOT_SQL, (HOT_WINDOW, HOT_LIMIT)).fetchall()
         return FrontPage(recent=[_entry(r) for r in recent], hot=[_entry(r) for r in hot])
 
-    def entry_page(self, entry_id: int, token: str | None) -> EntryPage | None:
+    def entry_page(self, entry_id: int) -> EntryPage | None:
         if not 0 < entry_id <= MAX_ENTRY_ID:
             return None
-        with self.router.read(token) as conn:
+        with self.cluster.read() as conn:
             row = conn.execute(_ENTRY_SQL, (entry_id,)).fetchone()
             if row is None:
                 return None
@@ -183,7 +185,7 @@ class SqlStore:
         return EntryPage(entry=_entry(row), bookmarks=bookmarks)
 
     def save_bookmark(self, bookmark: NewBookmark) -> Saved:
-        transaction = self.router.write()
+        transaction = self.cluster.write()
         with transaction as conn:
             row = conn.execute(_UPSERT_ENTRY_SQL, (bookmark.url, bookmark.title)).fetchone()
             if row is None:
@@ -197,9 +199,10 @@ class ProcessLocalStore:
     """A store built on first use in each process, from ``factory``.
 
     The app module is imported in the gunicorn master before the workers
-    fork; building the store (and its router) lazily, and again in a process
-    whose pid changed, means no process ever uses connections or state made
-    by its parent.
+    fork; building the store (and its cluster, with its health monitor)
+    lazily, and again in a process whose pid changed, means no process ever
+    uses connections, threads or state made by its parent, and importing the
+    app needs no database settings.
     """
 
     def __init__(self, factory: Callable[[], Store]) -> None:
@@ -218,11 +221,11 @@ class ProcessLocalStore:
                 self._pid = pid
             return self._store
 
-    def front_page(self, token: str | None) -> FrontPage:
-        return self.get().front_page(token)
+    def front_page(self) -> FrontPage:
+        return self.get().front_page()
 
-    def entry_page(self, entry_id: int, token: str | None) -> EntryPage | None:
-        return self.get().entry_page(entry_id, token)
+    def entry_page(self, entry_id: int) -> EntryPage | None:
+        return self.get().entry_page(entry_id)
 
     def save_bookmark(self, bookmark: NewBookmark) -> Saved:
         return self.get().save_bookmark(bookmark)

@@ -12,7 +12,7 @@ from tiers.cli.context import EXIT_FAILURE, Context, handles_errors
 from tiers.db import embedded
 from tiers.db.health import NodeObservation, probe
 from tiers.db.promote import is_fenced
-from tiers.db.router import format_lsn
+from tiers.db.tokens import format_lsn
 from tiers.errors import StateError
 from tiers.supervisor.control import send_request
 from tiers.supervisor.database import DatabaseNodes

@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tiers.db.router import format_lsn
+from tiers.db.tokens import format_lsn
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ from typing import Final
 import psycopg
 from psycopg import pq
 
-from tiers.db.router import describe_dsn, parse_lsn
+from tiers.db.nodes import describe_dsn
+from tiers.db.tokens import parse_lsn
 
 # One round trip. "r" is evaluated once; the CASEs keep pg_current_wal_lsn(),
 # which fails during recovery, away from replicas.

@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import TupleRow
 
-from tiers.db.router import describe_dsn
+from tiers.db.nodes import describe_dsn
 from tiers.errors import DatabaseError
 
 # The advisory lock key all runs share: "tiers" in ASCII, as a bigint.

@@ -48,7 +48,7 @@ from tiers.db.health import (
     probe,
     update,
 )
-from tiers.db.router import describe_dsn
+from tiers.db.nodes import describe_dsn
 
 log = logging.getLogger("tiers.db")
 

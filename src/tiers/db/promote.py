@@ -58,7 +58,7 @@ from tiers.db.failover import (
     Repoint,
     WaitForReplay,
 )
-from tiers.db.router import format_lsn, parse_lsn
+from tiers.db.tokens import format_lsn, parse_lsn
 from tiers.errors import DatabaseError
 
 FENCE_MARKER = "tiers.fenced"

@@ -1,161 +1,203 @@
-"""Read/write routing for application code: writes to the primary, reads to replicas.
+"""Read/write routing for application code: :class:`Cluster` hands out connections by intent.
 
-A write runs in a transaction on the primary. After it commits, the router
-records the primary's WAL position as a *causal token* (an LSN in PostgreSQL's
-``X/Y`` text form). A later read that presents the token is served by a
-replica only if that replica has replayed at least that far; otherwise it
-goes to the primary. That is read-your-writes: a client that carries its last
-token (the demo keeps it in a cookie) never sees a page older than its write.
+    write()            a transaction on the primary; commits on a clean exit and
+                       records the causal token (the primary's WAL position after it)
+    read(token, max_staleness=...)
+                       a replica that satisfies the consistency asked for, else the primary
+    read_primary()     the primary, for reads that must see everything committed
+    query(sql, ...)    one read statement, retried once on another node if its node is gone
 
-Choosing a replica is split in two, so the decision is testable without a
-database: :func:`replica_order` (round-robin, skipping replicas that failed
-recently) and :func:`replica_qualifies` (LSN comparison) are plain functions;
-:class:`Router` does the I/O around them with one cheap query per replica tried.
+Consistency of ``read`` (the rules are pure functions in
+:mod:`tiers.db.consistency`): with a causal token, a replica that has replayed
+it; one is waited for up to ``causal_wait`` seconds by polling
+``pg_last_wal_replay_lsn()``, then the primary serves the read. Without a
+token argument the token of the current request scope is used
+(:func:`tiers.db.tokens.current_token`, set by the WSGI middleware
+:mod:`tiers.app.causal`); ``token=None`` asks for no consistency at all, any
+healthy replica. ``max_staleness`` asks for a replica whose replay lag, as the
+monitor measured it, is under that many seconds. :mod:`tiers.db.pinning` has
+the common alternative recipe (after a write, read from the primary for a
+fixed time), for comparison.
 
-Connections are per thread and opened lazily, so a router built before
-gunicorn forks opens nothing until a worker thread first uses it. A broken
-connection is dropped and reopened on next use. Failures of the router's own
-steps (connect, check, commit) raise :class:`tiers.errors.DatabaseError`;
-errors raised by the caller's statements inside a ``with`` block propagate
-unchanged (the app may want to catch ``psycopg.errors.UniqueViolation``).
+Topology. The cluster knows every node by name; the primary given to the
+constructor is a first guess. With a health monitor
+(:class:`tiers.db.monitor.HealthMonitor`), writes go to the monitor's
+current primary and reads to its read pool (healthy replicas within the lag
+limits), so a failover needs no restart: once another node is the only
+writable one, writes go there. While the monitor knows no primary, writes
+raise :class:`~tiers.db.errors.NodeUnavailable` at once. Without a monitor
+the topology is fixed: every node but the primary may serve reads.
+
+Failures. A node that fails under the router is handled by what the error
+says (:func:`tiers.db.errors.classify`): *gone* drops the connection, marks
+the node down for reads (for ``retry_after`` seconds, or until the monitor
+sees it answer again) and raises NodeUnavailable; the router's own steps
+(connecting, checking a position) send nothing of the caller's work, so
+there it tries the next node instead, and ``query`` retries its statement
+once. *Not the primary* on a write drops the connection, makes the monitor
+check every node at once, and raises NodeUnavailable: a write whose outcome
+is unknown is never replayed. A commit that fails because the node is gone
+raises NodeUnavailable saying the outcome is unknown. Other errors raised by
+the caller's statements propagate unchanged (the app may catch
+``psycopg.errors.UniqueViolation``), and the transaction is rolled back.
+
+Processes and threads. Connections are per thread and opened lazily; a
+connection found closed by the server while idle is replaced before use.
+Nothing connects and no monitor thread starts until first use in a process,
+so a cluster built in a gunicorn master before the fork works in every
+worker: each starts its own monitor thread on first use. Do not nest read or
+write blocks on one thread: a read served by the primary uses the same
+connection as a write.
+
+Every operation records the node that served it: :meth:`Cluster.served`
+counts per (node, intent) and :attr:`Cluster.last_node` names this thread's
+latest, for tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import os
-import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
-from types import TracebackType
+from contextlib import AbstractContextManager, contextmanager, suppress
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, Protocol
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
-from tiers.errors import ConfigError, DatabaseError
+from tiers.db import tokens
+from tiers.db.consistency import (
+    DownMark,
+    ReplicaView,
+    plan_read,
+    poll_delay,
+    replica_qualifies,
+)
+from tiers.db.errors import Failure, NodeUnavailable, classify, retry_safe
+from tiers.db.health import ClusterHealth
+from tiers.db.monitor import HealthMonitor
+from tiers.db.nodes import (
+    CAUSAL_WAIT_ENV,
+    DEFAULT_CAUSAL_WAIT,
+    MONITOR_INTERVAL_ENV,
+    PRIMARY_ENV,
+    REPLICAS_ENV,
+    Connection,
+    Connector,
+    connect,
+    connection_is_stale,
+    describe_dsn,
+    node_names,
+    one_line,
+    settings_from_env,
+)
+from tiers.db.tokens import format_lsn, is_token, parse_lsn
+from tiers.errors import DatabaseError
 
-Connection = psycopg.Connection[TupleRow]
-# (dsn, connect timeout in seconds) -> an open connection with autocommit off.
-Connector = Callable[[str, float], Connection]
+# Re-exported: tiers.db.health, monitor, failover, promote and migrate import
+# these from here, and applications may too.
 
-PRIMARY_ENV = "TIERS_DB_PRIMARY"
-REPLICAS_ENV = "TIERS_DB_REPLICAS"
+__all__ = [
+    "CAUSAL_WAIT_ENV",
+    "FROM_CONTEXT",
+    "MONITOR_INTERVAL_ENV",
+    "PRIMARY_ENV",
+    "REPLICAS_ENV",
+    "Cluster",
+    "HealthSource",
+    "Intent",
+    "Router",
+    "WriteTransaction",
+    "connect",
+    "connection_is_stale",
+    "describe_dsn",
+    "format_lsn",
+    "is_token",
+    "node_names",
+    "parse_lsn",
+]
 
-# Index of the primary in the per-thread connection table; replicas are 0..n-1.
-_PRIMARY = -1
-
-_LSN_RE = re.compile(r"\A([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\Z")
-
-# On a replica, how far it has replayed; on a server that is not in recovery
-# (a promoted node, or a "replica" that is really the primary), how far it has
-# written, which is what a read from it would see.
+# On a replica how far it has replayed; on a node not in recovery (a
+# "replica" that is really the primary) how far it has written, which is what
+# a read from it would see.
 _POSITION_SQL = (
     "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
     " ELSE pg_current_wal_lsn() END)::text"
 )
-_WRITE_POSITION_SQL = "SELECT pg_current_wal_lsn()::text"
+# NULL on a node in recovery: it is no primary, and pg_current_wal_lsn() would fail there.
+_WRITE_POSITION_SQL = (
+    "SELECT (CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END)::text"
+)
 
 
-def parse_lsn(text: str) -> int:
-    """Parse PostgreSQL's ``X/Y`` LSN text (two hex numbers of up to 32 bits) into an int.
+class Intent(enum.StrEnum):
+    """What an operation asked for; the second half of the keys of :meth:`Cluster.served`."""
 
-    Raises ValueError for anything else.
-    """
-    match = _LSN_RE.match(text)
-    if match is None:
-        raise ValueError(f"not an LSN: {text!r}")
-    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
+    WRITE = "write"
+    READ = "read"
+    READ_PRIMARY = "read_primary"
 
 
-def format_lsn(value: int) -> str:
-    """The ``X/Y`` text form of an LSN, as PostgreSQL prints it."""
-    if not 0 <= value < 1 << 64:
-        raise ValueError(f"LSN out of range: {value}")
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+class _FromContext(enum.Enum):
+    TOKEN = "the token of the current request scope"
 
 
-def is_token(text: str | None) -> bool:
-    """True if ``text`` is a well-formed causal token (so it may be passed to ``read``)."""
-    if text is None:
-        return False
-    try:
-        parse_lsn(text)
-    except ValueError:
-        return False
-    return True
+FROM_CONTEXT: Final = _FromContext.TOKEN
+"""The default ``token`` of reads: :func:`tiers.db.tokens.current_token`."""
+
+Token = str | None | _FromContext
 
 
-def replica_order(count: int, start: int, down_until: Sequence[float], now: float) -> list[int]:
-    """The replicas to try for one read, in order.
+class HealthSource(Protocol):
+    """What the cluster needs of a health monitor (:class:`tiers.db.monitor.HealthMonitor`)."""
 
-    Round-robin: begins at ``start`` modulo ``count`` and wraps around. A
-    replica whose ``down_until`` lies after ``now`` failed recently and is
-    left out, so a dead replica costs one failed connect per retry period
-    rather than one per read.
-    """
-    if count <= 0:
-        return []
-    first = start % count
-    order = [(first + step) % count for step in range(count)]
-    return [index for index in order if down_until[index] <= now]
+    def snapshot(self) -> ClusterHealth: ...
 
+    def start(self) -> None: ...
 
-def replica_qualifies(position: int | None, token: int | None) -> bool:
-    """True if a replica that has replayed up to ``position`` may serve a read needing ``token``.
+    def stop(self, timeout: float | None = None) -> bool: ...
 
-    Without a token any reachable replica will do. A replica that reports no
-    position cannot prove it has the write, so it does not qualify.
-    """
-    if token is None:
-        return True
-    return position is not None and position >= token
-
-
-def describe_dsn(dsn: str) -> str:
-    """``host:port/dbname`` of a conninfo string or URI, without the password, for messages."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "<unparsable conninfo>"
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    port = params.get("port") or "5432"
-    dbname = params.get("dbname") or params.get("user") or ""
-    return f"{host}:{port}/{dbname}"
-
-
-def connect(dsn: str, timeout: float) -> Connection:
-    """Open a connection with autocommit off; libpq's connect_timeout is whole seconds."""
-    return psycopg.connect(dsn, autocommit=False, connect_timeout=max(1, round(timeout)))
+    def check_now(self) -> ClusterHealth: ...
 
 
 class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.conns: dict[int, Connection] = {}
+        self.conns: dict[str, Connection] = {}
         self.token: str | None = None
+        self.last_node: str | None = None
 
 
 class WriteTransaction:
-    """A transaction on the primary; use as ``with router.write() as conn:``.
+    """A transaction on the primary; use as ``with cluster.write() as conn:``.
 
     On a clean exit it commits and sets :attr:`token` to the primary's WAL
-    position after the commit (the router's ``last_write_token`` for this
-    thread too). On an exception it rolls back and lets the exception through.
+    position after the commit (also this thread's ``last_write_token`` and
+    the current request scope's token); :attr:`node` names the node that
+    took the write. On an exception it rolls back and lets the exception
+    through, translated to NodeUnavailable when it says the node is gone or
+    not the primary (see the module docstring). ``on_commit`` is called with
+    the token after a successful commit.
     """
 
-    def __init__(self, router: Router) -> None:
-        self._router = router
+    def __init__(self, cluster: Cluster,
+                 on_commit: Callable[[str], None] | None = None) -> None:
+        self._cluster = cluster
+        self._on_commit = on_commit
         self._conn: Connection | None = None
+        self.node: str | None = None
         self.token: str | None = None
 
     def __enter__(self) -> Connection:
         if self._conn is not None:
             raise RuntimeError("a WriteTransaction can be entered only once")
-        self._conn = self._router._connection(_PRIMARY)
+        self.node, self._conn = self._cluster._checkout_primary(Intent.WRITE)
         return self._conn
 
     def __exit__(
@@ -164,113 +206,254 @@ class WriteTransaction:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        conn = self._conn
-        assert conn is not None
-        if exc_type is not None:
-            self._router._finish(_PRIMARY, conn, failed=True)
+        conn, node = self._conn, self.node
+        assert conn is not None and node is not None
+        if exc is not None:
+            replacement = self._cluster._failed(node, conn, exc, writing=True)
+            if replacement is not None:
+                raise replacement from exc
             return
-        self.token = self._router._commit(conn)
+        self.token = self._cluster._commit(node, conn)
+        if self._on_commit is not None:
+            self._on_commit(self.token)
 
 
-class Router:
-    """Route one process's queries: writes to the primary, reads to a replica that has caught up.
+class Cluster:
+    """Route one process's queries over a PostgreSQL primary and its replicas.
 
-    ``primary_dsn`` and each of ``replica_dsns`` are libpq conninfo strings
-    or URIs. Safe to share between threads: each thread has its own
-    connections. Do not nest ``read`` or ``write`` blocks on one thread: a
-    read served by the primary uses the same connection as a write.
+    ``nodes`` maps node names to libpq conninfo strings or URIs; ``primary``
+    names the node believed to be the primary (required without a monitor).
+    ``monitor`` supplies health snapshots (see the module docstring); it is
+    started on first use in each process. ``causal_wait`` bounds how long a
+    causal read waits for a replica before reading from the primary (0: do
+    not wait). ``connect_timeout`` bounds each connect (libpq counts whole
+    seconds). A node that failed is skipped by reads for ``retry_after``
+    seconds unless the monitor sees it answer sooner. ``connector``,
+    ``clock``, ``sleep`` and ``is_stale`` are for tests.
 
-    ``connect_timeout`` bounds each connect (libpq counts whole seconds, at
-    least 2). A replica that fails to connect or answer is skipped by reads
-    for ``retry_after`` seconds, so an unreachable one costs a failed
-    connect once per period rather than on every read. ``connector`` and
-    ``clock`` are for tests.
+    Raises ValueError for no nodes, an unknown ``primary``, no ``primary``
+    without a monitor, or a negative ``causal_wait``. Safe to share between
+    threads.
     """
 
     def __init__(
         self,
-        primary_dsn: str,
-        replica_dsns: Sequence[str] = (),
+        nodes: Mapping[str, str],
+        primary: str | None = None,
         *,
+        monitor: HealthSource | None = None,
+        causal_wait: float = DEFAULT_CAUSAL_WAIT,
         connect_timeout: float = 2.0,
         retry_after: float = 5.0,
         connector: Connector = connect,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        is_stale: Callable[[Connection], bool] = connection_is_stale,
     ) -> None:
-        self.primary_dsn = primary_dsn
-        self.replica_dsns = tuple(replica_dsns)
+        if not nodes:
+            raise ValueError("a cluster needs at least one node")
+        if primary is not None and primary not in nodes:
+            raise ValueError(f"primary {primary!r} is not one of the nodes")
+        if primary is None and monitor is None:
+            raise ValueError("without a monitor the primary must be named")
+        if causal_wait < 0:
+            raise ValueError("causal_wait must not be negative")
+        self.nodes: Mapping[str, str] = MappingProxyType(dict(nodes))
+        self.primary_hint = primary
+        self.monitor = monitor
+        self.causal_wait = causal_wait
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
         self._connector = connector
         self._clock = clock
-        # Shared by all threads: a replica found dead by one thread is skipped
-        # by the others too. Races only cost an extra connect attempt.
-        self._down_until = [0.0] * len(self.replica_dsns)
+        self._sleep = sleep
+        self._is_stale = is_stale
+        # Shared by all threads: a node found dead by one thread is skipped by
+        # the others too. Races only cost an extra connect attempt.
+        self._down: dict[str, DownMark] = {}
         self._cursor = itertools.count()
         self._local = _ThreadState()
+        self._served: Counter[tuple[str, Intent]] = Counter()
+        self._served_lock = threading.Lock()
+        self._monitor_lock = threading.Lock()
+        self._monitor_pid = 0
         # Connections a forked child inherited: never used nor closed there
         # (closing would end the parent's session on the shared socket), only
         # kept referenced so that garbage collection does not close them either.
         self._inherited: list[Connection] = []
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Router:
-        """Build a router from ``TIERS_DB_PRIMARY`` and ``TIERS_DB_REPLICAS``.
+    def from_dsns(cls, primary_dsn: str, replica_dsns: Sequence[str] = (),
+                  **options: Any) -> Cluster:
+        """A cluster of a primary and replicas given as DSNs, named by :func:`node_names`."""
+        dsns = [primary_dsn, *replica_dsns]
+        names = node_names(dsns)
+        return cls(dict(zip(names, dsns, strict=True)), names[0], **options)
 
-        ``TIERS_DB_REPLICAS`` is a comma-separated list and may be empty or
-        unset. Raises ConfigError if the primary is missing or a value does
-        not parse as a conninfo.
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *,
+                 monitor: bool = True) -> Cluster:
+        """Build a cluster the way app servers run: from the environment.
+
+        ``TIERS_DB_PRIMARY`` (required) is the DSN of the node believed to be
+        the primary; ``TIERS_DB_REPLICAS`` a comma-separated list of the
+        others (may be empty or unset). Nodes are named by their
+        ``host:port/dbname``. ``TIERS_DB_CAUSAL_WAIT`` (seconds, default
+        0.05) and ``TIERS_DB_MONITOR_INTERVAL`` (seconds between health
+        rounds, default 0.25) are optional. With ``monitor`` (the default) a
+        HealthMonitor watches every node, so the primary is found again
+        after a failover. Raises ConfigError naming the variable for a
+        missing primary, a value that does not parse, or a bad number.
         """
-        env = os.environ if environ is None else environ
-        primary = env.get(PRIMARY_ENV, "").strip()
-        if not primary:
-            raise ConfigError("environment", PRIMARY_ENV, "not set")
-        replicas = [part.strip() for part in env.get(REPLICAS_ENV, "").split(",")]
-        replicas = [part for part in replicas if part]
-        for key, dsn in [(PRIMARY_ENV, primary)] + [(REPLICAS_ENV, r) for r in replicas]:
-            try:
-                conninfo_to_dict(dsn)
-            except psycopg.Error as exc:
-                reason = f"not a conninfo string or URI: {exc}"
-                raise ConfigError("environment", key, reason) from exc
-        return cls(primary, replicas)
+        settings = settings_from_env(os.environ if environ is None else environ)
+        health: HealthSource | None = None
+        if monitor:
+            health = HealthMonitor(settings.nodes, interval=settings.monitor_interval,
+                                   primary=settings.primary)
+        return cls(settings.nodes, settings.primary, monitor=health,
+                   causal_wait=settings.causal_wait)
+
+    # -- topology ------------------------------------------------------------
+
+    def health(self) -> ClusterHealth | None:
+        """The monitor's latest snapshot (None without a monitor); starts the monitor."""
+        self._ensure_monitor()
+        return None if self.monitor is None else self.monitor.snapshot()
+
+    def primary(self) -> str:
+        """The name of the node writes go to now; NodeUnavailable if no node is known as primary."""
+        name = self._known_primary()
+        if name is None:
+            raise NodeUnavailable("primary", Failure.NODE_GONE,
+                                  "no node is known to be the primary (failover under way?)")
+        return name
+
+    def read_pool(self) -> tuple[str, ...]:
+        """The replicas reads may use now, before this router's own down marks."""
+        return tuple(view.name for view in self._pool_views())
+
+    # -- intents -------------------------------------------------------------
 
     @property
     def last_write_token(self) -> str | None:
-        """The causal token of this thread's last committed ``write``, if any."""
+        """The causal token of this thread's last committed write, if any."""
         return self._state().token
+
+    @property
+    def last_node(self) -> str | None:
+        """The node that served this thread's latest operation, if any."""
+        return self._state().last_node
 
     def write(self) -> WriteTransaction:
         """A transaction on the primary that commits on a clean exit; see WriteTransaction."""
         return WriteTransaction(self)
 
-    @contextmanager
-    def read(self, token: str | None = None) -> Iterator[Connection]:
-        """A read-only use of a node that has seen ``token``; the transaction is rolled back after.
+    def read(self, token: Token = FROM_CONTEXT, *,
+             max_staleness: float | None = None) -> AbstractContextManager[Connection]:
+        """A read-only use of a node that satisfies the consistency asked for.
 
-        Tries replicas round-robin and takes the first that answers and has
-        replayed at least ``token`` (any answering replica without a token).
-        If none does, or there are no replicas, reads from the primary. A
-        malformed token raises ValueError (check cookies with ``is_token``).
-        Raises DatabaseError only if the primary is needed and cannot be reached.
+        ``token`` defaults to the current request scope's token; pass None
+        for any healthy replica, or a token for read-your-writes. The block's
+        transaction is rolled back afterwards. A malformed token raises
+        ValueError (check client input with ``is_token``). Raises
+        NodeUnavailable if the primary is needed and cannot be reached, or
+        if the node dies under the block (the block is not rerun).
         """
-        wanted = None if token is None else parse_lsn(token)
-        index, conn = self._pick_for_read(wanted)
-        try:
-            yield conn
-        except BaseException:
-            self._finish(index, conn, failed=True)
-            raise
-        self._finish(index, conn, failed=False)
+        wanted = self._wanted(token)
+        name, conn = self._choose_read(wanted, max_staleness, Intent.READ)
+        return self._using(name, conn)
+
+    def read_primary(self) -> AbstractContextManager[Connection]:
+        """A read on the primary (sees every commit); rolled back afterwards."""
+        name, conn = self._checkout_primary(Intent.READ_PRIMARY)
+        return self._using(name, conn)
+
+    def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None, *,
+              token: Token = FROM_CONTEXT,
+              max_staleness: float | None = None) -> list[TupleRow]:
+        """Run one read statement as ``read`` would and return its rows.
+
+        If the node turns out to be gone, the statement runs once more on
+        another node (another replica, or the primary): it ran alone in a
+        transaction that is always rolled back, so nothing of it can have
+        taken effect. A second failure raises NodeUnavailable.
+        """
+        wanted = self._wanted(token)
+        for attempt in range(2):
+            name, conn = self._choose_read(wanted, max_staleness, Intent.READ)
+            try:
+                rows = conn.execute(sql, params).fetchall()
+            except BaseException as exc:
+                replacement = self._failed(name, conn, exc, writing=False)
+                # Rolled back whatever happens: in effect outside a transaction, and read-only.
+                if attempt == 0 and retry_safe(classify(exc), in_transaction=False,
+                                               statement_sent_is_read_only=True):
+                    continue
+                if replacement is not None:
+                    raise replacement from exc
+                raise
+            self._finish(name, conn)
+            return rows
+        raise AssertionError("unreachable")
+
+    def read_node(self, token: Token = FROM_CONTEXT, *,
+                  max_staleness: float | None = None) -> str:
+        """The node a ``read`` with these arguments would use now, after any causal wait.
+
+        For integrations with connections of their own (tiers.db.sqla): the
+        choice is counted as a read served by that node.
+        """
+        name, _conn = self._choose_read(self._wanted(token), max_staleness, Intent.READ)
+        return name
+
+    # -- accounting and hooks for integrations -------------------------------
+
+    def served(self) -> dict[tuple[str, Intent], int]:
+        """How many operations each (node, intent) served, since creation or ``reset_served``."""
+        with self._served_lock:
+            return dict(self._served)
+
+    def reset_served(self) -> None:
+        with self._served_lock:
+            self._served.clear()
+
+    def record(self, node: str, intent: Intent) -> None:
+        """Count one operation served by ``node``; integrations call it for their own."""
+        with self._served_lock:
+            self._served[(node, intent)] += 1
+        self._state().last_node = node
+
+    def note_commit(self, token: str) -> None:
+        """Record a commit's token for this thread and the current request scope."""
+        tokens.note_write(token)
+        self._state().token = token
+
+    def report_failure(self, node: str, exc: BaseException, *, writing: bool) -> Failure:
+        """Act on a failure an integration saw on ``node`` (mark it down, look for the
+        primary) as the router does for its own connections; returns the failure kind."""
+        failure = classify(exc)
+        if failure is Failure.NODE_GONE:
+            self._mark_down(node)
+        elif failure is Failure.NOT_PRIMARY and writing:
+            self._rediscover()
+        return failure
 
     def close(self) -> None:
         """Close the calling thread's connections (they reopen on next use)."""
         state = self._state()
         conns, state.conns = state.conns, {}
         for conn in conns.values():
-            conn.close()
+            with suppress(psycopg.Error):
+                conn.close()
 
-    # -- internals -------------------------------------------------------
+    def stop(self) -> None:
+        """Close this thread's connections and stop the monitor's thread in this process."""
+        self.close()
+        if self.monitor is not None:
+            self.monitor.stop()
+            self._monitor_pid = 0
+
+    # -- internals -----------------------------------------------------------
 
     def _state(self) -> _ThreadState:
         state = self._local
@@ -278,99 +461,200 @@ class Router:
             self._inherited.extend(state.conns.values())
             state.conns = {}
             state.token = None
+            state.last_node = None
             state.pid = os.getpid()
         return state
 
-    def _dsn(self, index: int) -> str:
-        return self.primary_dsn if index == _PRIMARY else self.replica_dsns[index]
+    def _ensure_monitor(self) -> None:
+        monitor, pid = self.monitor, os.getpid()
+        if monitor is None or self._monitor_pid == pid:
+            return
+        with self._monitor_lock:
+            if self._monitor_pid != pid:
+                monitor.start()
+                self._monitor_pid = pid
 
-    def _role(self, index: int) -> str:
-        role = "primary" if index == _PRIMARY else f"replica {index}"
-        return f"{role} {describe_dsn(self._dsn(index))}"
+    def _known_primary(self) -> str | None:
+        self._ensure_monitor()
+        if self.monitor is None:
+            return self.primary_hint
+        snapshot = self.monitor.snapshot()
+        if snapshot.primary is None and snapshot.rounds == 0:
+            snapshot = self.monitor.check_now()
+        return snapshot.primary
 
-    def _connection(self, index: int) -> Connection:
-        """This thread's open connection to a node, connecting if there is none or it broke."""
+    def _pool_views(self) -> list[ReplicaView]:
+        self._ensure_monitor()
+        if self.monitor is None:
+            return [ReplicaView(name) for name in self.nodes if name != self.primary_hint]
+        snapshot = self.monitor.snapshot()
+        views = []
+        for name in snapshot.read_pool:
+            if name not in self.nodes:
+                continue
+            last = snapshot.node(name).last
+            if last is None:
+                views.append(ReplicaView(name))
+            else:
+                views.append(ReplicaView(name, last.position, last.replay_lag_seconds,
+                                         last.checked_at))
+        return views
+
+    def _wanted(self, token: Token) -> int | None:
+        if token is FROM_CONTEXT:
+            token = tokens.current_token()
+        return None if token is None else parse_lsn(token)
+
+    def _rediscover(self) -> None:
+        if self.monitor is not None:
+            self.monitor.check_now()
+
+    def _checkout(self, name: str) -> Connection:
+        """This thread's open connection to a node; connects if there is none or it went stale.
+
+        Raises NodeUnavailable (and marks the node down) if the connect fails.
+        """
         state = self._state()
-        conn = state.conns.get(index)
-        if conn is not None and not conn.closed:
-            return conn
-        state.conns.pop(index, None)
+        conn = state.conns.get(name)
+        if conn is not None:
+            if not self._is_stale(conn):
+                return conn
+            self._discard(name)
         try:
-            conn = self._connector(self._dsn(index), self.connect_timeout)
+            conn = self._connector(self.nodes[name], self.connect_timeout)
         except psycopg.Error as exc:
-            raise DatabaseError(f"cannot connect to {self._role(index)}: {exc}") from exc
-        state.conns[index] = conn
+            self._mark_down(name)
+            raise NodeUnavailable(name, Failure.NODE_GONE,
+                                  f"cannot connect: {one_line(exc)}") from exc
+        state.conns[name] = conn
         return conn
 
-    def _discard(self, index: int) -> None:
-        conn = self._state().conns.pop(index, None)
-        if conn is not None:
-            conn.close()
-
-    def _mark_down(self, index: int) -> None:
-        self._discard(index)
-        self._down_until[index] = self._clock() + self.retry_after
-
-    def _position(self, index: int) -> int | None:
-        """The replica's replayed WAL position: one query, run outside any transaction."""
-        conn = self._connection(index)
+    def _checkout_primary(self, intent: Intent) -> tuple[str, Connection]:
+        name = self.primary()
         try:
-            conn.autocommit = True
-            try:
-                row = conn.execute(_POSITION_SQL).fetchone()
-            finally:
-                if not conn.closed:
-                    conn.autocommit = False
-        except psycopg.Error as exc:
-            raise DatabaseError(f"cannot check {self._role(index)}: {exc}") from exc
+            conn = self._checkout(name)
+        except NodeUnavailable:
+            # Nothing was sent, so if the monitor has meanwhile found another
+            # primary, that one may be tried; once, to fail fast.
+            again = self._known_primary()
+            if again is None or again == name:
+                raise
+            name, conn = again, self._checkout(again)
+        self.record(name, intent)
+        return name, conn
+
+    def _discard(self, name: str) -> None:
+        conn = self._state().conns.pop(name, None)
+        if conn is not None:
+            with suppress(psycopg.Error):
+                conn.close()
+
+    def _mark_down(self, name: str) -> None:
+        self._discard(name)
+        now = self._clock()
+        self._down[name] = DownMark(since=now, until=now + self.retry_after)
+
+    def _position(self, conn: Connection) -> int | None:
+        """A node's replayed WAL position: one query, run outside any transaction."""
+        conn.autocommit = True
+        try:
+            row = conn.execute(_POSITION_SQL).fetchone()
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
         if row is None or row[0] is None:
             return None
-        try:
-            return parse_lsn(str(row[0]))
-        except ValueError as exc:
-            raise DatabaseError(f"{self._role(index)} reported {row[0]!r}") from exc
+        return parse_lsn(str(row[0]))
 
-    def _pick_for_read(self, wanted: int | None) -> tuple[int, Connection]:
-        order = replica_order(
-            len(self.replica_dsns), next(self._cursor), self._down_until, self._clock()
-        )
-        for index in order:
+    def _choose_read(self, wanted: int | None, max_staleness: float | None,
+                     intent: Intent) -> tuple[str, Connection]:
+        plan = plan_read(self._pool_views(), token=wanted, max_staleness=max_staleness,
+                         start=next(self._cursor), now=self._clock(), down=self._down)
+        for name in plan.ready:
             try:
-                position = self._position(index)
-            except DatabaseError:
-                self._mark_down(index)
+                conn = self._checkout(name)
+            except NodeUnavailable:
                 continue
-            if replica_qualifies(position, wanted):
-                return index, self._connection(index)
-        return _PRIMARY, self._connection(_PRIMARY)
+            self.record(name, intent)
+            return name, conn
+        if plan.poll:
+            found = self._wait_for(plan.poll, wanted)
+            if found is not None:
+                self.record(found[0], intent)
+                return found
+        return self._checkout_primary(intent)
 
-    def _finish(self, index: int, conn: Connection, *, failed: bool) -> None:
+    def _wait_for(self, names: Sequence[str], wanted: int | None) -> tuple[str, Connection] | None:
+        """Poll the replicas' replayed positions until one has ``wanted``, up to causal_wait."""
+        deadline = self._clock() + self.causal_wait
+        pending = list(names)
+        for attempt in itertools.count():
+            for name in list(pending):
+                try:
+                    conn = self._checkout(name)
+                    position = self._position(conn)
+                except (NodeUnavailable, psycopg.Error, ValueError):
+                    # Nothing of the caller's work was sent: skip it, try the others.
+                    self._mark_down(name)
+                    pending.remove(name)
+                    continue
+                if replica_qualifies(position, wanted):
+                    return name, conn
+            remaining = deadline - self._clock()
+            if not pending or remaining <= 0:
+                return None
+            self._sleep(min(poll_delay(attempt), remaining))
+        return None
+
+    @contextmanager
+    def _using(self, name: str, conn: Connection) -> Iterator[Connection]:
+        try:
+            yield conn
+        except BaseException as exc:
+            replacement = self._failed(name, conn, exc, writing=False)
+            if replacement is not None:
+                raise replacement from exc
+            raise
+        self._finish(name, conn)
+
+    def _finish(self, name: str, conn: Connection) -> None:
         """End a block's transaction by rolling back; drop the connection if it broke."""
         if not conn.closed:
             with suppress(psycopg.Error):
                 conn.rollback()
         if conn.closed:
-            if index == _PRIMARY or not failed:
-                self._discard(index)
-            else:
-                # The replica died under a read: skip it for a while.
-                self._mark_down(index)
+            self._discard(name)
 
-    def _commit(self, conn: Connection) -> str:
-        state = self._state()
+    def _failed(self, name: str, conn: Connection, exc: BaseException, *,
+                writing: bool) -> NodeUnavailable | None:
+        """Clean up after ``exc`` ended a block on ``name``; the error to raise instead, if any."""
+        failure = classify(exc)
+        if failure is Failure.NODE_GONE:
+            self._mark_down(name)
+            detail = "the transaction was not committed: " if writing else ""
+            return NodeUnavailable(name, failure, detail + one_line(exc))
+        if failure is Failure.NOT_PRIMARY and writing:
+            self._discard(name)
+            self._rediscover()
+            return NodeUnavailable(name, failure, "the write was refused; nothing was committed")
+        self._finish(name, conn)
+        return None
+
+    def _commit(self, name: str, conn: Connection) -> str:
         if conn.info.transaction_status == TransactionStatus.INERROR:
             # A statement failed and the block swallowed the error; COMMIT
             # would silently roll back, so say so instead.
-            self._finish(_PRIMARY, conn, failed=True)
+            self._finish(name, conn)
             raise DatabaseError("a statement in the write block failed; transaction rolled back")
         try:
             conn.commit()
         except psycopg.Error as exc:
-            self._finish(_PRIMARY, conn, failed=True)
-            raise DatabaseError(
-                f"commit on {self._role(_PRIMARY)} failed (outcome unknown if the connection "
-                f"was lost): {exc}"
-            ) from exc
+            if classify(exc) is Failure.NODE_GONE:
+                self._mark_down(name)
+                raise NodeUnavailable(name, Failure.NODE_GONE,
+                                      f"commit outcome unknown: {one_line(exc)}") from exc
+            self._finish(name, conn)
+            raise DatabaseError(f"commit on {name} failed: {one_line(exc)}") from exc
         try:
             # Outside a transaction, so no BEGIN/ROLLBACK round trips. With
             # synchronous_commit on (the default) the commit record is written
@@ -381,13 +665,25 @@ class Router:
             finally:
                 if not conn.closed:
                     conn.autocommit = False
-            if row is None or row[0] is None:
-                raise DatabaseError(f"{self._role(_PRIMARY)} reported no WAL position")
-            token = format_lsn(parse_lsn(str(row[0])))
+            text = None if row is None else row[0]
+            token = None if text is None else format_lsn(parse_lsn(str(text)))
         except (psycopg.Error, ValueError) as exc:
-            self._finish(_PRIMARY, conn, failed=True)
+            if classify(exc) is Failure.NODE_GONE:
+                self._mark_down(name)
+            else:
+                self._finish(name, conn)
             raise DatabaseError(
-                f"committed, but cannot read the WAL position of {self._role(_PRIMARY)}: {exc}"
+                f"committed, but cannot read the WAL position of {name}: {one_line(exc)}"
             ) from exc
-        state.token = token
+        if token is None:
+            # In recovery: a demoted node. Whatever the block sent was refused
+            # or was read-only, so nothing was written; find the primary.
+            self._discard(name)
+            self._rediscover()
+            raise NodeUnavailable(name, Failure.NOT_PRIMARY, "it is in recovery")
+        self.note_commit(token)
         return token
+
+
+# The name the demo and earlier code use.
+Router = Cluster

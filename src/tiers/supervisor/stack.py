@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import secrets
 import socket
 import sys
 from collections.abc import Callable
@@ -87,7 +89,32 @@ class Stack:
         return specs
 
     def _app_command(self, argv: list[str]) -> Command:
-        return Command(argv, {**self.database_env(), "PYTHONUNBUFFERED": "1"})
+        return Command(argv, {**self.database_env(), "TIERS_SECRET_KEY": self.secret_key(),
+                              "PYTHONUNBUFFERED": "1"})
+
+    def secret_key(self) -> str:
+        """The stack's signing key (causal-token cookies), made once per state directory.
+
+        Every app server must share it, so that a cookie set by one is trusted
+        by the others; it survives restarts so cookies outlive them too.
+        """
+        path = self.state_path / "secret.key"
+        try:
+            return path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            pass
+        key = secrets.token_urlsafe(32)
+        partial = path.with_name(f"secret.key.{secrets.token_hex(6)}")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(key + "\n")
+        try:
+            os.link(partial, path)  # first writer wins if two starts race
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink()
+        return path.read_text(encoding="ascii").strip()
 
     def database_env(self) -> dict[str, str]:
         """What app servers learn of the databases (read by ``tiers.db`` in the app).

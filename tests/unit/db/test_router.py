@@ -1,148 +1,78 @@
+"""The Cluster's routing and failure handling, over fake nodes and a fake health monitor."""
+
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import psycopg.errors
 import pytest
 from psycopg.pq import TransactionStatus
 
+from tiers.db.errors import Failure, NodeUnavailable
+from tiers.db.health import (
+    Check,
+    ClusterHealth,
+    NodeHealth,
+    NodeObservation,
+    Role,
+    Standing,
+)
+from tiers.db.monitor import HealthMonitor
+from tiers.db.pinning import PinnedReads
 from tiers.db.router import (
+    Cluster,
+    Intent,
     Router,
+    connection_is_stale,
     describe_dsn,
     format_lsn,
-    is_token,
-    parse_lsn,
-    replica_order,
-    replica_qualifies,
+    node_names,
 )
+from tiers.db.tokens import causal_scope, current_scope
 from tiers.errors import ConfigError, DatabaseError
 
-# -- LSNs and the pure decisions ----------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [
-        ("0/0", 0),
-        ("0/1D744C8", 0x1D744C8),
-        ("16/B374D848", (0x16 << 32) | 0xB374D848),
-        ("ffffffff/ffffffff", 2**64 - 1),
-    ],
-)
-def test_parse_and_format_lsn(text: str, value: int) -> None:
-    assert parse_lsn(text) == value
-    assert format_lsn(value) == text.upper()
-
-
-def test_lsn_order_is_numeric_not_textual() -> None:
-    # As text "9/0" > "10/0"; as positions it is the other way round.
-    assert parse_lsn("9/FFFFFFFF") < parse_lsn("10/0")
-    assert parse_lsn("0/A") > parse_lsn("0/9")
-
-
-@pytest.mark.parametrize(
-    "text", ["", "0", "0/", "/0", "1/2/3", "g/0", "0/123456789", " 0/1", "0x1/0"]
-)
-def test_parse_lsn_rejects_garbage(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_lsn(text)
-    assert not is_token(text)
-
-
-def test_format_lsn_range() -> None:
-    with pytest.raises(ValueError):
-        format_lsn(-1)
-    with pytest.raises(ValueError):
-        format_lsn(2**64)
-
-
-def test_is_token() -> None:
-    assert is_token("0/16B3748")
-    assert not is_token(None)
-
-
-def test_replica_order_rotates_and_skips_replicas_marked_down() -> None:
-    up = [0.0, 0.0, 0.0]
-    assert replica_order(3, 0, up, now=10.0) == [0, 1, 2]
-    assert replica_order(3, 1, up, now=10.0) == [1, 2, 0]
-    assert replica_order(3, 5, up, now=10.0) == [2, 0, 1]
-    assert replica_order(3, 0, [0.0, 11.0, 0.0], now=10.0) == [0, 2]
-    # The mark expires: the replica is tried again.
-    assert replica_order(3, 0, [0.0, 11.0, 0.0], now=11.0) == [0, 1, 2]
-    assert replica_order(0, 7, [], now=0.0) == []
-
-
-def test_replica_qualifies() -> None:
-    assert replica_qualifies(None, None)
-    assert replica_qualifies(5, None)
-    assert replica_qualifies(5, 5)
-    assert replica_qualifies(6, 5)
-    assert not replica_qualifies(4, 5)
-    assert not replica_qualifies(None, 5)
-
-
-def test_describe_dsn_hides_the_password() -> None:
-    text = describe_dsn("postgresql://tiers:secret@127.0.0.1:15432/tiers")
-    assert text == "127.0.0.1:15432/tiers"
-    assert "secret" not in describe_dsn("host=db port=5433 dbname=app password=secret")
-    assert describe_dsn("host=db port=5433 dbname=app password=secret") == "db:5433/app"
-    assert describe_dsn("not a = = conninfo '") == "<unparsable conninfo>"
-
-
-def test_from_env() -> None:
-    router = Router.from_env(
-        {
-            "TIERS_DB_PRIMARY": "postgresql://tiers@127.0.0.1:15432/tiers",
-            "TIERS_DB_REPLICAS": " postgresql://tiers@127.0.0.1:15433/tiers,,"
-            "postgresql://tiers@127.0.0.1:15434/tiers ",
-        }
-    )
-    assert router.primary_dsn == "postgresql://tiers@127.0.0.1:15432/tiers"
-    assert router.replica_dsns == (
-        "postgresql://tiers@127.0.0.1:15433/tiers",
-        "postgresql://tiers@127.0.0.1:15434/tiers",
-    )
-    alone = Router.from_env({"TIERS_DB_PRIMARY": "postgresql://127.0.0.1/x"})
-    assert alone.replica_dsns == ()
-
-
-def test_from_env_requires_a_primary() -> None:
-    with pytest.raises(ConfigError, match="TIERS_DB_PRIMARY: not set"):
-        Router.from_env({"TIERS_DB_REPLICAS": "postgresql://127.0.0.1/x"})
-
-
-def test_from_env_rejects_a_malformed_replica() -> None:
-    with pytest.raises(ConfigError, match="TIERS_DB_REPLICAS"):
-        Router.from_env(
-            {"TIERS_DB_PRIMARY": "postgresql://127.0.0.1/x", "TIERS_DB_REPLICAS": "a = '"}
-        )
-
-
-# -- the router's I/O, over fake nodes -----------------------------------------
+# -- fakes ---------------------------------------------------------------------------
 
 
 class FakeNode:
-    """A server: ``position`` is what its position query answers; ``up`` False refuses connects."""
+    """A server. ``position`` is what position queries answer; ``up`` False refuses connects
+    and breaks open connections; ``in_recovery`` True refuses writes as a replica does."""
 
-    def __init__(self, name: str, position: int | None = 0) -> None:
+    def __init__(self, name: str, position: int | None = 0, *, in_recovery: bool = True) -> None:
         self.name = name
         self.position = position
+        self.in_recovery = in_recovery
         self.up = True
+        self.die_on_commit = False
         self.connects = 0
         self.commits = 0
         self.rollbacks = 0
         self.statements: list[str] = []
 
+    @property
+    def position_checks(self) -> int:
+        return sum(1 for s in self.statements if "pg_last_wal_replay_lsn" in s)
+
+    @property
+    def writes(self) -> list[str]:
+        return [s for s in self.statements if s.startswith("INSERT")]
+
 
 class FakeCursor:
-    def __init__(self, row: tuple[Any, ...] | None) -> None:
-        self.row = row
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self.rows = rows
 
     def fetchone(self) -> tuple[Any, ...] | None:
-        return self.row
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self.rows
 
 
 class FakeInfo:
@@ -154,6 +84,7 @@ class FakeConn:
     def __init__(self, node: FakeNode) -> None:
         self.node = node
         self.closed = False
+        self.stale = False
         self.autocommit = False
         self.info = FakeInfo()
 
@@ -166,19 +97,32 @@ class FakeConn:
 
     def execute(self, query: str, params: Any = None) -> FakeCursor:
         self._check()
-        self.node.statements.append(query)
+        node = self.node
+        node.statements.append(query)
         if not self.autocommit:
             self.info.transaction_status = TransactionStatus.INTRANS
-        if "pg_is_in_recovery" in query or "pg_current_wal_lsn" in query:
-            position = self.node.position
-            return FakeCursor((None if position is None else format_lsn(position),))
+        if "THEN NULL ELSE pg_current_wal_lsn()" in query:
+            value = None if node.in_recovery or node.position is None \
+                else format_lsn(node.position)
+            return FakeCursor([(value,)])
+        if "pg_last_wal_replay_lsn" in query:
+            return FakeCursor([(None if node.position is None else format_lsn(node.position),)])
+        if query.startswith("INSERT"):
+            if node.in_recovery:
+                self.info.transaction_status = TransactionStatus.INERROR
+                raise psycopg.errors.ReadOnlySqlTransaction(
+                    "cannot execute INSERT in a read-only transaction")
+            node.position = (node.position or 0) + 16
         if query == "FAIL":
             self.info.transaction_status = TransactionStatus.INERROR
             raise psycopg.errors.UniqueViolation("duplicate key")
-        return FakeCursor((self.node.name,))
+        return FakeCursor([(node.name,)])
 
     def commit(self) -> None:
         self._check()
+        if self.node.die_on_commit:
+            self.closed = True
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
         self.node.commits += 1
         self.info.transaction_status = TransactionStatus.IDLE
 
@@ -191,275 +135,749 @@ class FakeConn:
         self.closed = True
 
 
-class Cluster:
+class FakeHealth:
+    """A health monitor whose snapshot the test sets: the primary and the replicas in the
+    read pool, with their positions and lags as last observed."""
+
+    def __init__(self, clock: Callable[[], float], names: list[str], primary: str | None) -> None:
+        self.clock = clock
+        self.names = names
+        self.primary = primary
+        self.pool: dict[str, tuple[int | None, float | None, float]] = {}
+        self.starts = 0
+        self.checks = 0
+        self.on_check: Callable[[], None] | None = None
+        self.rounds = 1
+
+    def put(self, name: str, position: int | None = None, lag: float | None = 0.0,
+            observed_at: float | None = None) -> None:
+        seen = self.clock() if observed_at is None else observed_at
+        self.pool[name] = (position, lag, seen)
+
+    def snapshot(self) -> ClusterHealth:
+        nodes = []
+        for name in self.names:
+            if name in self.pool:
+                position, lag, seen = self.pool[name]
+                obs = NodeObservation(name, name, True, True, position, lag, checked_at=seen)
+                nodes.append(NodeHealth(name, Role.REPLICA, Standing.IN, Check.GOOD, True,
+                                        last=obs, reason=None))
+            else:
+                role = Role.PRIMARY if name == self.primary else Role.UNKNOWN
+                nodes.append(NodeHealth(name, role))
+        return ClusterHealth(tuple(nodes), self.primary, self.rounds)
+
+    def start(self) -> None:
+        self.starts += 1
+
+    def stop(self, timeout: float | None = None) -> bool:
+        return True
+
+    def check_now(self) -> ClusterHealth:
+        self.checks += 1
+        if self.on_check is not None:
+            self.on_check()
+        return self.snapshot()
+
+
+class Nodes:
+    """Fake servers ``p`` (the primary) and ``r0``, ``r1``... with the given positions."""
+
     def __init__(self, *replica_positions: int | None) -> None:
-        self.primary = FakeNode("primary", 100)
+        self.primary = FakeNode("p", 100, in_recovery=False)
         self.replicas = [FakeNode(f"r{i}", p) for i, p in enumerate(replica_positions)]
-        self.nodes = {"p": self.primary} | {f"r{i}": n for i, n in enumerate(self.replicas)}
+        self.by_name = {"p": self.primary} | {f"r{i}": n for i, n in enumerate(self.replicas)}
         self.now = 1000.0
+        self.sleeps: list[float] = []
+        # Called at every sleep: lets replicas replay while a read waits.
+        self.while_sleeping: Callable[[], None] | None = None
+        self.conns: list[FakeConn] = []
 
     def connect(self, dsn: str, timeout: float) -> FakeConn:
-        node = self.nodes[dsn.removeprefix("dbname=")]
+        node = self.by_name[dsn.removeprefix("dbname=")]
         node.connects += 1
         if not node.up:
             raise psycopg.OperationalError(f"connection to {node.name} refused")
-        return FakeConn(node)
+        conn = FakeConn(node)
+        self.conns.append(conn)
+        return conn
 
-    def router(self) -> Router:
-        return Router(
-            "dbname=p",
-            [f"dbname=r{i}" for i in range(len(self.replicas))],
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        if self.while_sleeping is not None:
+            self.while_sleeping()
+
+    def cluster(self, monitor: FakeHealth | None = None, **options: Any) -> Cluster:
+        options.setdefault("causal_wait", 0.05)
+        return Cluster(
+            {name: f"dbname={name}" for name in self.by_name},
+            "p",
+            monitor=monitor,
             connector=self.connect,  # type: ignore[arg-type]
             clock=lambda: self.now,
+            sleep=self.sleep,
+            is_stale=lambda conn: conn.closed or conn.stale,  # type: ignore[attr-defined]
             retry_after=5.0,
+            **options,
         )
 
+    def health(self, primary: str | None = "p") -> FakeHealth:
+        return FakeHealth(lambda: self.now, list(self.by_name), primary)
 
-def served_by(router: Router, token: str | None = None) -> str:
-    with router.read(token) as conn:
+
+def served_by(cluster: Cluster, *args: Any, **kwargs: Any) -> str:
+    with cluster.read(*args, **kwargs) as conn:
         row = conn.execute("SELECT who").fetchone()
         assert row is not None
         return str(row[0])
 
 
+def write(cluster: Cluster | PinnedReads, statement: str = "INSERT 1") -> str | None:
+    transaction = cluster.write()
+    with transaction as conn:
+        conn.execute(statement)
+    return transaction.token
+
+
+# -- names and the environment --------------------------------------------------------
+
+
+def test_describe_dsn_hides_the_password() -> None:
+    text = describe_dsn("postgresql://tiers:secret@127.0.0.1:15432/tiers")
+    assert text == "127.0.0.1:15432/tiers"
+    assert "secret" not in describe_dsn("host=db port=5433 dbname=app password=secret")
+    assert describe_dsn("host=db port=5433 dbname=app password=secret") == "db:5433/app"
+    assert describe_dsn("not a = = conninfo '") == "<unparsable conninfo>"
+
+
+def test_node_names_are_addresses_made_unique() -> None:
+    dsn = "postgresql://u@127.0.0.1:1/x"
+    assert node_names([dsn, "postgresql://u@127.0.0.1:2/x", dsn, dsn]) == [
+        "127.0.0.1:1/x", "127.0.0.1:2/x", "127.0.0.1:1/x#2", "127.0.0.1:1/x#3"]
+
+
+def test_from_env_names_every_node_and_builds_a_monitor() -> None:
+    cluster = Cluster.from_env(
+        {
+            "TIERS_DB_PRIMARY": "postgresql://tiers@127.0.0.1:15432/tiers",
+            "TIERS_DB_REPLICAS": " postgresql://tiers@127.0.0.1:15433/tiers,,"
+            "postgresql://tiers@127.0.0.1:15434/tiers ,postgresql://tiers@127.0.0.1:15432/tiers",
+            "TIERS_DB_CAUSAL_WAIT": "0.2",
+            "TIERS_DB_MONITOR_INTERVAL": "0.5",
+        }
+    )
+    assert dict(cluster.nodes) == {
+        "127.0.0.1:15432/tiers": "postgresql://tiers@127.0.0.1:15432/tiers",
+        "127.0.0.1:15433/tiers": "postgresql://tiers@127.0.0.1:15433/tiers",
+        "127.0.0.1:15434/tiers": "postgresql://tiers@127.0.0.1:15434/tiers",
+    }
+    assert cluster.primary_hint == "127.0.0.1:15432/tiers"
+    assert cluster.causal_wait == 0.2
+    monitor = cluster.monitor
+    assert isinstance(monitor, HealthMonitor)
+    assert monitor.interval == 0.5
+    assert dict(monitor.nodes) == dict(cluster.nodes)
+    assert not monitor.running  # nothing starts before first use
+    alone = Cluster.from_env({"TIERS_DB_PRIMARY": "postgresql://127.0.0.1/x"}, monitor=False)
+    assert list(alone.nodes) == ["127.0.0.1:5432/x"]
+    assert alone.monitor is None
+    assert alone.causal_wait == 0.05
+    assert Router is Cluster
+
+
+def test_from_env_requires_a_primary() -> None:
+    with pytest.raises(ConfigError, match="TIERS_DB_PRIMARY: not set"):
+        Cluster.from_env({"TIERS_DB_REPLICAS": "postgresql://127.0.0.1/x"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("TIERS_DB_REPLICAS", "a = '"),
+        ("TIERS_DB_CAUSAL_WAIT", "soon"),
+        ("TIERS_DB_CAUSAL_WAIT", "-1"),
+        ("TIERS_DB_MONITOR_INTERVAL", "0"),
+        ("TIERS_DB_MONITOR_INTERVAL", "nan"),
+    ],
+)
+def test_from_env_rejects_bad_values_naming_the_variable(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        Cluster.from_env({"TIERS_DB_PRIMARY": "postgresql://127.0.0.1/x", key: value})
+
+
+def test_the_constructor_checks_its_nodes() -> None:
+    with pytest.raises(ValueError):
+        Cluster({}, None, monitor=None)
+    with pytest.raises(ValueError):
+        Cluster({"a": "dbname=a"}, "b")
+    with pytest.raises(ValueError, match="primary must be named"):
+        Cluster({"a": "dbname=a"})
+    with pytest.raises(ValueError):
+        Cluster({"a": "dbname=a"}, "a", causal_wait=-1)
+
+
+class SocketConn:
+    """Just what connection_is_stale looks at, over a real socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.closed = False
+        self.broken = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def test_an_idle_connection_with_input_waiting_is_stale() -> None:
+    ours, server = socket.socketpair()
+    conn = SocketConn(ours)
+    with ours, server:
+        assert not connection_is_stale(conn)  # type: ignore[arg-type]
+        server.sendall(b"E")  # what a shutting-down server sends before it closes
+        assert connection_is_stale(conn)  # type: ignore[arg-type]
+    assert connection_is_stale(conn)  # type: ignore[arg-type]  # no socket any more
+    other, peer = socket.socketpair()
+    with other, peer:
+        for flag in ("closed", "broken"):
+            flagged = SocketConn(other)
+            setattr(flagged, flag, True)
+            assert connection_is_stale(flagged)  # type: ignore[arg-type]
+
+
+# -- reads without a monitor -------------------------------------------------------------
+
+
 def test_without_replicas_reads_go_to_the_primary() -> None:
-    cluster = Cluster()
-    router = cluster.router()
-    assert served_by(router) == "primary"
-    assert served_by(router, "0/1") == "primary"
+    cluster = Nodes().cluster()
+    assert served_by(cluster) == "p"
+    assert served_by(cluster, "0/1") == "p"
 
 
-def test_reads_rotate_over_replicas() -> None:
-    cluster = Cluster(50, 50)
-    router = cluster.router()
-    assert [served_by(router) for _ in range(4)] == ["r0", "r1", "r0", "r1"]
-    # Connections are reused, not opened per read.
-    assert [r.connects for r in cluster.replicas] == [1, 1]
-    assert cluster.primary.connects == 0
+def test_reads_rotate_over_replicas_and_reuse_connections() -> None:
+    nodes = Nodes(50, 50)
+    cluster = nodes.cluster()
+    assert [served_by(cluster) for _ in range(4)] == ["r0", "r1", "r0", "r1"]
+    assert [r.connects for r in nodes.replicas] == [1, 1]
+    assert nodes.primary.connects == 0
+    # A read without a token asks nothing before the caller's statement.
+    assert [r.position_checks for r in nodes.replicas] == [0, 0]
 
 
-def test_token_picks_a_replica_that_has_replayed_it() -> None:
-    cluster = Cluster(40, 60)
-    router = cluster.router()
-    token = format_lsn(50)
-    assert [served_by(router, token) for _ in range(3)] == ["r1", "r1", "r1"]
+def test_a_token_picks_a_replica_that_has_replayed_it() -> None:
+    nodes = Nodes(40, 60)
+    cluster = nodes.cluster()
+    assert [served_by(cluster, format_lsn(50)) for _ in range(3)] == ["r1", "r1", "r1"]
 
 
-def test_token_no_replica_has_reached_goes_to_the_primary() -> None:
-    cluster = Cluster(40, 45)
-    router = cluster.router()
-    assert served_by(router, format_lsn(50)) == "primary"
-    cluster.replicas[0].position = 50
-    assert served_by(router, format_lsn(50)) == "r0"
+def test_a_causal_read_waits_for_a_replica_to_catch_up() -> None:
+    nodes = Nodes(40)
+    cluster = nodes.cluster(causal_wait=1.0)
+
+    def replay() -> None:
+        if nodes.now >= 1000.01:
+            nodes.replicas[0].position = 50
+
+    nodes.while_sleeping = replay
+    assert served_by(cluster, format_lsn(50)) == "r0"
+    assert nodes.sleeps and sum(nodes.sleeps) < 1.0
+    assert nodes.primary.connects == 0
+
+
+def test_a_causal_read_gives_up_waiting_after_causal_wait_and_reads_the_primary() -> None:
+    nodes = Nodes(40)
+    cluster = nodes.cluster(causal_wait=0.05)
+    assert served_by(cluster, format_lsn(50)) == "p"
+    assert sum(nodes.sleeps) == pytest.approx(0.05)
+    assert nodes.replicas[0].position_checks > 1
+
+
+def test_causal_wait_zero_checks_once_and_does_not_wait() -> None:
+    nodes = Nodes(40)
+    cluster = nodes.cluster(causal_wait=0.0)
+    assert served_by(cluster, format_lsn(50)) == "p"
+    assert nodes.sleeps == []
+    assert nodes.replicas[0].position_checks == 1
 
 
 def test_a_replica_without_a_position_qualifies_only_without_a_token() -> None:
-    cluster = Cluster(None)
-    router = cluster.router()
-    assert served_by(router) == "r0"
-    assert served_by(router, "0/1") == "primary"
+    nodes = Nodes(None)
+    cluster = nodes.cluster(causal_wait=0.0)
+    assert served_by(cluster, None) == "r0"
+    assert served_by(cluster, "0/1") == "p"
 
 
 def test_the_position_check_runs_outside_a_transaction() -> None:
-    cluster = Cluster(50)
-    router = cluster.router()
+    nodes = Nodes(50)
+    cluster = nodes.cluster()
     checks: list[bool] = []
     real_execute = FakeConn.execute
 
     def spy(self: FakeConn, query: str, params: Any = None) -> FakeCursor:
-        if "pg_is_in_recovery" in query:
+        if "pg_last_wal_replay_lsn" in query:
             checks.append(self.autocommit)
         return real_execute(self, query, params)
 
     FakeConn.execute = spy  # type: ignore[method-assign]
     try:
-        with router.read("0/1") as conn:
+        with cluster.read("0/1") as conn:
             assert conn.autocommit is False
     finally:
         FakeConn.execute = real_execute  # type: ignore[method-assign]
     assert checks == [True]
-    # The block's transaction is ended by a rollback.
-    assert cluster.replicas[0].rollbacks == 1
+    assert nodes.replicas[0].rollbacks == 1  # the block's transaction is ended by a rollback
 
 
-def test_a_dead_replica_is_skipped_and_retried_later() -> None:
-    cluster = Cluster(50, 50)
-    cluster.replicas[0].up = False
-    router = cluster.router()
-    assert [served_by(router) for _ in range(4)] == ["r1"] * 4
-    assert cluster.replicas[0].connects == 1  # marked down after one failed connect
-    cluster.replicas[0].up = True
-    cluster.now += 5.0
-    assert {served_by(router) for _ in range(4)} == {"r0", "r1"}
-
-
-def test_all_replicas_dead_falls_back_to_the_primary() -> None:
-    cluster = Cluster(50, 50)
-    for replica in cluster.replicas:
-        replica.up = False
-    router = cluster.router()
-    assert served_by(router) == "primary"
-    assert served_by(router, format_lsn(10)) == "primary"
-
-
-def test_a_replica_that_dies_after_connecting_is_dropped_and_reopened() -> None:
-    cluster = Cluster(50)
-    router = cluster.router()
-    assert served_by(router) == "r0"
-    cluster.replicas[0].up = False  # the open connection breaks on the next query
-    assert served_by(router) == "primary"
-    cluster.replicas[0].up = True
-    cluster.now += 5.0
-    assert served_by(router) == "r0"
-    assert cluster.replicas[0].connects == 2
-
-
-def test_a_replica_dying_under_a_read_raises_and_is_marked_down() -> None:
-    cluster = Cluster(50)
-    router = cluster.router()
-    with pytest.raises(psycopg.OperationalError), router.read() as conn:
-        cluster.replicas[0].up = False
-        conn.execute("SELECT who")
-    cluster.replicas[0].up = True
-    assert served_by(router) == "primary"  # still within retry_after
-    cluster.now += 5.0
-    assert served_by(router) == "r0"
-
-
-def test_malformed_token_is_refused() -> None:
-    router = Cluster(50).router()
-    with pytest.raises(ValueError), router.read("yesterday"):
+def test_a_malformed_token_is_refused() -> None:
+    cluster = Nodes(50).cluster()
+    with pytest.raises(ValueError), cluster.read("yesterday"):
         pass
 
 
-def test_write_commits_and_exposes_the_token() -> None:
-    cluster = Cluster()
-    router = cluster.router()
-    assert router.last_write_token is None
-    cluster.primary.position = 0x16B3748
-    transaction = router.write()
-    with transaction as conn:
-        conn.execute("INSERT something")
-    assert cluster.primary.commits == 1
-    assert transaction.token == "0/16B3748"
-    assert router.last_write_token == "0/16B3748"
+def test_reads_use_the_request_scopes_token_unless_given_one() -> None:
+    nodes = Nodes(40, 60)
+    cluster = nodes.cluster(causal_wait=0.0)
+    with causal_scope(format_lsn(50)):
+        assert {served_by(cluster) for _ in range(4)} == {"r1"}
+        # None asks for no consistency: any replica, the scope notwithstanding.
+        assert {served_by(cluster, None) for _ in range(4)} == {"r0", "r1"}
+        assert served_by(cluster, format_lsn(70)) == "p"
+    assert {served_by(cluster) for _ in range(4)} == {"r0", "r1"}
+
+
+def test_without_a_monitor_bounded_staleness_reads_the_primary() -> None:
+    cluster = Nodes(50).cluster()
+    assert served_by(cluster, max_staleness=10.0) == "p"
+
+
+# -- writes ---------------------------------------------------------------------------------
+
+
+def test_a_write_commits_and_records_the_token_for_the_thread_and_the_scope() -> None:
+    nodes = Nodes()
+    cluster = nodes.cluster()
+    assert cluster.last_write_token is None
+    with causal_scope("0/1") as scope:
+        transaction = cluster.write()
+        with transaction as conn:
+            conn.execute("INSERT something")
+        assert current_scope() is scope
+    assert nodes.primary.commits == 1
+    assert transaction.token == format_lsn(116) and transaction.node == "p"
+    assert cluster.last_write_token == transaction.token
+    assert (scope.received, scope.token, scope.wrote) == ("0/1", transaction.token, True)
     # The token is read after the commit, outside any transaction.
-    assert cluster.primary.statements[-1].startswith("SELECT pg_current_wal_lsn()")
+    assert "pg_current_wal_lsn" in nodes.primary.statements[-1]
 
 
-def test_last_write_token_is_per_thread() -> None:
-    cluster = Cluster()
-    router = cluster.router()
-    with router.write() as conn:
-        conn.execute("INSERT something")
+def test_the_last_write_token_is_per_thread() -> None:
+    cluster = Nodes().cluster()
+    token = write(cluster)
     seen: list[str | None] = []
-    thread = threading.Thread(target=lambda: seen.append(router.last_write_token))
+    thread = threading.Thread(target=lambda: seen.append(cluster.last_write_token))
     thread.start()
     thread.join()
     assert seen == [None]
-    assert router.last_write_token == "0/64"
+    assert cluster.last_write_token == token
 
 
-def test_write_rolls_back_on_an_exception() -> None:
-    cluster = Cluster()
-    router = cluster.router()
-    transaction = router.write()
+def test_a_write_rolls_back_on_an_exception() -> None:
+    nodes = Nodes()
+    cluster = nodes.cluster()
+    transaction = cluster.write()
     with pytest.raises(KeyError), transaction as conn:
         conn.execute("INSERT something")
         raise KeyError("app error")
-    assert (cluster.primary.commits, cluster.primary.rollbacks) == (0, 1)
-    assert transaction.token is None
-    assert router.last_write_token is None
+    assert (nodes.primary.commits, nodes.primary.rollbacks) == (0, 1)
+    assert transaction.token is None and cluster.last_write_token is None
 
 
 def test_a_swallowed_statement_error_does_not_commit_silently() -> None:
-    cluster = Cluster()
-    router = cluster.router()
+    nodes = Nodes()
+    cluster = nodes.cluster()
     with (
         pytest.raises(DatabaseError, match="rolled back"),
-        router.write() as conn,
+        cluster.write() as conn,
         contextlib.suppress(psycopg.errors.UniqueViolation),
     ):
         conn.execute("FAIL")
-    assert (cluster.primary.commits, cluster.primary.rollbacks) == (0, 1)
+    assert (nodes.primary.commits, nodes.primary.rollbacks) == (0, 1)
 
 
-def test_statement_errors_in_the_block_propagate_unchanged() -> None:
-    router = Cluster().router()
-    with pytest.raises(psycopg.errors.UniqueViolation), router.write() as conn:
+def test_the_callers_own_errors_propagate_unchanged() -> None:
+    cluster = Nodes(50).cluster()
+    with pytest.raises(psycopg.errors.UniqueViolation), cluster.write() as conn:
+        conn.execute("FAIL")
+    with pytest.raises(psycopg.errors.UniqueViolation), cluster.read() as conn:
         conn.execute("FAIL")
 
 
-def test_an_unreachable_primary_raises_database_error() -> None:
-    cluster = Cluster()
-    cluster.primary.up = False
-    router = cluster.router()
-    with pytest.raises(DatabaseError, match="cannot connect to primary"), router.write():
+def test_an_unreachable_primary_raises_node_unavailable() -> None:
+    nodes = Nodes()
+    nodes.primary.up = False
+    cluster = nodes.cluster()
+    with pytest.raises(NodeUnavailable, match="p: node is gone: cannot connect") as caught, \
+            cluster.write():
         pass
-    with pytest.raises(DatabaseError, match="cannot connect to primary"), router.read():
+    assert caught.value.failure is Failure.NODE_GONE
+    with pytest.raises(NodeUnavailable, match="cannot connect"), cluster.read():
         pass
 
 
-def test_a_broken_primary_connection_is_reopened_on_next_use() -> None:
-    cluster = Cluster()
-    router = cluster.router()
-    with router.write() as conn:
-        conn.execute("INSERT 1")
-    cluster.primary.up = False
-    with pytest.raises(psycopg.OperationalError), router.write() as conn:
+def test_a_primary_that_dies_under_a_write_is_not_retried() -> None:
+    nodes = Nodes()
+    cluster = nodes.cluster()
+    write(cluster)
+    nodes.primary.up = False
+    with pytest.raises(NodeUnavailable, match="not committed") as caught, \
+            cluster.write() as conn:
         conn.execute("INSERT 2")
-    cluster.primary.up = True
-    with router.write() as conn:
-        conn.execute("INSERT 3")
-    assert cluster.primary.connects == 2
-    assert cluster.primary.commits == 2
+    assert caught.value.failure is Failure.NODE_GONE
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+    nodes.primary.up = True
+    write(cluster, "INSERT 3")
+    assert nodes.primary.connects == 2  # the broken connection was dropped
+    assert nodes.primary.writes == ["INSERT 1", "INSERT 3"]
 
 
-def test_failed_commit_raises_database_error() -> None:
-    cluster = Cluster()
-    router = cluster.router()
-    with pytest.raises(DatabaseError, match="commit"), router.write() as conn:
+def test_a_commit_that_loses_the_node_says_the_outcome_is_unknown() -> None:
+    nodes = Nodes()
+    cluster = nodes.cluster()
+    nodes.primary.die_on_commit = True
+    with pytest.raises(NodeUnavailable, match="commit outcome unknown"), \
+            cluster.write() as conn:
         conn.execute("INSERT 1")
-        cluster.primary.up = False
+    assert nodes.primary.writes == ["INSERT 1"]
+
+
+# -- failure handling on reads ---------------------------------------------------------------
+
+
+def test_a_dead_replica_is_skipped_and_tried_again_later() -> None:
+    nodes = Nodes(50, 50)
+    nodes.replicas[0].up = False
+    cluster = nodes.cluster()
+    assert [served_by(cluster) for _ in range(4)] == ["r1"] * 4
+    assert nodes.replicas[0].connects == 1  # marked down after one failed connect
+    nodes.replicas[0].up = True
+    nodes.now += 5.0
+    assert {served_by(cluster) for _ in range(4)} == {"r0", "r1"}
+
+
+def test_all_replicas_dead_falls_back_to_the_primary() -> None:
+    nodes = Nodes(50, 50)
+    for replica in nodes.replicas:
+        replica.up = False
+    cluster = nodes.cluster()
+    assert served_by(cluster) == "p"
+    assert served_by(cluster, format_lsn(10)) == "p"
+
+
+def test_a_stale_idle_connection_is_replaced_before_use() -> None:
+    nodes = Nodes(50)
+    cluster = nodes.cluster()
+    assert served_by(cluster) == "r0"
+    nodes.conns[-1].stale = True  # the server ended the session while it sat idle
+    assert served_by(cluster) == "r0"
+    assert nodes.replicas[0].connects == 2
+
+
+def test_a_replica_dying_under_a_read_raises_node_unavailable_and_is_marked_down() -> None:
+    nodes = Nodes(50)
+    cluster = nodes.cluster()
+    with pytest.raises(NodeUnavailable, match="r0: node is gone") as caught, \
+            cluster.read() as conn:
+        nodes.replicas[0].up = False
+        conn.execute("SELECT who")
+    assert caught.value.failure is Failure.NODE_GONE
+    nodes.replicas[0].up = True
+    assert served_by(cluster) == "p"  # still within retry_after
+    nodes.now += 5.0
+    assert served_by(cluster) == "r0"
+
+
+def test_a_replica_that_dies_while_idle_is_skipped_by_a_causal_read() -> None:
+    nodes = Nodes(50)
+    cluster = nodes.cluster()
+    assert served_by(cluster) == "r0"
+    nodes.replicas[0].up = False  # the position check finds out; nothing of the read is sent
+    assert served_by(cluster, "0/1") == "p"
+
+
+def test_query_retries_once_on_another_node_when_its_node_is_gone() -> None:
+    nodes = Nodes(50, 50)
+    cluster = nodes.cluster()
+    assert [served_by(cluster, None) for _ in range(2)] == ["r0", "r1"]  # both connected
+    cluster.reset_served()
+    nodes.replicas[0].up = False  # its open connection breaks under the statement
+    assert cluster.query("SELECT who", token=None) == [("r1",)]
+    assert nodes.replicas[0].statements.count("SELECT who") == 1
+    assert cluster.served() == {("r0", Intent.READ): 1, ("r1", Intent.READ): 1}
+
+
+def test_query_gives_up_after_one_retry() -> None:
+    nodes = Nodes(50)
+    cluster = nodes.cluster()
+    assert served_by(cluster) == "r0"
+    with cluster.write() as conn:  # open a primary connection too
+        conn.execute("INSERT 1")
+    nodes.replicas[0].up = False
+    nodes.primary.up = False
+    with pytest.raises(NodeUnavailable):
+        cluster.query("SELECT who")
+
+
+def test_query_does_not_retry_the_callers_own_errors() -> None:
+    nodes = Nodes(50)
+    cluster = nodes.cluster()
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        cluster.query("FAIL")
+    assert sum(1 for s in nodes.replicas[0].statements if s == "FAIL") == 1
+
+
+# -- with a health monitor ---------------------------------------------------------------------
+
+
+def test_the_monitor_starts_on_first_use_once_per_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    nodes = Nodes(50)
+    health = nodes.health()
+    cluster = nodes.cluster(health)
+    assert health.starts == 0  # building the cluster starts nothing
+    served_by(cluster)
+    write(cluster)
+    assert health.starts == 1
+    child = os.getpid() + 1
+    monkeypatch.setattr(os, "getpid", lambda: child)  # as in a forked gunicorn worker
+    served_by(cluster)
+    assert health.starts == 2
+
+
+def test_reads_use_the_monitors_read_pool() -> None:
+    nodes = Nodes(50, 50)
+    health = nodes.health()
+    cluster = nodes.cluster(health)
+    assert served_by(cluster) == "p"  # an empty pool: nothing healthy yet
+    health.put("r1")
+    assert {served_by(cluster) for _ in range(4)} == {"r1"}
+    health.put("r0")
+    assert {served_by(cluster) for _ in range(4)} == {"r0", "r1"}
+    assert cluster.read_pool() == ("r0", "r1")
+    del health.pool["r1"]  # lagging or dead: out of the pool
+    assert {served_by(cluster) for _ in range(4)} == {"r0"}
+
+
+def test_a_replica_the_monitor_saw_past_the_token_is_used_without_asking() -> None:
+    nodes = Nodes(60, 60)
+    health = nodes.health()
+    health.put("r0", position=40)
+    health.put("r1", position=60)
+    cluster = nodes.cluster(health)
+    assert {served_by(cluster, format_lsn(50)) for _ in range(3)} == {"r1"}
+    assert nodes.replicas[1].position_checks == 0
+    # Behind the token as last seen: asked, and used once it shows the position.
+    health.put("r1", position=40)
+    assert served_by(cluster, format_lsn(50)) in ("r0", "r1")
+    assert nodes.replicas[0].position_checks + nodes.replicas[1].position_checks >= 1
+
+
+def test_bounded_staleness_counts_the_lag_and_the_age_of_its_measurement() -> None:
+    nodes = Nodes(50, 50)
+    health = nodes.health()
+    health.put("r0", lag=2.0)
+    health.put("r1", lag=0.1, observed_at=nodes.now - 0.2)
+    cluster = nodes.cluster(health)
+    assert {served_by(cluster, max_staleness=1.0) for _ in range(4)} == {"r1"}
+    assert {served_by(cluster, max_staleness=5.0) for _ in range(4)} == {"r0", "r1"}
+    assert served_by(cluster, max_staleness=0.25) == "p"
+    health.put("r1", lag=None)  # never measured
+    assert served_by(cluster, max_staleness=1.0) == "p"
+
+
+def test_writes_follow_the_monitors_primary_without_a_restart() -> None:
+    nodes = Nodes(50)
+    health = nodes.health()
+    cluster = nodes.cluster(health)
+    write(cluster, "INSERT 1")
+    # Failover: r0 is promoted, p is fenced (stopped).
+    nodes.primary.up = False
+    replica = nodes.replicas[0]
+    replica.in_recovery = False
+    health.primary = "r0"
+    token = write(cluster, "INSERT 2")
+    assert token is not None and cluster.last_node == "r0"
+    assert nodes.primary.writes == ["INSERT 1"]
+    assert replica.writes == ["INSERT 2"]
+    assert cluster.served()[("r0", Intent.WRITE)] == 1
+    assert cluster.primary() == "r0"
+    with cluster.read_primary() as conn:
+        assert conn.execute("SELECT who").fetchone() == ("r0",)
+
+
+def test_with_no_primary_known_writes_fail_at_once() -> None:
+    nodes = Nodes(50)
+    health = nodes.health(primary=None)
+    cluster = nodes.cluster(health)
+    with pytest.raises(NodeUnavailable, match="no node is known to be the primary"), \
+            cluster.write():
+        pass
+    assert nodes.primary.connects == 0
+    health.put("r0")
+    assert served_by(cluster) == "r0"  # reads from replicas go on
+
+
+def test_a_primary_that_refuses_to_connect_is_retried_once_if_the_monitor_moved_on() -> None:
+    nodes = Nodes(50)
+    health = nodes.health()
+    nodes.primary.up = False
+    nodes.replicas[0].in_recovery = False
+    real_connect = nodes.connect
+
+    def connect(dsn: str, timeout: float) -> FakeConn:
+        try:
+            return real_connect(dsn, timeout)
+        finally:
+            # The monitor's thread publishes the new primary while this write connects.
+            health.primary = "r0"
+
+    nodes.connect = connect  # type: ignore[method-assign]
+    cluster = nodes.cluster(health)
+    write(cluster, "INSERT 1")
+    assert nodes.replicas[0].writes == ["INSERT 1"]
+
+
+def test_a_write_on_a_demoted_node_asks_for_a_new_round_and_is_not_replayed() -> None:
+    nodes = Nodes(50)
+    health = nodes.health()
+    cluster = nodes.cluster(health)
+    write(cluster, "INSERT 1")
+    # Switchover: p is a replica now, r0 the primary; this router has not heard yet.
+    nodes.primary.in_recovery = True
+    nodes.replicas[0].in_recovery = False
+    health.on_check = lambda: setattr(health, "primary", "r0")
+    with pytest.raises(NodeUnavailable, match="p: node is not the primary") as caught, \
+            cluster.write() as conn:
+        conn.execute("INSERT 2")
+    assert caught.value.failure is Failure.NOT_PRIMARY
+    assert health.checks == 1
+    assert nodes.primary.statements.count("INSERT 2") == 1
+    assert nodes.replicas[0].writes == []  # never replayed elsewhere
+    write(cluster, "INSERT 3")
+    assert nodes.replicas[0].writes == ["INSERT 3"]
+
+
+def test_a_write_block_that_only_reads_on_a_demoted_node_gets_no_token() -> None:
+    nodes = Nodes(50)
+    health = nodes.health()
+    cluster = nodes.cluster(health)
+    nodes.primary.in_recovery = True
+    with pytest.raises(NodeUnavailable, match="in recovery"), cluster.write() as conn:
+        conn.execute("SELECT who")
+    assert health.checks == 1
+    assert cluster.last_write_token is None
+
+
+def test_a_down_mark_ends_when_the_monitor_sees_the_node_answer_again() -> None:
+    nodes = Nodes(50)
+    health = nodes.health()
+    health.put("r0")
+    cluster = nodes.cluster(health)
+    assert served_by(cluster) == "r0"
+    nodes.replicas[0].up = False
+    with pytest.raises(NodeUnavailable), cluster.read() as conn:
+        conn.execute("SELECT who")
+    nodes.replicas[0].up = True
+    nodes.now += 0.5
+    assert served_by(cluster) == "p"  # the monitor's last look predates the failure
+    health.put("r0")  # a newer good check
+    assert served_by(cluster) == "r0"
+
+
+# -- accounting, pinning, threads and processes ------------------------------------------------
+
+
+def test_served_counts_per_node_and_intent() -> None:
+    nodes = Nodes(50)
+    cluster = nodes.cluster()
+    served_by(cluster)
+    served_by(cluster, "FF/0")
+    write(cluster)
+    with cluster.read_primary():
+        pass
+    assert cluster.served() == {
+        ("r0", Intent.READ): 1, ("p", Intent.READ): 1,
+        ("p", Intent.WRITE): 1, ("p", Intent.READ_PRIMARY): 1,
+    }
+    assert str(Intent.READ) == "read"  # benchmarks may count by plain names
+    assert cluster.last_node == "p"
+    cluster.reset_served()
+    assert cluster.served() == {}
+
+
+def test_pinned_reads_go_to_the_primary_for_the_window_after_a_write() -> None:
+    nodes = Nodes(50)
+    cluster = nodes.cluster()
+    pinned = PinnedReads(cluster, window=2.0, clock=lambda: nodes.now)
+    with pinned.read() as conn:
+        assert conn.execute("SELECT who").fetchone() == ("r0",)
+    write(pinned)
+    assert pinned.pinned
+    for _ in range(3):
+        with pinned.read() as conn:
+            assert conn.execute("SELECT who").fetchone() == ("p",)
+    nodes.now += 2.0
+    assert not pinned.pinned
+    with pinned.read() as conn:
+        assert conn.execute("SELECT who").fetchone() == ("r0",)
+    assert cluster.served()[("p", Intent.READ_PRIMARY)] == 3
+    assert cluster.served()[("r0", Intent.READ)] == 2
+    seen: list[bool] = []
+    thread = threading.Thread(target=lambda: seen.append(pinned.pinned))
+    nodes.now -= 1.0
+    thread.start()
+    thread.join()
+    assert seen == [False] and pinned.pinned  # the pin is this thread's
 
 
 def test_connections_are_per_thread() -> None:
-    cluster = Cluster(50)
-    router = cluster.router()
-    served_by(router)
-    thread = threading.Thread(target=lambda: served_by(router))
+    nodes = Nodes(50)
+    cluster = nodes.cluster()
+    served_by(cluster)
+    thread = threading.Thread(target=lambda: served_by(cluster))
     thread.start()
     thread.join()
-    assert cluster.replicas[0].connects == 2
+    assert nodes.replicas[0].connects == 2
 
 
 def test_nothing_connects_before_first_use() -> None:
-    cluster = Cluster(50)
-    cluster.router()
-    assert cluster.primary.connects == 0
-    assert cluster.replicas[0].connects == 0
+    nodes = Nodes(50)
+    nodes.cluster(nodes.health())
+    assert nodes.primary.connects == 0
+    assert nodes.replicas[0].connects == 0
 
 
 def test_close_closes_this_threads_connections() -> None:
-    cluster = Cluster(50)
-    router = cluster.router()
-    served_by(router)
-    router.close()
-    served_by(router)
-    assert cluster.replicas[0].connects == 2
+    nodes = Nodes(50)
+    cluster = nodes.cluster()
+    served_by(cluster)
+    cluster.close()
+    served_by(cluster)
+    assert nodes.replicas[0].connects == 2
 
 
 def test_a_forked_child_neither_uses_nor_closes_the_parents_connections(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cluster = Cluster(50)
-    router = cluster.router()
-    with router.read() as parent_conn:
+    nodes = Nodes(50)
+    cluster = nodes.cluster()
+    with cluster.read() as parent_conn:
         pass
+    write(cluster)
     child_pid = os.getpid() + 1
     monkeypatch.setattr(os, "getpid", lambda: child_pid)
-    with router.read() as child_conn:
+    assert cluster.last_write_token is None
+    with cluster.read() as child_conn:
         pass
     assert child_conn is not parent_conn
     assert not parent_conn.closed  # closing it would end the parent's session
-    assert cluster.replicas[0].connects == 2
+    assert nodes.replicas[0].connects == 2

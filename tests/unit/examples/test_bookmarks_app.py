@@ -11,7 +11,10 @@ from bookmarks.memory import MemoryStore
 from bookmarks.store import EntryPage, FrontPage, Saved
 from flask.testing import FlaskClient
 
+from tiers.app.causal import sign, verify
 from tiers.errors import DatabaseError
+
+KEY = "bookmarks test key, long enough.."
 
 
 @pytest.fixture
@@ -21,7 +24,7 @@ def store() -> MemoryStore:
 
 @pytest.fixture
 def client(store: MemoryStore) -> Iterator[FlaskClient]:
-    app = create_app(store)
+    app = create_app(store, secret_key=KEY)
     app.testing = True
     with app.test_client() as client:
         yield client
@@ -50,7 +53,7 @@ def test_post_redirects_to_the_entry_and_sets_the_token(
     assert (status, location) == (303, "/entry/1")
     cookie = client.get_cookie(TOKEN_COOKIE)
     assert cookie is not None
-    assert cookie.value == "0/1"
+    assert verify(cookie.value, KEY) == "0/1"  # signed
     assert cookie.http_only
     assert cookie.same_site == "Lax"
 
@@ -71,9 +74,9 @@ def test_the_redirect_shows_the_new_bookmark_although_the_replica_lags(
 def test_without_the_token_a_lagging_replica_is_read(store: MemoryStore) -> None:
     # The same store seen by another visitor, who has no token: the replica
     # has not replayed the write yet, so the entry is not there for them.
-    writer = create_app(store).test_client()
+    writer = create_app(store, secret_key=KEY).test_client()
     _, location = post(writer)
-    stranger = create_app(store).test_client()
+    stranger = create_app(store, secret_key=KEY).test_client()
     assert stranger.get(location).status_code == 404
     store.catch_up()
     assert stranger.get(location).status_code == 200
@@ -86,7 +89,7 @@ def test_saving_again_replaces_the_comment(client: FlaskClient, store: MemorySto
     text = client.get(location).get_data(as_text=True)
     assert "new words" in text and "old words" not in text
     assert "1 user" in text
-    assert client.get_cookie(TOKEN_COOKIE).value == "0/2"  # type: ignore[union-attr]
+    assert verify(client.get_cookie(TOKEN_COOKIE).value, KEY) == "0/2"  # type: ignore[union-attr]
 
 
 def test_other_users_add_to_the_entry(client: FlaskClient, store: MemoryStore) -> None:
@@ -166,22 +169,43 @@ def test_get_on_the_form_target_is_405(client: FlaskClient) -> None:
     assert client.get("/bookmarks").status_code == 405
 
 
-def test_malformed_token_cookie_is_ignored(client: FlaskClient, store: MemoryStore) -> None:
+def test_malformed_or_unsigned_token_cookie_is_ignored(
+        client: FlaskClient, store: MemoryStore) -> None:
     client.set_cookie(TOKEN_COOKIE, "'; DROP TABLE entries; --")
     assert client.get("/").status_code == 200
-    client.set_cookie(TOKEN_COOKIE, "0/2A")
+    client.set_cookie(TOKEN_COOKIE, "0/2A")  # well-formed but unsigned: not trusted
     assert client.get("/").status_code == 200
-    assert store.read_tokens == [None, "0/2A"]
+    client.set_cookie(TOKEN_COOKIE, sign("0/2A", "some other key, long enough....."))
+    assert client.get("/").status_code == 200
+    client.set_cookie(TOKEN_COOKIE, sign("0/2A", KEY))
+    assert client.get("/").status_code == 200
+    assert store.read_tokens == [None, None, None, "0/2A"]
+
+
+def test_the_cookie_from_one_app_server_works_on_another(store: MemoryStore) -> None:
+    # Two app servers over one database, as behind the proxy: the redirect
+    # after the POST reaches the other one.
+    first = create_app(store, secret_key=KEY).test_client()
+    _, location = post(first, comment="seen anywhere")
+    cookie = first.get_cookie(TOKEN_COOKIE)
+    assert cookie is not None
+    second = create_app(store, secret_key=KEY).test_client()
+    second.set_cookie(TOKEN_COOKIE, cookie.value)
+    assert "seen anywhere" in second.get(location).get_data(as_text=True)
+    # A server with another key does not trust the cookie: the replica lags.
+    other = create_app(store, secret_key="another key, long enough........").test_client()
+    other.set_cookie(TOKEN_COOKIE, cookie.value)
+    assert other.get(location).status_code == 404
 
 
 class DownStore:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def front_page(self, token: str | None) -> FrontPage:
+    def front_page(self) -> FrontPage:
         raise self.error
 
-    def entry_page(self, entry_id: int, token: str | None) -> EntryPage | None:
+    def entry_page(self, entry_id: int) -> EntryPage | None:
         raise self.error
 
     def save_bookmark(self, bookmark: NewBookmark) -> Saved:
@@ -192,7 +216,7 @@ class DownStore:
     "error", [DatabaseError("cannot connect to primary"), psycopg.OperationalError("gone")]
 )
 def test_database_outage_is_503(error: Exception) -> None:
-    client = create_app(DownStore(error)).test_client()
+    client = create_app(DownStore(error), secret_key=KEY).test_client()
     for response in (
         client.get("/"),
         client.get("/entry/1"),

@@ -14,7 +14,8 @@ from bookmarks.forms import NewBookmark
 from bookmarks.store import MAX_ENTRY_ID, ProcessLocalStore, SqlStore
 
 from tiers.db.migrate import apply_migrations
-from tiers.db.router import Router
+from tiers.db.router import Cluster
+from tiers.db.tokens import causal_scope
 
 NOW = datetime(2025, 1, 2, 3, 4, tzinfo=UTC)
 
@@ -44,7 +45,7 @@ class FakeWrite:
         self.token: str | None = None
 
     def __enter__(self) -> FakeConn:
-        self.router.calls.append(("write", None))
+        self.router.calls.append("write")
         return self.router.conn
 
     def __exit__(
@@ -60,11 +61,11 @@ class FakeWrite:
 class FakeRouter:
     def __init__(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
         self.conn = FakeConn(rows)
-        self.calls: list[tuple[str, str | None]] = []
+        self.calls: list[str] = []
 
     @contextmanager
-    def read(self, token: str | None = None) -> Iterator[FakeConn]:
-        self.calls.append(("read", token))
+    def read(self) -> Iterator[FakeConn]:
+        self.calls.append("read")
         yield self.conn
 
     def write(self) -> FakeWrite:
@@ -74,10 +75,10 @@ class FakeRouter:
 ENTRY_ROW = (7, "https://example.com/", "Example", NOW, 3)
 
 
-def test_front_page_reads_with_the_token() -> None:
+def test_front_page_is_one_read() -> None:
     router = FakeRouter({"ORDER BY e.created_at": [ENTRY_ROW], "h.recent DESC": [ENTRY_ROW]})
-    page = SqlStore(router).front_page("0/10")  # type: ignore[arg-type]
-    assert router.calls == [("read", "0/10")]
+    page = SqlStore(router).front_page()  # type: ignore[arg-type]
+    assert router.calls == ["read"]
     assert page.recent[0].id == 7 and page.hot[0].users == 3
 
 
@@ -85,22 +86,22 @@ def test_entry_page_reads_entry_and_bookmarks_in_one_read() -> None:
     router = FakeRouter(
         {"WHERE e.id": [ENTRY_ROW], "FROM bookmarks\nWHERE entry_id": [("bob", "hm", NOW)]}
     )
-    page = SqlStore(router).entry_page(7, None)  # type: ignore[arg-type]
+    page = SqlStore(router).entry_page(7)  # type: ignore[arg-type]
     assert page is not None
-    assert router.calls == [("read", None)]
+    assert router.calls == ["read"]
     assert page.entry.title == "Example"
     assert [(b.user, b.comment) for b in page.bookmarks] == [("bob", "hm")]
 
 
 def test_missing_entry_is_none() -> None:
     router = FakeRouter({})
-    assert SqlStore(router).entry_page(7, "0/1") is None  # type: ignore[arg-type]
+    assert SqlStore(router).entry_page(7) is None  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("entry_id", [0, -1, MAX_ENTRY_ID + 1])
 def test_out_of_range_ids_are_not_queried(entry_id: int) -> None:
     router = FakeRouter({})
-    assert SqlStore(router).entry_page(entry_id, None) is None  # type: ignore[arg-type]
+    assert SqlStore(router).entry_page(entry_id) is None  # type: ignore[arg-type]
     assert router.calls == []
 
 
@@ -110,7 +111,7 @@ def test_save_writes_on_the_primary_and_returns_the_commit_token() -> None:
         NewBookmark("https://example.com/", "Example", "alice", "hi")
     )
     assert (saved.entry_id, saved.token) == (7, "0/BEEF")
-    assert router.calls == [("write", None)]
+    assert router.calls == ["write"]
     inserts = [params for query, params in router.conn.statements]
     assert inserts == [("https://example.com/", "Example"), (7, "alice", "hi")]
 
@@ -145,25 +146,28 @@ def test_the_default_app_connects_lazily(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_real_store_round_trip(database: str) -> None:
     assert apply_migrations(database, Path(bookmarks.MIGRATIONS)) == ["001_init.sql"]
     # The same server as "replica": reads check its position like a replica's.
-    router = Router(database, [database])
-    store = SqlStore(router)
-    first = store.save_bookmark(
-        NewBookmark("https://example.com/a", "https://example.com/a", "alice", "one")
-    )
-    again = store.save_bookmark(NewBookmark("https://example.com/a", "Real title", "alice", "two"))
-    other = store.save_bookmark(NewBookmark("https://example.com/a", "Other", "bob", ""))
-    assert first.entry_id == again.entry_id == other.entry_id
-    assert first.token is not None and other.token is not None
-    page = store.entry_page(first.entry_id, other.token)
-    assert page is not None
-    assert page.entry.title == "Real title"  # a placeholder title gives way once
-    assert page.entry.users == 2
-    assert {(b.user, b.comment) for b in page.bookmarks} == {("alice", "two"), ("bob", "")}
-    front = store.front_page(other.token)
-    assert [e.id for e in front.recent] == [first.entry_id]
-    assert [e.users for e in front.hot] == [2]
-    assert store.entry_page(first.entry_id + 1000, None) is None
-    router.close()
+    cluster = Cluster.from_dsns(database, [database])
+    store = SqlStore(cluster)
+    with causal_scope() as scope:  # as the middleware opens one per request
+        first = store.save_bookmark(
+            NewBookmark("https://example.com/a", "https://example.com/a", "alice", "one")
+        )
+        again = store.save_bookmark(
+            NewBookmark("https://example.com/a", "Real title", "alice", "two"))
+        other = store.save_bookmark(NewBookmark("https://example.com/a", "Other", "bob", ""))
+        assert first.entry_id == again.entry_id == other.entry_id
+        assert first.token is not None and other.token is not None
+        assert scope.token == other.token
+        page = store.entry_page(first.entry_id)
+        assert page is not None
+        assert page.entry.title == "Real title"  # a placeholder title gives way once
+        assert page.entry.users == 2
+        assert {(b.user, b.comment) for b in page.bookmarks} == {("alice", "two"), ("bob", "")}
+        front = store.front_page()
+        assert [e.id for e in front.recent] == [first.entry_id]
+        assert [e.users for e in front.hot] == [2]
+        assert store.entry_page(first.entry_id + 1000) is None
+    cluster.close()
 
 
 @pytest.fixture
