@@ -6,9 +6,15 @@ and what they said. Reads go to a replica, writes to the primary, and a
 causal token in a signed cookie (``tiers.app.causal``, keyed by
 ``TIERS_SECRET_KEY``) makes every page show the reader's own last write.
 
+People may also star entries; stars are sharded by user name, and with a
+topology of several clusters each user's stars live on the cluster of the
+user's virtual shard (see ``bookmarks.store`` for what lives where).
+
 Import ``bookmarks.app:app`` with ``examples/`` on ``sys.path``; the database
-comes from ``TIERS_DB_PRIMARY`` and ``TIERS_DB_REPLICAS`` and the schema from
-``migrations/`` (apply with ``python -m tiers.db.migrate``).
+comes from ``TIERS_DB_PRIMARY`` and ``TIERS_DB_REPLICAS`` (and, with more
+clusters, ``TIERS_DB_CLUSTERS``, ``TIERS_DB_TABLES``, ``TIERS_DB_SHARDS``) and
+the schema from ``migrations/``, applied to every cluster (apply with
+``python -m tiers.db.migrate``).
 """
 
 from pathlib import Path

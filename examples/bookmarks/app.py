@@ -3,6 +3,14 @@
     GET  /             recent entries and hot entries (most bookmarked in the last day)
     GET  /entry/<id>   one entry with its bookmarks and comments; 404 if there is none
     POST /bookmarks    url, title, user, comment -> 303 to the entry; 400 if invalid
+    POST /stars        user, entry_id -> 303 to the user's stars; 404 if no such entry
+    GET  /users/<name>/stars
+                       the user's stars, newest first, from the cluster of the user's
+                       shard; JSON when the client asks for application/json
+    POST /users/<name>/stars/copy
+                       to -> 303 to the other user's stars, which now include these;
+                       409 with the reason if the two users' stars live on different
+                       clusters (one transaction cannot span them), nothing written
 
 Read-your-writes: the app runs inside ``tiers.app.causal.CausalMiddleware``.
 The POST's response carries the causal token of its commit in the signed
@@ -13,25 +21,39 @@ it lands. Give every app server the same ``TIERS_SECRET_KEY`` to sign it (see
 ``tiers.app.causal`` for what happens without one).
 
 ``app`` is built with a store that connects on first use in each process
-(``TIERS_DB_PRIMARY``, ``TIERS_DB_REPLICAS``, see
-``tiers.db.router.Cluster.from_env``); tests call ``create_app`` with a
-``bookmarks.memory.MemoryStore``.
+(``TIERS_DB_PRIMARY``, ``TIERS_DB_REPLICAS``, and with more clusters
+``TIERS_DB_CLUSTERS``, ``TIERS_DB_TABLES`` and ``TIERS_DB_SHARDS``: see
+``tiers.db.clusters.Databases.from_env`` and, for what lives where,
+``bookmarks.store``). A table map that splits the page tables stops the
+import with CrossShardError, so an app server never starts with pages that
+cannot work. Tests call ``create_app`` with a ``bookmarks.memory.MemoryStore``.
 """
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import psycopg
-from flask import Flask, redirect, render_template, request, url_for
+from flask import Flask, jsonify, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
-from bookmarks.forms import COMMENT_MAX, TITLE_MAX, URL_MAX, ValidationError, validate_bookmark
-from bookmarks.store import ProcessLocalStore, SqlStore, Store
+from bookmarks.forms import (
+    COMMENT_MAX,
+    TITLE_MAX,
+    URL_MAX,
+    USER_RE,
+    ValidationError,
+    validate_bookmark,
+    validate_star,
+    validate_user,
+)
+from bookmarks.store import ProcessLocalStore, SqlStore, StarsPage, Store
 from tiers.app.causal import COOKIE_NAME, CausalMiddleware
-from tiers.db.router import Cluster
+from tiers.db.clusters import CLUSTERS_ENV, SHARDS_ENV, TABLES_ENV, Databases
+from tiers.db.sharding import CrossShardError
 from tiers.errors import DatabaseError
 
 TOKEN_COOKIE = COOKIE_NAME
@@ -40,7 +62,27 @@ MAX_FORM_BYTES = 16 * 1024
 
 
 def _default_store() -> Store:
-    return ProcessLocalStore(lambda: SqlStore(Cluster.from_env()))
+    if any(key in os.environ for key in (CLUSTERS_ENV, TABLES_ENV, SHARDS_ENV)):
+        # Checked now, in the importing process: building the maps connects to
+        # nothing, and a map the pages cannot work with stops the app server.
+        SqlStore.from_databases(Databases.from_env(monitor=False))
+    return ProcessLocalStore(lambda: SqlStore.from_databases(Databases.from_env()))
+
+
+def _wants_json() -> bool:
+    """True if the client prefers JSON to HTML (``Accept: application/json``)."""
+    accept = request.accept_mimetypes
+    return accept["application/json"] > accept["text/html"]
+
+
+def _stars_json(page: StarsPage) -> dict[str, object]:
+    return {
+        "user": page.user,
+        "shard": page.shard,
+        "stars": [{"id": star.id, "entry_id": star.entry_id, "url": star.url,
+                   "title": star.title, "created_at": star.created_at.isoformat()}
+                  for star in page.stars],
+    }
 
 
 def _when(value: datetime) -> str:
@@ -82,6 +124,41 @@ def create_app(store: Store | None = None, *, secret_key: str | None = None) -> 
         saved = data.save_bookmark(bookmark)
         # The middleware adds the commit's token to this response as a cookie.
         return redirect(url_for("entry", entry_id=saved.entry_id), code=303)
+
+    @app.post("/stars")
+    def add_star() -> Response | tuple[str, int]:
+        user, entry_id = validate_star(request.form)
+        starred = data.star(user, entry_id)
+        if starred is None:
+            return render_template("error.html", status=404, message="No such entry."), 404
+        return redirect(url_for("user_stars", user=user), code=303)
+
+    @app.get("/users/<user>/stars")
+    def user_stars(user: str) -> Response | str | tuple[str, int]:
+        if not USER_RE.match(user):
+            return render_template("error.html", status=404, message="No such user."), 404
+        page = data.stars_page(user)
+        if _wants_json():
+            return jsonify(_stars_json(page))
+        return render_template("stars.html", page=page)
+
+    @app.post("/users/<user>/stars/copy")
+    def copy_stars(user: str) -> Response | tuple[str, int]:
+        if not USER_RE.match(user):
+            return render_template("error.html", status=404, message="No such user."), 404
+        target = validate_user(request.form.get("to", ""), "name of the user to copy to")
+        if target == user:
+            raise ValidationError("Choose another user to copy the stars to.")
+        data.copy_stars(user, target)
+        return redirect(url_for("user_stars", user=target), code=303)
+
+    @app.errorhandler(CrossShardError)
+    def cross_shard(exc: CrossShardError) -> tuple[str, int] | tuple[Response, int]:
+        # Flask picks the handler of the most specific class, so this one wins
+        # over DatabaseError's: the request is impossible, not the database down.
+        if _wants_json():
+            return jsonify({"error": str(exc), "clusters": list(exc.clusters)}), 409
+        return render_template("error.html", status=409, message=str(exc)), 409
 
     @app.errorhandler(ValidationError)
     def invalid(exc: ValidationError) -> tuple[str, int]:

@@ -95,11 +95,7 @@ def validate_bookmark(form: Mapping[str, str]) -> NewBookmark:
     a text to click.
     """
     url = normalize_url(form.get("url", ""))
-    user = form.get("user", "").strip()
-    if not USER_RE.match(user):
-        raise ValidationError(
-            "The user name must be 2 to 32 letters, digits, '-' or '_', starting with a letter."
-        )
+    user = validate_user(form.get("user", ""))
     title = _one_line(form.get("title", ""))
     if len(title) > TITLE_MAX:
         raise ValidationError(f"The title is too long (at most {TITLE_MAX} characters).")
@@ -107,3 +103,23 @@ def validate_bookmark(form: Mapping[str, str]) -> NewBookmark:
     if len(comment) > COMMENT_MAX:
         raise ValidationError(f"The comment is too long (at most {COMMENT_MAX} characters).")
     return NewBookmark(url=url, title=title or url[:TITLE_MAX], user=user, comment=comment)
+
+
+USER_MESSAGE = "The user name must be 2 to 32 letters, digits, '-' or '_', starting with a letter."
+
+
+def validate_user(text: str, what: str = "user name") -> str:
+    """A user name as stored (surrounding space removed); ValidationError if it is not one."""
+    user = text.strip()
+    if not USER_RE.match(user):
+        raise ValidationError(USER_MESSAGE.replace("user name", what, 1))
+    return user
+
+
+def validate_star(form: Mapping[str, str]) -> tuple[str, int]:
+    """The fields ``user`` and ``entry_id`` of the star form; ValidationError if either is bad."""
+    user = validate_user(form.get("user", ""))
+    text = form.get("entry_id", "").strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) == 0:
+        raise ValidationError("Choose an entry to star.")
+    return user, int(text)

@@ -7,6 +7,12 @@ reached sees the primary (everything); any other read sees only what the
 replica has replayed (``replica_position``, which tests advance with
 ``catch_up``). A page that loses the reader's token therefore shows stale
 data here, as it would with a real lagging replica.
+
+Stars are placed by a :class:`tiers.db.sharding.ShardMap` (by default every
+virtual shard on ``main``), with ids from a :class:`tiers.db.ids.IdGenerator`
+carrying the user's shard; copying stars between users on different
+clusters raises CrossShardError as the SQL store does. ``stars_by_cluster``
+shows where each star went.
 """
 
 from __future__ import annotations
@@ -21,12 +27,19 @@ from bookmarks.store import (
     BOOKMARKS_LIMIT,
     HOT_LIMIT,
     RECENT_LIMIT,
+    STARS_LIMIT,
     Bookmark,
+    Copied,
     Entry,
     EntryPage,
     FrontPage,
     Saved,
+    Star,
+    Starred,
+    StarsPage,
 )
+from tiers.db.ids import IdGenerator
+from tiers.db.sharding import DEFAULT_VIRTUAL_SHARDS, ShardMap
 from tiers.db.tokens import current_token, format_lsn, note_write, parse_lsn
 
 HOT_WINDOW = timedelta(hours=24)
@@ -50,11 +63,27 @@ class _BookmarkRow:
     versions: list[tuple[int, str]] = field(default_factory=list)
 
 
+@dataclass
+class _StarRow:
+    id: int
+    user: str
+    entry_id: int
+    created_at: datetime
+    lsn: int
+
+
 class MemoryStore:
     """A Store in memory; ``read_tokens`` records the token of every read, for assertions."""
 
-    def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 shards: ShardMap | None = None) -> None:
         self._clock = clock
+        self.shards = shards if shards is not None else ShardMap.evenly(
+            ["main"], DEFAULT_VIRTUAL_SHARDS)
+        self._ids = IdGenerator(virtual_shards=self.shards.virtual_shards)
+        # Per cluster, (user, entry id) -> star, as each cluster's table would hold them.
+        self.stars_by_cluster: dict[str, dict[tuple[str, int], _StarRow]] = {
+            name: {} for name in self.shards.clusters}
         self._lock = threading.Lock()
         self._entries: dict[int, _EntryRow] = {}
         self._by_url: dict[str, int] = {}
@@ -138,3 +167,64 @@ class MemoryStore:
         token = format_lsn(lsn)
         note_write(token)
         return Saved(entry_id=entry_id, token=token)
+
+    # -- stars ---------------------------------------------------------------------
+
+    def _star_table(self, user: str) -> dict[tuple[str, int], _StarRow]:
+        return self.stars_by_cluster[self.shards.cluster_for(user)]
+
+    def _add_star(self, user: str, entry_id: int, lsn: int, now: datetime) -> _StarRow | None:
+        """A new star, or None if the user has this one already."""
+        table = self._star_table(user)
+        if (user, entry_id) in table:
+            return None
+        row = _StarRow(self._ids.next_id(self.shards.shard_for(user)), user, entry_id, now, lsn)
+        table[(user, entry_id)] = row
+        return row
+
+    def star(self, user: str, entry_id: int) -> Starred | None:
+        with self._lock:
+            at = self._visible()
+            entry = self._entries.get(entry_id)
+            if entry is None or entry.lsn > at:
+                return None
+            self.position += 1
+            row = self._add_star(user, entry_id, self.position, self._clock())
+            if row is None:
+                self.position -= 1
+                row = self._star_table(user)[(user, entry_id)]
+                return Starred(id=row.id, user=user, entry_id=entry_id, token=None)
+            lsn = self.position
+        token = format_lsn(lsn)
+        note_write(token)
+        return Starred(id=row.id, user=user, entry_id=entry_id, token=token)
+
+    def stars_page(self, user: str) -> StarsPage:
+        with self._lock:
+            at = self._visible()
+            rows = [row for (owner, _), row in self._star_table(user).items()
+                    if owner == user and row.lsn <= at]
+            rows.sort(key=lambda row: row.id, reverse=True)
+            stars = []
+            for row in rows[:STARS_LIMIT]:
+                entry = self._entries.get(row.entry_id)
+                stars.append(Star(id=row.id, entry_id=row.entry_id,
+                                  url=None if entry is None else entry.url,
+                                  title=None if entry is None else entry.title,
+                                  created_at=row.created_at))
+            return StarsPage(user=user, shard=self.shards.shard_for(user), stars=stars)
+
+    def copy_stars(self, source: str, target: str) -> Copied:
+        self.shards.cluster_for_all([source, target])  # CrossShardError, nothing written
+        with self._lock:
+            mine = sorted((row for (owner, _), row in self._star_table(source).items()
+                           if owner == source), key=lambda row: row.id)
+            lsn, now = self.position + 1, self._clock()
+            added = [row for row in (self._add_star(target, r.entry_id, lsn, now) for r in mine)
+                     if row is not None]
+            if not added:
+                return Copied(count=0, token=None)
+            self.position = lsn
+        token = format_lsn(lsn)
+        note_write(token)
+        return Copied(count=len(added), token=token)

@@ -7,13 +7,33 @@ around: ``tiers.app.causal.CausalMiddleware`` puts it in the request's scope,
 the cluster's reads use it, and its writes update it. ``MemoryStore`` (in
 ``bookmarks.memory``) has the same interface and follows the same scope, for
 tests of the pages without a database.
+
+Where the data lives (``SqlStore.from_databases``, over
+``tiers.db.clusters.Databases``):
+
+* ``entries`` and ``bookmarks`` (:data:`PAGE_TABLES`) are one table group:
+  the pages join them and a save writes both in one transaction, so they
+  must share a cluster. The topology may move them together to another
+  cluster (``[db.tables] bookmarks = {cluster = "social", tables =
+  ["entries", "bookmarks"]}``); a map that splits them is refused when the
+  store is built, with CrossShardError naming each table's cluster.
+* ``stars`` is sharded by user name: a user's stars live on the cluster of
+  the user's virtual shard, with ids from ``tiers_next_id(shard)`` that
+  carry it. A user's page reads their stars from that one cluster and the
+  starred entries' titles from the page tables' cluster (two reads, never
+  one transaction). Copying one user's stars to another is one transaction,
+  so it needs both users on one cluster, else CrossShardError before
+  anything is written.
+
+Without a table map or shard map every table is on the one cluster, as
+``SqlStore(cluster)`` builds it.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,11 +44,18 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from bookmarks.forms import NewBookmark
+from tiers.db.clusters import Databases
+from tiers.db.sharding import DEFAULT_VIRTUAL_SHARDS, shard_for_key
 
 RECENT_LIMIT = 30
 HOT_LIMIT = 20
 HOT_WINDOW = "24 hours"
 BOOKMARKS_LIMIT = 500
+STARS_LIMIT = 200
+# The tables the pages join and a save writes together: one table group.
+PAGE_TABLES = ("entries", "bookmarks")
+# Sharded by user name.
+STARS_TABLE = "stars"
 # Entry ids are bigint; a larger number in a URL is simply not an entry.
 MAX_ENTRY_ID = 2**63 - 1
 
@@ -69,6 +96,44 @@ class Saved:
     token: str | None
 
 
+@dataclass(frozen=True)
+class Star:
+    """One of a user's stars; ``url`` and ``title`` are None if the entry is not found."""
+
+    id: int
+    entry_id: int
+    url: str | None
+    title: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class StarsPage:
+    """A user's stars, newest first, and the virtual shard they live on."""
+
+    user: str
+    shard: int
+    stars: Sequence[Star]
+
+
+@dataclass(frozen=True)
+class Starred:
+    """A star (new, or the one the user already had) and its commit's causal token."""
+
+    id: int
+    user: str
+    entry_id: int
+    token: str | None
+
+
+@dataclass(frozen=True)
+class Copied:
+    """How many stars a copy added to the target user, and its commit's causal token."""
+
+    count: int
+    token: str | None
+
+
 class Store(Protocol):
     """What the pages need; reads see the current request's causal token (see above)."""
 
@@ -77,6 +142,20 @@ class Store(Protocol):
     def entry_page(self, entry_id: int) -> EntryPage | None: ...
 
     def save_bookmark(self, bookmark: NewBookmark) -> Saved: ...
+
+    def star(self, user: str, entry_id: int) -> Starred | None:
+        """Star an entry as ``user``; None if there is no such entry."""
+        ...
+
+    def stars_page(self, user: str) -> StarsPage: ...
+
+    def copy_stars(self, source: str, target: str) -> Copied:
+        """Give ``target`` every star of ``source`` in one transaction.
+
+        CrossShardError, with nothing written, if the two users' stars live
+        on different clusters.
+        """
+        ...
 
 
 Connection = psycopg.Connection[TupleRow]
@@ -101,6 +180,33 @@ class ClusterLike(Protocol):
     def read(self) -> AbstractContextManager[Connection]: ...
 
     def write(self) -> WriteBlock: ...
+
+
+class ShardRouting(Protocol):
+    """The part of tiers.db.clusters.Databases the store uses for the sharded table."""
+
+    def shard_for(self, key: str) -> int: ...
+
+    def for_key(self, key: str) -> ClusterLike: ...
+
+    def for_keys(self, keys: Iterable[str]) -> ClusterLike: ...
+
+
+class OneCluster:
+    """Every key on one cluster, over the default number of virtual shards (ids still carry
+    the shard, so the rows can be spread over clusters later without new ids)."""
+
+    def __init__(self, cluster: ClusterLike) -> None:
+        self.cluster = cluster
+
+    def shard_for(self, key: str) -> int:
+        return shard_for_key(key, DEFAULT_VIRTUAL_SHARDS)
+
+    def for_key(self, key: str) -> ClusterLike:
+        return self.cluster
+
+    def for_keys(self, keys: Iterable[str]) -> ClusterLike:
+        return self.cluster
 
 
 _RECENT_SQL = """
@@ -157,15 +263,55 @@ ON CONFLICT (entry_id, user_name) DO UPDATE SET comment = EXCLUDED.comment
 """
 
 
+_ENTRY_EXISTS_SQL = "SELECT 1 FROM entries WHERE id = %s"
+
+# The id is made by the user's cluster, with the user's virtual shard in it.
+_STAR_SQL = """
+INSERT INTO stars (id, user_name, entry_id) VALUES (tiers_next_id(%s), %s, %s)
+ON CONFLICT (user_name, entry_id) DO NOTHING
+RETURNING id
+"""
+
+_STAR_ID_SQL = "SELECT id FROM stars WHERE user_name = %s AND entry_id = %s"
+
+_STARS_SQL = """
+SELECT id, entry_id, created_at
+FROM stars
+WHERE user_name = %s
+ORDER BY id DESC
+LIMIT %s
+"""
+
+_STARRED_ENTRIES_SQL = "SELECT id, url, title FROM entries WHERE id = ANY(%s)"
+
+# Oldest first, so the copies' ids keep the original order.
+_COPY_STARS_SQL = """
+INSERT INTO stars (id, user_name, entry_id)
+SELECT tiers_next_id(%s), %s, s.entry_id
+FROM (SELECT entry_id, id FROM stars WHERE user_name = %s ORDER BY id) s
+ON CONFLICT (user_name, entry_id) DO NOTHING
+RETURNING id
+"""
+
+
 def _entry(row: tuple[Any, ...]) -> Entry:
     return Entry(id=row[0], url=row[1], title=row[2], created_at=row[3], users=row[4])
 
 
 class SqlStore:
-    """The store over PostgreSQL, through a read/write router."""
+    """The store over PostgreSQL: the page tables on ``cluster``, stars where ``shards`` says.
 
-    def __init__(self, cluster: ClusterLike) -> None:
+    Without ``shards`` the stars are on ``cluster`` too.
+    """
+
+    def __init__(self, cluster: ClusterLike, shards: ShardRouting | None = None) -> None:
         self.cluster = cluster
+        self.shards: ShardRouting = OneCluster(cluster) if shards is None else shards
+
+    @classmethod
+    def from_databases(cls, databases: Databases) -> SqlStore:
+        """The store over every cluster; CrossShardError if the page tables are apart."""
+        return cls(databases.for_tables(PAGE_TABLES), databases)
 
     def front_page(self) -> FrontPage:
         with self.cluster.read() as conn:
@@ -193,6 +339,50 @@ class SqlStore:
             entry_id = int(row[0])
             conn.execute(_UPSERT_BOOKMARK_SQL, (entry_id, bookmark.user, bookmark.comment))
         return Saved(entry_id=entry_id, token=transaction.token)
+
+    def star(self, user: str, entry_id: int) -> Starred | None:
+        if not 0 < entry_id <= MAX_ENTRY_ID:
+            return None
+        # A read of the page tables' cluster, then a write on the user's: two
+        # clusters, so two steps. Entries are never deleted, so the check holds.
+        with self.cluster.read() as conn:
+            if conn.execute(_ENTRY_EXISTS_SQL, (entry_id,)).fetchone() is None:
+                return None
+        transaction = self.shards.for_key(user).write()
+        with transaction as conn:
+            row = conn.execute(_STAR_SQL, (self.shards.shard_for(user), user,
+                                           entry_id)).fetchone()
+            if row is None:  # starred before
+                row = conn.execute(_STAR_ID_SQL, (user, entry_id)).fetchone()
+            if row is None:
+                raise RuntimeError("a star that conflicted cannot be found")
+            star_id = int(row[0])
+        return Starred(id=star_id, user=user, entry_id=entry_id, token=transaction.token)
+
+    def stars_page(self, user: str) -> StarsPage:
+        with self.shards.for_key(user).read() as conn:
+            rows = conn.execute(_STARS_SQL, (user, STARS_LIMIT)).fetchall()
+        found: dict[int, tuple[str, str]] = {}
+        if rows:
+            with self.cluster.read() as conn:
+                wanted = sorted({int(r[1]) for r in rows})
+                for entry in conn.execute(_STARRED_ENTRIES_SQL, (wanted,)).fetchall():
+                    found[int(entry[0])] = (entry[1], entry[2])
+        stars = []
+        for star_id, entry_id, created_at in rows:
+            url, title = found.get(int(entry_id), (None, None))
+            stars.append(Star(id=int(star_id), entry_id=int(entry_id), url=url, title=title,
+                              created_at=created_at))
+        return StarsPage(user=user, shard=self.shards.shard_for(user), stars=stars)
+
+    def copy_stars(self, source: str, target: str) -> Copied:
+        # Refused here, before any connection, if the users live apart.
+        cluster = self.shards.for_keys([source, target])
+        transaction = cluster.write()
+        with transaction as conn:
+            rows = conn.execute(_COPY_STARS_SQL,
+                                (self.shards.shard_for(target), target, source)).fetchall()
+        return Copied(count=len(rows), token=transaction.token)
 
 
 class ProcessLocalStore:
@@ -229,3 +419,12 @@ class ProcessLocalStore:
 
     def save_bookmark(self, bookmark: NewBookmark) -> Saved:
         return self.get().save_bookmark(bookmark)
+
+    def star(self, user: str, entry_id: int) -> Starred | None:
+        return self.get().star(user, entry_id)
+
+    def stars_page(self, user: str) -> StarsPage:
+        return self.get().stars_page(user)
+
+    def copy_stars(self, source: str, target: str) -> Copied:
+        return self.get().copy_stars(source, target)

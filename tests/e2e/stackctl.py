@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class StackHandle:
     app_ports: list[int]
     db_ports: list[int]
     admin_port: int = 0
+    cache_ports: list[int] = field(default_factory=list)
 
     @property
     def state_dir(self) -> Path:
@@ -97,7 +98,8 @@ class StackHandle:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def write_topology(handle: StackHandle, extra: str = "") -> None:
+def write_topology(handle: StackHandle, extra: str = "", cache_extra: str = "") -> None:
+    cache_ports = ", ".join(map(str, handle.cache_ports))
     app_ports = ", ".join(map(str, handle.app_ports))
     db_ports = ", ".join(map(str, handle.db_ports))
     handle.topology.write_text(
@@ -105,14 +107,20 @@ def write_topology(handle: StackHandle, extra: str = "") -> None:
         f'[proxy.admin]\nlisten = "127.0.0.1:{handle.admin_port}"\n\n'
         f"[app]\ncount = {len(handle.app_ports)}\nworkers = 2\nports = [{app_ports}]\n\n"
         f"[db]\nreplicas = {len(handle.db_ports) - 1}\nports = [{db_ports}]\n\n"
+        f"[cache]\nnodes = {len(handle.cache_ports)}\nports = [{cache_ports}]\n"
+        f"{cache_extra}\n"
         f"{extra}")
 
 
-def make_handle(root: Path, apps: int = 2, replicas: int = 1, extra: str = "") -> StackHandle:
-    ports = free_ports(1 + apps + replicas + 1 + 1)
+def make_handle(root: Path, apps: int = 2, replicas: int = 1, extra: str = "",
+                caches: int = 1, cache_extra: str = "") -> StackHandle:
+    """A stack's topology on free ports; ``cache_extra`` adds lines to its [cache] table."""
+    ports = free_ports(1 + apps + replicas + 1 + 1 + caches)
+    db_end = 1 + apps + replicas + 1
     handle = StackHandle(root=root, proxy_port=ports[0], app_ports=ports[1:1 + apps],
-                         db_ports=ports[1 + apps:-1], admin_port=ports[-1])
-    write_topology(handle, extra)
+                         db_ports=ports[1 + apps:db_end], admin_port=ports[db_end],
+                         cache_ports=ports[db_end + 1:])
+    write_topology(handle, extra, cache_extra)
     return handle
 
 

@@ -34,6 +34,12 @@ key and the reason, before anything starts. Example::
     [db.shards.clusters]
     main = ["0-511"]
     social = ["512-1023"]
+
+    [cache]
+    nodes = 2            # cache1, cache2
+    port = 11311         # the first node; the others count up (or: ports = [..])
+    memory_mb = 64       # per node
+    engine = "auto"      # memcached when installed, else the embedded server
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from tiers.config.model import (
     Address,
     AppConfig,
     DbConfig,
+    MemcacheConfig,
     ProxyConfig,
     ShardingConfig,
     SupervisorConfig,
@@ -106,7 +113,7 @@ def _resolve(base: Path, text: str) -> Path:
 
 
 def _build(raw: dict[str, Any], source: str, base: Path) -> Topology:
-    sections = {"proxy", "app", "db", "supervisor"}
+    sections = {"proxy", "app", "db", "cache", "supervisor"}
     unknown = sorted(set(raw) - sections)
     if unknown:
         known = ", ".join(sorted(sections))
@@ -117,9 +124,10 @@ def _build(raw: dict[str, Any], source: str, base: Path) -> Topology:
     addresses = {group.name: group.addresses() for group in (app, *groups)}
     proxy = _build_proxy(_Section(source, "proxy", raw.get("proxy", {})), base, addresses)
     db = _build_db(_Section(source, "db", raw.get("db", {})), base)
+    cache = _build_cache(_Section(source, "cache", raw.get("cache", {})))
     supervisor = _build_supervisor(_Section(source, "supervisor", raw.get("supervisor", {})))
     topology = Topology(source=source, proxy=proxy, app=app, app_groups=groups, db=db,
-                        supervisor=supervisor)
+                        cache=cache, supervisor=supervisor)
     _check_ports_unique(topology)
     return topology
 
@@ -310,6 +318,25 @@ def _build_shards(s: _Section, clusters: list[str]) -> ShardingConfig | None:
     return ShardingConfig(tables=tables, map=shard_map)
 
 
+_CACHE_ENGINES = ("auto", "memcached", "embedded")
+
+
+def _build_cache(s: _Section) -> MemcacheConfig:
+    d = MemcacheConfig()
+    s.check_keys({f.name for f in fields(MemcacheConfig)} | {"port"})
+    nodes = s.integer("nodes", d.nodes, 0, 32)
+    engine = s.get("engine", str, d.engine)
+    if engine not in _CACHE_ENGINES:
+        raise s.fail("engine", f"must be one of {', '.join(_CACHE_ENGINES)}, got {engine!r}")
+    return MemcacheConfig(
+        nodes=nodes,
+        host=s.get("host", str, d.host),
+        ports=s.ports(nodes, d.ports[0]),
+        memory_mb=s.integer("memory_mb", d.memory_mb, 1, 1 << 20),
+        engine=engine,
+    )
+
+
 def _build_supervisor(s: _Section) -> SupervisorConfig:
     d = SupervisorConfig()
     s.check_keys({f.name for f in fields(SupervisorConfig)})
@@ -337,6 +364,7 @@ def _check_ports_unique(t: Topology) -> None:
     claims += [("db.ports", p) for p in t.db.ports]
     for cluster in t.db.clusters:
         claims += [(f"db.clusters.{cluster.name}.ports", p) for p in cluster.ports]
+    claims += [("cache.ports", p) for p in t.cache.ports]
     for key, port in claims:
         if port in taken:
             raise ConfigError(t.source, key, f"port {port} is already used by {taken[port]}")

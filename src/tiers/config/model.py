@@ -14,8 +14,8 @@ from tiers.config.address import Address
 from tiers.config.proxy import ProxyPolicy
 from tiers.db.sharding import ShardMap, TableGroups
 
-__all__ = ["Address", "AppConfig", "DbConfig", "ProxyConfig", "ShardingConfig",
-           "SupervisorConfig", "Topology"]
+__all__ = ["Address", "AppConfig", "DbConfig", "MemcacheConfig", "ProxyConfig",
+           "ShardingConfig", "SupervisorConfig", "Topology"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,24 @@ class DbConfig:
 
 
 @dataclass(frozen=True)
+class MemcacheConfig:
+    """The cache tier's nodes: real memcached when installed, else tiers' embedded server."""
+
+    nodes: int = 2
+    host: str = "127.0.0.1"
+    ports: tuple[int, ...] = (11311, 11312)
+    memory_mb: int = 64
+    # "auto": memcached when it is on PATH, else the embedded server.
+    engine: str = "auto"
+
+    def addresses(self) -> list[Address]:
+        return [Address(self.host, port) for port in self.ports]
+
+    def service_names(self) -> list[str]:
+        return [f"cache{index}" for index in range(1, self.nodes + 1)]
+
+
+@dataclass(frozen=True)
 class SupervisorConfig:
     """How processes are started, restarted and stopped."""
 
@@ -145,6 +163,7 @@ class Topology:
     # Further app groups, each with its own pool in the proxy.
     app_groups: tuple[AppConfig, ...] = ()
     db: DbConfig = field(default_factory=DbConfig)
+    cache: MemcacheConfig = field(default_factory=MemcacheConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     def all_app_groups(self) -> tuple[AppConfig, ...]:

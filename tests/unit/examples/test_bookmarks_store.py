@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,8 +14,11 @@ import pytest
 from bookmarks.forms import NewBookmark
 from bookmarks.store import MAX_ENTRY_ID, ProcessLocalStore, SqlStore
 
+from tiers.db.clusters import Databases
+from tiers.db.ids import decode_id, next_id_ddl
 from tiers.db.migrate import apply_migrations
 from tiers.db.router import Cluster
+from tiers.db.sharding import CrossShardError, ShardMap, shard_for_key
 from tiers.db.tokens import causal_scope
 
 NOW = datetime(2025, 1, 2, 3, 4, tzinfo=UTC)
@@ -59,7 +63,8 @@ class FakeWrite:
 
 
 class FakeRouter:
-    def __init__(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+    def __init__(self, rows: dict[str, list[tuple[Any, ...]]], name: str = "main") -> None:
+        self.name = name
         self.conn = FakeConn(rows)
         self.calls: list[str] = []
 
@@ -141,10 +146,146 @@ def test_the_default_app_connects_lazily(monkeypatch: pytest.MonkeyPatch) -> Non
     assert bookmarks.app.app.name == "bookmarks.app"
 
 
+# -- stars: sharded by user name -----------------------------------------------------
+
+
+class FakeShards:
+    """Users whose names start with a-m on "main", the others on "social"."""
+
+    def __init__(self, clusters: dict[str, FakeRouter]) -> None:
+        self.clusters = clusters
+        self.map = ShardMap.from_ranges({"main": ["0-511"], "social": ["512-1023"]})
+
+    def shard_for(self, key: str) -> int:
+        return 7 if key[0] <= "m" else 700
+
+    def for_key(self, key: str) -> FakeRouter:
+        return self.clusters[self.map.cluster_of_shard(self.shard_for(key))]
+
+    def for_keys(self, keys: Any) -> FakeRouter:
+        placements = {key: self.map.cluster_of_shard(self.shard_for(key)) for key in keys}
+        if len(set(placements.values())) > 1:
+            raise CrossShardError("keys", [(repr(k), c) for k, c in placements.items()])
+        return self.clusters[next(iter(placements.values()))]
+
+
+def two_clusters(pages: dict[str, list[tuple[Any, ...]]],
+                 stars: dict[str, list[tuple[Any, ...]]]) -> tuple[SqlStore, FakeRouter,
+                                                                  FakeRouter]:
+    entries = FakeRouter(pages, "social")
+    main, social = FakeRouter(stars, "main"), entries
+    store = SqlStore(entries, FakeShards({"main": main, "social": social}))  # type: ignore[arg-type]
+    return store, main, social
+
+
+def test_a_star_checks_the_entry_then_writes_on_the_users_cluster() -> None:
+    store, main, social = two_clusters({"FROM entries WHERE id": [(1,)]},
+                                       {"INSERT INTO stars": [(123,)]})
+    starred = store.star("alice", 7)
+    assert starred is not None
+    assert (starred.id, starred.user, starred.entry_id, starred.token) == (123, "alice", 7,
+                                                                          "0/BEEF")
+    assert social.calls == ["read"] and main.calls == ["write"]
+    (query, params), = main.conn.statements
+    assert "tiers_next_id(%s)" in query
+    assert params == (7, "alice", 7)  # alice's shard, alice, the entry
+
+
+def test_starring_again_returns_the_existing_star() -> None:
+    store, main, _social = two_clusters({"FROM entries WHERE id": [(1,)]},
+                                        {"SELECT id FROM stars": [(99,)]})
+    starred = store.star("alice", 7)
+    assert starred is not None and starred.id == 99
+    assert [q.split()[0] for q, _ in main.conn.statements] == ["INSERT", "SELECT"]
+
+
+@pytest.mark.parametrize("entry_id", [0, MAX_ENTRY_ID + 1, 8])
+def test_no_star_for_a_missing_entry(entry_id: int) -> None:
+    store, main, _social = two_clusters({}, {})
+    assert store.star("alice", entry_id) is None
+    assert main.calls == []
+
+
+def test_a_users_stars_come_from_their_cluster_and_titles_from_the_pages() -> None:
+    store, main, social = two_clusters(
+        {"FROM entries WHERE id = ANY": [(7, "https://example.com/", "Example")]},
+        {"FROM stars\nWHERE user_name": [(124, 7, NOW), (123, 8, NOW)]})
+    page = store.stars_page("alice")
+    assert (page.user, page.shard) == ("alice", 7)
+    assert [(s.id, s.entry_id, s.title) for s in page.stars] == [(124, 7, "Example"),
+                                                                  (123, 8, None)]
+    assert main.calls == ["read"] and social.calls == ["read"]
+    assert main.conn.statements[0][1] == ("alice", 200)
+    assert social.conn.statements[0][1] == ([7, 8],)
+    # No stars: nothing to look up on the page tables' cluster.
+    assert store.stars_page("zed").stars == []
+    assert social.calls == ["read", "read"]
+
+
+def test_copying_stars_within_one_cluster_is_one_transaction() -> None:
+    store, main, _social = two_clusters({}, {"INSERT INTO stars": [(1,), (2,)]})
+    copied = store.copy_stars("alice", "bob")
+    assert (copied.count, copied.token) == (2, "0/BEEF")
+    assert main.calls == ["write"]
+    (query, params), = main.conn.statements
+    assert "SELECT tiers_next_id(%s), %s, s.entry_id" in query
+    assert params == (7, "bob", "alice")
+
+
+def test_copying_stars_across_clusters_is_refused_before_any_write() -> None:
+    store, main, social = two_clusters({}, {})
+    with pytest.raises(CrossShardError) as caught:
+        store.copy_stars("alice", "zed")
+    assert "'alice' -> main" in str(caught.value) and "'zed' -> social" in str(caught.value)
+    assert main.calls == [] and social.calls == []
+
+
+def test_without_a_shard_map_stars_share_the_one_cluster() -> None:
+    router = FakeRouter({"FROM entries WHERE id": [(1,)], "INSERT INTO stars": [(5,)]})
+    store = SqlStore(router)  # type: ignore[arg-type]
+    assert store.star("alice", 7) is not None
+    assert router.calls == ["read", "write"]
+    assert router.conn.statements[-1][1] == (shard_for_key("alice"), "alice", 7)
+    assert store.copy_stars("alice", "zed").count == 1
+
+
+DSN = "postgresql://127.0.0.1:{}/tiers"
+
+
+def placement_env(groups: dict[str, Any]) -> dict[str, str]:
+    return {
+        "TIERS_DB_PRIMARY": DSN.format(5501),
+        "TIERS_DB_CLUSTERS": json.dumps({"social": {"primary": DSN.format(5511),
+                                                    "replicas": []}}),
+        "TIERS_DB_TABLES": json.dumps({"default": "main", "groups": groups}),
+    }
+
+
+def test_the_page_tables_may_move_together() -> None:
+    databases = Databases.from_env(placement_env(
+        {"bookmarks": {"cluster": "social", "tables": ["entries", "bookmarks"]}}), monitor=False)
+    store = SqlStore.from_databases(databases)
+    assert store.cluster is databases.cluster("social")
+    assert store.shards is databases
+
+
+def test_a_map_that_splits_the_page_tables_is_refused() -> None:
+    databases = Databases.from_env(placement_env(
+        {"bookmarks": {"cluster": "social", "tables": ["bookmarks"]}}), monitor=False)
+    with pytest.raises(CrossShardError, match=r"'entries' -> main, 'bookmarks' -> social"):
+        SqlStore.from_databases(databases)
+
+
+def test_the_stars_migration_installs_next_id_ddl_as_written() -> None:
+    text = (Path(bookmarks.MIGRATIONS) / "002_stars.sql").read_text(encoding="utf-8")
+    assert next_id_ddl() in text
+
+
 # -- the SQL against a real (embedded) PostgreSQL server ---------------------------
 
 def test_real_store_round_trip(database: str) -> None:
-    assert apply_migrations(database, Path(bookmarks.MIGRATIONS)) == ["001_init.sql"]
+    assert apply_migrations(database, Path(bookmarks.MIGRATIONS)) == ["001_init.sql",
+                                                                      "002_stars.sql"]
     # The same server as "replica": reads check its position like a replica's.
     cluster = Cluster.from_dsns(database, [database])
     store = SqlStore(cluster)
@@ -167,6 +308,20 @@ def test_real_store_round_trip(database: str) -> None:
         assert [e.id for e in front.recent] == [first.entry_id]
         assert [e.users for e in front.hot] == [2]
         assert store.entry_page(first.entry_id + 1000) is None
+        starred = store.star("carol", first.entry_id)
+        assert starred is not None and starred.token is not None
+        assert decode_id(starred.id).shard == shard_for_key("carol")
+        again = store.star("carol", first.entry_id)
+        assert again is not None and again.id == starred.id
+        assert store.star("carol", first.entry_id + 1000) is None
+        copied = store.copy_stars("carol", "dave")
+        assert copied.count == 1
+        assert store.copy_stars("carol", "dave").count == 0
+        carol, dave = store.stars_page("carol"), store.stars_page("dave")
+        assert [s.id for s in carol.stars] == [starred.id]
+        assert [s.title for s in carol.stars] == ["Real title"]
+        assert [decode_id(s.id).shard for s in dave.stars] == [shard_for_key("dave")]
+        assert dave.shard == shard_for_key("dave")
     cluster.close()
 
 
