@@ -112,7 +112,7 @@ def write_topology(handle: StackHandle, extra: str = "", cache_extra: str = "") 
         f"{extra}")
 
 
-def make_handle(root: Path, apps: int = 2, replicas: int = 1, extra: str = "",
+def make_handle(root: Path, apps: int = 2, replicas: int = 1, extra: str = "", *,
                 caches: int = 1, cache_extra: str = "") -> StackHandle:
     """A stack's topology on free ports; ``cache_extra`` adds lines to its [cache] table."""
     ports = free_ports(1 + apps + replicas + 1 + 1 + caches)

@@ -55,7 +55,7 @@ def test_status_shows_every_service_ready_and_the_replica_streaming(
     assert status["running"] is True
     assert status["phase"] == "running"
     roles = [s["role"] for s in status["services"]]
-    assert roles == ["primary", "replica", "app", "app", "proxy"]
+    assert roles == ["primary", "replica", "cache", "app", "app", "proxy"]
     for service in status["services"]:
         assert service["state"] == "ready", service
         assert isinstance(service["pid"], int)

@@ -1,6 +1,6 @@
 """What a topology means as processes: one :class:`ServiceSpec` per service, in start order.
 
-    db-primary, db-replica1..N -> app1..N -> proxy
+    db-primary, db-replica1..N, cache1..N -> app1..N -> proxy
 
 The database specs (:mod:`tiers.supervisor.database`) create what is missing
 before they start (initdb for the primary, a base backup of the running
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tiers.config.model import Topology
 from tiers.errors import DatabaseError
+from tiers.supervisor.cachenodes import cache_specs
 from tiers.supervisor.database import DatabaseNodes
 from tiers.supervisor.runner import Command, ServiceSpec
 
@@ -52,7 +53,8 @@ class Stack:
 
     def specs(self) -> list[ServiceSpec]:
         db_specs = [spec for nodes in self.databases for spec in nodes.specs()]
-        return [*db_specs, *self._apps(), self._proxy()]
+        caches = cache_specs(self.topology.cache, self.topology.db)
+        return [*db_specs, *caches, *self._apps(), self._proxy()]
 
     def cluster_of(self, node: str) -> DatabaseNodes:
         """The cluster that has a node named ``node``; DatabaseError if none has."""
@@ -65,7 +67,8 @@ class Stack:
     # ---- application servers ---------------------------------------------------
 
     def _apps(self) -> list[ServiceSpec]:
-        db_services = tuple(name for nodes in self.databases for name in nodes.names)
+        db_services = (*(name for nodes in self.databases for name in nodes.names),
+                       *self.topology.cache.service_names())
         specs = []
         for app in self.topology.all_app_groups():
             for name, address in zip(app.service_names(), app.addresses(), strict=True):
@@ -89,8 +92,9 @@ class Stack:
         return specs
 
     def _app_command(self, argv: list[str]) -> Command:
+        cache = ",".join(str(address) for address in self.topology.cache.addresses())
         return Command(argv, {**self.database_env(), "TIERS_SECRET_KEY": self.secret_key(),
-                              "PYTHONUNBUFFERED": "1"})
+                              "TIERS_CACHE_NODES": cache, "PYTHONUNBUFFERED": "1"})
 
     def secret_key(self) -> str:
         """The stack's signing key (causal-token cookies), made once per state directory.
@@ -197,6 +201,7 @@ def busy_ports(topology: Topology) -> list[str]:
     for cluster in topology.db.all_clusters():
         key = "db.ports" if cluster is topology.db else f"db.clusters.{cluster.name}.ports"
         claims += [(key, cluster.host, p) for p in cluster.ports]
+    claims += [("cache.ports", topology.cache.host, p) for p in topology.cache.ports]
     admin = topology.proxy.policy.admin.listen
     if admin is not None:
         claims.append(("proxy.admin.listen", admin.host, admin.port))

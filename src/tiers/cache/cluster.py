@@ -1,0 +1,660 @@
+"""A memcached cluster: keys placed on a ketama ring, failures routed around, copies kept.
+
+``CacheCluster`` sends each key to its node (``tiers.cache.ring``), asks the
+failure policy (``tiers.cache.policy``) before every request and tells it
+every outcome, and talks to nodes through the narrow ``CacheNode`` protocol:
+the blocking one-node client of ``tiers.cache.client`` in service, the
+in-memory ``tiers.cache.fake`` in tests. It is safe to share between threads.
+
+Routing. A key goes to its ring owner. While the owner is ejected the key
+goes to the next live node clockwise, or, with a gutter pool configured, to
+the gutter node its own ring picks, with TTLs capped at ``gutter_ttl``
+seconds (Facebook's gutter: a short life bounds the stale data an outage can
+leave behind). Keys sent elsewhere during an outage are not moved back: the
+owner rejoins with whatever it held before, and a value changed meanwhile
+is stale there until its TTL ends. The gutter pool avoids that.
+
+Copies. A rule (per call, or by longest key prefix) can give a key copies:
+
+* ``replicated(R, read=...)``: the same key on the first R distinct nodes
+  clockwise. Reads either ask all of them and take the value a majority of
+  R holds (``"majority"``; no majority is a miss) or take the first copy
+  that hits, in ring order (``"first"``).
+* ``hot(D)``: D copies on the first D distinct nodes clockwise, under
+  distinct keys (``key``, ``key#1``, ... ``key#D-1``, as IronPlate does);
+  a read asks one copy at random, which spreads a hot key's load.
+
+Copies live where the ring puts them whatever the nodes' health: an ejected
+copy is skipped, not moved, and counts as not stored.
+
+Errors. Reads (``get``, ``get_many``) turn node errors into misses when
+``read_errors_as_misses`` (the default), else raise them. Writes return
+whether they took effect; with ``confirm=True`` they raise
+``UnconfirmedWrite`` when fewer copies than required answered (all of them,
+or a majority with ``write_quorum=Quorum.MAJORITY``; one for a key without
+copies), so a write the caller wants confirmed never fails silently.
+Without ``confirm`` node errors are swallowed and counted. Invalid keys
+(``CacheKeyError``) and values that cannot be encoded (``SerdeError``) are
+the caller's mistakes and always raise. ``NodeError`` and ``ProtocolError``
+(and an ``OSError`` a client failed to translate) count towards ejection;
+``ServerError`` is an answer from a healthy node and only counts as an error.
+
+Batching. ``get_many`` asks each node once for all of its keys, the nodes in
+parallel on a small thread pool; with a single node it runs in the calling
+thread. Replicated keys read ``"first"`` that miss take one more round per
+copy.
+
+Metrics. ``stats()`` gives per-node hits, misses, errors, ejections, state
+and latency (count, sum, histogram) as plain data for ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from tiers.cache.errors import (
+    CacheError,
+    CacheKeyError,
+    NodeError,
+    ProtocolError,
+    SerdeError,
+    ServerError,
+)
+from tiers.cache.policy import (
+    Admission,
+    CopyRule,
+    FailurePolicy,
+    FailureSettings,
+    Hot,
+    Quorum,
+    ReadMode,
+    ReadPlan,
+    ReadShape,
+    Replicated,
+    hot,
+    replicated,
+    required_copies,
+)
+from tiers.cache.ring import KetamaRing, NodeSpec, PointNames
+
+R = TypeVar("R")
+
+__all__ = [
+    "CacheCluster",
+    "CacheNode",
+    "CopyRule",
+    "Hot",
+    "NodeFactory",
+    "Quorum",
+    "ReadMode",
+    "Replicated",
+    "UnconfirmedWrite",
+    "hot",
+    "memcached_factory",
+    "replicated",
+]
+
+# Upper bounds (seconds) of the latency histogram's buckets; the last is +Inf.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+HOT_SEPARATOR = "#"
+# What a read survives (a node's failure or error answer, a value that will not decode)
+# and what a write does; anything else (an invalid key, a bug) reaches the caller.
+_READ_ERRORS: tuple[type[CacheError], ...] = (NodeError, ProtocolError, ServerError, SerdeError)
+_WRITE_ERRORS: tuple[type[CacheError], ...] = (NodeError, ProtocolError, ServerError)
+
+
+class CacheNode(Protocol):
+    """One connection's worth of a memcached node, as the cluster uses it.
+
+    ``tiers.cache.client.Client`` is one. Every method raises
+    ``tiers.cache.errors.NodeError`` (or ``ProtocolError``) when the node
+    cannot be reached, times out or answers garbage, and ``ServerError`` when
+    it answers with an error line. A miss is not an error. TTLs are
+    memcached's: seconds, 0 for none, above 30 days a Unix time.
+    """
+
+    def get_many(self, keys: Sequence[str], /) -> Mapping[str | bytes, Any]:
+        """The values of the keys present, under the keys as given; absent keys left out."""
+        ...
+
+    def set(self, key: str, value: Any, ttl: int = 0, /) -> bool: ...
+
+    def add(self, key: str, value: Any, ttl: int = 0, /) -> bool:
+        """Store only if absent; False when the key exists."""
+        ...
+
+    def delete(self, key: str, /) -> bool:
+        """False when the key was absent."""
+        ...
+
+    def incr(self, key: str, delta: int = 1, /) -> int | None:
+        """The new value, or None when the key is absent."""
+        ...
+
+    def touch(self, key: str, ttl: int, /) -> bool:
+        """Give the key a new TTL; False when absent."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class NodeFactory(Protocol):
+    """Opens a client for one node with the cluster's timeouts (connecting lazily or not)."""
+
+    def __call__(self, spec: NodeSpec, *, connect_timeout: float, timeout: float) -> CacheNode: ...
+
+
+def memcached_factory(spec: NodeSpec, *, connect_timeout: float, timeout: float) -> CacheNode:
+    """The real thing: a ``tiers.cache.client.Client`` (default serde) for ``spec``."""
+    from tiers.cache.client import Client
+
+    return Client(spec.host, spec.port, connect_timeout=connect_timeout, timeout=timeout)
+
+
+class UnconfirmedWrite(CacheError):
+    """A write asked to be confirmed reached fewer copies than required.
+
+    ``answered`` copies answered out of ``required``; the cause, when a node
+    failed, is the last node error.
+    """
+
+    def __init__(self, operation: str, key: str, answered: int, required: int) -> None:
+        self.operation = operation
+        self.key = key
+        self.answered = answered
+        self.required = required
+        super().__init__(f"{operation} {key!r}: {answered} of {required} required copies answered")
+
+
+class _Counters:
+    __slots__ = ("buckets", "errors", "hits", "latency_count", "latency_sum", "misses")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+        self.latency_sum = 0.0
+        self.latency_count = 0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+
+    def observe(self, seconds: float) -> None:
+        self.latency_sum += seconds
+        self.latency_count += 1
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+                return
+        self.buckets[-1] += 1
+
+
+class _Member:
+    """One node of a pool: its spec, idle clients and counters."""
+
+    __slots__ = ("counters", "gutter", "idle", "index", "policy", "spec")
+
+    def __init__(self, spec: NodeSpec, index: int, policy: FailurePolicy, gutter: bool) -> None:
+        self.spec = spec
+        self.index = index
+        self.policy = policy
+        self.gutter = gutter
+        self.idle: deque[CacheNode] = deque()
+        self.counters = _Counters()
+
+
+class _Pool:
+    """Nodes on one ring with one failure policy: the main nodes, or the gutter."""
+
+    def __init__(
+        self, specs: Sequence[NodeSpec], settings: FailureSettings, names: PointNames, gutter: bool
+    ) -> None:
+        self.ring = KetamaRing(specs, names)
+        self.policy = FailurePolicy(len(specs), settings)
+        self.members = [_Member(s, i, self.policy, gutter) for i, s in enumerate(specs)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """One request to make: which node, under which key, with which TTL cap."""
+
+    member: _Member
+    key: str
+    ttl_cap: int | None = None
+
+
+def _cap(ttl: int, cap: int | None) -> int:
+    if cap is None:
+        return ttl
+    return cap if ttl <= 0 or ttl > cap else ttl
+
+
+class CacheCluster:
+    """The cache tier as one object: see the module notes for routing, copies and errors."""
+
+    def __init__(
+        self,
+        nodes: Sequence[NodeSpec],
+        client_factory: NodeFactory = memcached_factory,
+        *,
+        failure: FailureSettings | None = None,
+        read_errors_as_misses: bool = True,
+        gutter: Sequence[NodeSpec] = (),
+        gutter_ttl: int = 10,
+        rules: Iterable[tuple[str, CopyRule]] = (),
+        write_quorum: Quorum = Quorum.ALL,
+        max_idle: int = 8,
+        max_workers: int | None = None,
+        names: PointNames = PointNames.LIBMEMCACHED,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not nodes:
+            raise ValueError("a cache cluster needs at least one node")
+        if gutter_ttl < 1:
+            raise ValueError("gutter_ttl must be at least one second")
+        self.settings = failure or FailureSettings()
+        self.read_errors_as_misses = read_errors_as_misses
+        self.gutter_ttl = gutter_ttl
+        self.write_quorum = write_quorum
+        self._factory = client_factory
+        self._main = _Pool(nodes, self.settings, names, gutter=False)
+        self._gutter = _Pool(gutter, self.settings, names, gutter=True) if gutter else None
+        # Longest prefix first, so the most specific rule wins.
+        self._rules = sorted(rules, key=lambda rule: len(rule[0]), reverse=True)
+        self._max_idle = max_idle
+        self._max_workers = max_workers or min(16, len(nodes) + len(gutter))
+        self._executor: ThreadPoolExecutor | None = None
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._unrouted = 0  # requests no live node could take
+        self._closed = False
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close idle connections and stop the worker threads; the cluster is unusable after."""
+        with self._lock:
+            self._closed = True
+            executor, self._executor = self._executor, None
+            clients = [c for m in self._members() for c in m.idle]
+            for m in self._members():
+                m.idle.clear()
+        if executor is not None:
+            executor.shutdown(wait=True)
+        for client in clients:
+            client.close()
+
+    def __enter__(self) -> CacheCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _members(self) -> list[_Member]:
+        gutter = self._gutter.members if self._gutter else []
+        return [*self._main.members, *gutter]
+
+    @property
+    def nodes(self) -> tuple[NodeSpec, ...]:
+        """The main nodes, in ring order of indices."""
+        return self._main.ring.nodes
+
+    # ---- deciding where requests go ----------------------------------------------
+
+    def rule_for(self, key: str) -> CopyRule | None:
+        """The copy rule of ``key``'s longest matching prefix, if any."""
+        for prefix, rule in self._rules:
+            if key.startswith(prefix):
+                return rule
+        return None
+
+    def _admit(self, member: _Member, now: float) -> bool:
+        return member.policy.admit(member.index, now) is not Admission.SKIP
+
+    def _route(self, key: str) -> _Target | None:
+        """Where a key without copies goes now: owner, next live node, or the gutter."""
+        now = self._clock()
+        main = self._main
+        with self._lock:
+            for index in main.ring.walk(key):
+                member = main.members[index]
+                if self._admit(member, now):
+                    return _Target(member, key)
+                if self._gutter is not None:
+                    return self._route_gutter(key, now)
+            self._unrouted += 1
+            return None
+
+    def _route_gutter(self, key: str, now: float) -> _Target | None:
+        gutter = self._gutter
+        assert gutter is not None
+        for index in gutter.ring.walk(key):
+            member = gutter.members[index]
+            if self._admit(member, now):
+                return _Target(member, key, self.gutter_ttl)
+        self._unrouted += 1
+        return None
+
+    def _copies(self, key: str, rule: CopyRule) -> list[_Target]:
+        """The live copies of ``key`` under ``rule``, in ring order (ejected ones left out)."""
+        now = self._clock()
+        main = self._main
+        hot_key = isinstance(rule, Hot)
+        out: list[_Target] = []
+        with self._lock:
+            for position, index in enumerate(main.ring.indices_for(key, rule.copies)):
+                member = main.members[index]
+                if self._admit(member, now):
+                    wire = f"{key}{HOT_SEPARATOR}{position}" if hot_key and position else key
+                    out.append(_Target(member, wire))
+            if not out:
+                self._unrouted += 1
+        return out
+
+    def _required(self, rule: CopyRule | None) -> int:
+        return required_copies(rule, len(self._main.members), self.write_quorum)
+
+    # ---- doing requests ------------------------------------------------------------
+
+    def _call(self, member: _Member, op: Callable[[CacheNode], R]) -> R:
+        """Run ``op`` on a pooled client of ``member``, recording outcome and latency."""
+        with self._lock:
+            client = member.idle.pop() if member.idle else None
+        start = time.perf_counter()
+        try:
+            if client is None:
+                client = self._factory(
+                    member.spec,
+                    connect_timeout=self.settings.connect_timeout,
+                    timeout=self.settings.timeout,
+                )
+            result = op(client)
+        except (NodeError, ProtocolError, OSError) as exc:
+            if client is not None:
+                client.close()  # the connection is in an unknown state
+            self._record(member, start, ok=False, error=True)
+            if isinstance(exc, OSError):
+                raise NodeError(member.spec.address, str(exc) or type(exc).__name__) from exc
+            raise
+        except (CacheKeyError, SerdeError):
+            self._release(member, client)
+            raise
+        except CacheError:
+            # An answer (ServerError): the node is fine and the connection in step.
+            self._release(member, client)
+            self._record(member, start, ok=True, error=True)
+            raise
+        except BaseException:
+            if client is not None:
+                client.close()
+            raise
+        self._release(member, client)
+        self._record(member, start, ok=True, error=False)
+        return result
+
+    def _release(self, member: _Member, client: CacheNode | None) -> None:
+        if client is None:
+            return
+        with self._lock:
+            if not self._closed and len(member.idle) < self._max_idle:
+                member.idle.append(client)
+                return
+        client.close()
+
+    def _record(self, member: _Member, start: float, *, ok: bool, error: bool) -> None:
+        elapsed = time.perf_counter() - start
+        now = self._clock()
+        with self._lock:
+            member.counters.observe(elapsed)
+            if error:
+                member.counters.errors += 1
+            if ok:
+                member.policy.succeeded(member.index, now)
+            else:
+                member.policy.failed(member.index, now)
+
+    def _count(self, member: _Member, hits: int, misses: int) -> None:
+        with self._lock:
+            member.counters.hits += hits
+            member.counters.misses += misses
+
+    def _fan_out(
+        self, calls: Sequence[Callable[[], R]], captured: tuple[type[CacheError], ...]
+    ) -> list[R | CacheError]:
+        """Run ``calls`` in parallel (the first in this thread); ``captured`` errors are returned.
+
+        Any other exception (an invalid key, a bug) is raised once all calls are done.
+        """
+        futures: list[Future[R]] = []
+        if len(calls) > 1:
+            executor = self._pool_executor()
+            futures = [executor.submit(call) for call in calls[1:]]
+        results: list[R | CacheError] = []
+        raised: BaseException | None = None
+        for position, call in enumerate(calls):
+            try:
+                results.append(call() if position == 0 else futures[position - 1].result())
+            except captured as exc:
+                results.append(exc)
+            except BaseException as exc:
+                raised = raised or exc
+                results.append(CacheError(str(exc)))
+        if raised is not None:
+            raise raised
+        return results
+
+    def _pool_executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise CacheError("the cache cluster is closed")
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self._max_workers, thread_name_prefix="tiers-cache"
+                )
+            return self._executor
+
+    def _read_failed(self, errors: Sequence[CacheError]) -> None:
+        """Raise the last read error unless errors are misses."""
+        if errors and not self.read_errors_as_misses:
+            raise errors[-1]
+
+    # ---- reads ---------------------------------------------------------------------
+
+    def get(self, key: str, *, copies: CopyRule | None = None) -> object | None:
+        """The value of ``key``, or None on a miss (and, by default, on a node error)."""
+        return self.get_many([key], copies=copies).get(key)
+
+    def get_many(self, keys: Iterable[str], *, copies: CopyRule | None = None) -> dict[str, object]:
+        """The values of the keys that hit; one request per node, nodes in parallel.
+
+        ``copies`` applies to every key; without it each key's prefix rule does.
+        """
+        plans: dict[str, ReadPlan[_Target]] = {}
+        for key in dict.fromkeys(keys):
+            plans[key] = self._read_plan(key, copies or self.rule_for(key))
+        found: dict[str, object] = {}
+        errors: list[CacheError] = []
+        while True:
+            batches: dict[_Member, dict[str, str]] = {}
+            for key, plan in plans.items():
+                for target in plan.asking():
+                    batches.setdefault(target.member, {})[target.key] = key
+            if not batches:
+                break
+            members = list(batches)
+            calls = [self._batch_call(member, batches[member]) for member in members]
+            for member, result in zip(members, self._fan_out(calls, _READ_ERRORS), strict=True):
+                asked = batches[member]
+                if isinstance(result, CacheError):
+                    errors.append(result)
+                    for key in asked.values():
+                        plans[key].failed(member)
+                    continue
+                hits = 0
+                for wire, key in asked.items():
+                    if wire in result:
+                        hits += 1
+                        plans[key].hit(member, result[wire])
+                    else:
+                        plans[key].missed(member)
+                self._count(member, hits, len(asked) - hits)
+        for key, plan in plans.items():
+            if plan.found:
+                found[key] = plan.value
+            elif plan.unroutable and not self.read_errors_as_misses:
+                owner = self._main.ring.node_for(key).address
+                raise NodeError(owner, "ejected, and no live node can take its keys", sent=False)
+        if len(found) < len(plans):
+            self._read_failed(errors)
+        return found
+
+    def _read_plan(self, key: str, rule: CopyRule | None) -> ReadPlan[_Target]:
+        if rule is None or rule.copies == 1:
+            target = self._route(key)
+            return ReadPlan(ReadShape.ONE, [target] if target else [])
+        targets = self._copies(key, rule)
+        if isinstance(rule, Hot):
+            self._rng.shuffle(targets)
+        return ReadPlan.for_rule(rule, targets, len(self._main.members))
+
+    def _batch_call(
+        self, member: _Member, asked: Mapping[str, str]
+    ) -> Callable[[], Mapping[str | bytes, Any]]:
+        wire_keys = list(asked)
+        return lambda: self._call(member, lambda client: client.get_many(wire_keys))
+
+    # ---- writes ----------------------------------------------------------------------
+
+    def _targets(self, key: str, copies: CopyRule | None) -> tuple[list[_Target], int]:
+        rule = copies or self.rule_for(key)
+        if rule is None or rule.copies == 1:
+            target = self._route(key)
+            return ([target] if target else []), 1
+        return self._copies(key, rule), self._required(rule)
+
+    def _write(
+        self,
+        operation: str,
+        key: str,
+        copies: CopyRule | None,
+        confirm: bool,
+        op: Callable[[CacheNode, _Target], R],
+    ) -> list[R]:
+        """Apply ``op`` to every live copy; the answers, raising if ``confirm`` is unmet."""
+        targets, required = self._targets(key, copies)
+        calls = [self._write_call(target, op) for target in targets]
+        results = self._fan_out(calls, _WRITE_ERRORS) if calls else []
+        answers = [r for r in results if not isinstance(r, CacheError)]
+        failures = [r for r in results if isinstance(r, CacheError)]
+        if confirm and len(answers) < required:
+            raise UnconfirmedWrite(operation, key, len(answers), required) from (
+                failures[-1] if failures else None
+            )
+        return answers
+
+    def _write_call(
+        self, target: _Target, op: Callable[[CacheNode, _Target], R]
+    ) -> Callable[[], R]:
+        return lambda: self._call(target.member, lambda client: op(client, target))
+
+    def set(
+        self,
+        key: str,
+        value: object,
+        ttl: int = 0,
+        *,
+        confirm: bool = False,
+        copies: CopyRule | None = None,
+    ) -> bool:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (0: no expiry) on every copy.
+
+        True when at least the required copies stored it.
+        """
+        answers = self._write(
+            "set", key, copies, confirm, lambda c, t: c.set(t.key, value, _cap(ttl, t.ttl_cap))
+        )
+        return sum(answers) >= self._required(copies or self.rule_for(key))
+
+    def add(
+        self,
+        key: str,
+        value: object,
+        ttl: int = 0,
+        *,
+        confirm: bool = False,
+        copies: CopyRule | None = None,
+    ) -> bool:
+        """Store ``value`` only where ``key`` is absent; True when the required copies stored it.
+
+        False when the key exists (or, without ``confirm``, when nodes failed).
+        """
+        answers = self._write(
+            "add", key, copies, confirm, lambda c, t: c.add(t.key, value, _cap(ttl, t.ttl_cap))
+        )
+        return sum(answers) >= self._required(copies or self.rule_for(key))
+
+    def delete(self, key: str, *, confirm: bool = False, copies: CopyRule | None = None) -> bool:
+        """Remove ``key`` from every live copy; True when some copy held it."""
+        return any(self._write("delete", key, copies, confirm, lambda c, t: c.delete(t.key)))
+
+    def incr(
+        self, key: str, delta: int = 1, *, confirm: bool = False, copies: CopyRule | None = None
+    ) -> int | None:
+        """Add ``delta`` on every live copy; the first copy's new value, None when absent.
+
+        Copies of a counter may drift apart after an outage: each counts on its own.
+        """
+        answers = self._write("incr", key, copies, confirm, lambda c, t: c.incr(t.key, delta))
+        return next((value for value in answers if value is not None), None)
+
+    def touch(
+        self, key: str, ttl: int, *, confirm: bool = False, copies: CopyRule | None = None
+    ) -> bool:
+        """Give ``key`` a new TTL on every live copy; True when some copy held it."""
+        return any(
+            self._write(
+                "touch", key, copies, confirm, lambda c, t: c.touch(t.key, _cap(ttl, t.ttl_cap))
+            )
+        )
+
+    # ---- observing ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """Per-node counters and state as plain data (JSON-ready), for ``/metrics``."""
+        now = self._clock()
+        with self._lock:
+            pools = {"nodes": self._main.members}
+            if self._gutter is not None:
+                pools["gutter"] = self._gutter.members
+            out: dict[str, object] = {"unrouted": self._unrouted}
+            for name, members in pools.items():
+                out[name] = {m.spec.address: _member_stats(m, now) for m in members}
+        return out
+
+
+def _member_stats(member: _Member, now: float) -> dict[str, object]:
+    status = member.policy.status(member.index, now)
+    c = member.counters
+    cumulative = 0
+    buckets: list[tuple[str, int]] = []
+    for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), c.buckets, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    return {
+        "state": status.health.value,
+        "weight": member.spec.weight,
+        "hits": c.hits,
+        "misses": c.misses,
+        "errors": c.errors,
+        "ejections": status.ejections,
+        "failures": status.failures,
+        "retry_in": status.retry_in,
+        "latency": {"count": c.latency_count, "sum": c.latency_sum, "buckets": buckets},
+    }
