@@ -13,11 +13,13 @@
                        clusters (one transaction cannot span them), nothing written
 
 Read-your-writes: the app runs inside ``tiers.app.causal.CausalMiddleware``.
-The POST's response carries the causal token of its commit in the signed
-cookie ``tiers_causal``, and every later request's reads use the token from
-the cookie, so the page the redirect leads to (and every later one) shows the
-new bookmark even if the replica that serves it lags, on whichever app server
-it lands. Give every app server the same ``TIERS_SECRET_KEY`` to sign it (see
+The POST's response carries the causal token of its commit, under the name
+of the cluster that made it, in the signed cookie ``tiers_causal`` (with the
+tokens the client already had for other clusters), and every later request's
+reads on each cluster use that cluster's token from the cookie, so the page
+the redirect leads to (and every later one) shows the new bookmark or star
+even if the replica that serves it lags, on whichever app server it lands.
+Give every app server the same ``TIERS_SECRET_KEY`` to sign it (see
 ``tiers.app.causal`` for what happens without one).
 
 ``app`` is built with a store that connects on first use in each process

@@ -1,7 +1,9 @@
 """An in-memory Store with a primary and one lagging replica, for tests of the pages.
 
 Every write gets the next LSN as its causal token and records it in the
-request's causal scope, as tiers' router does. Reads follow the router's
+request's causal scope, as tiers' router does. There is one log for every
+table, as on one cluster, so every token is kept under ``main`` even when
+the shard map spreads the stars over several cluster names. Reads follow the router's
 rule with the scope's token: a read whose token the replica has not
 reached sees the primary (everything); any other read sees only what the
 replica has replayed (``replica_position``, which tests advance with

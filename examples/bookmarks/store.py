@@ -2,9 +2,11 @@
 
 ``SqlStore`` keeps all the SQL and talks to PostgreSQL through a
 ``tiers.db.router.Cluster``: writes go to the primary; reads go to a replica
-that has the reader's last write. The reader's causal token is not passed
-around: ``tiers.app.causal.CausalMiddleware`` puts it in the request's scope,
-the cluster's reads use it, and its writes update it. ``MemoryStore`` (in
+that has the reader's last write on that cluster. The reader's causal tokens
+(one per cluster) are not passed around: ``tiers.app.causal.CausalMiddleware``
+puts them in the request's scope, each cluster's reads use its own, and its
+writes update its own, so a star written on the user's cluster and the
+entries read from the page tables' cluster each keep read-your-writes. ``MemoryStore`` (in
 ``bookmarks.memory``) has the same interface and follows the same scope, for
 tests of the pages without a database.
 

@@ -65,11 +65,11 @@ def node_map(cluster: PgCluster) -> dict[str, str]:
 
 
 def monitored(cluster: PgCluster, policy: HealthPolicy = NO_LAG_LIMITS,
-              causal_wait: float = 0.05) -> Cluster:
+              causal_wait: float = 0.05, name: str = "main") -> Cluster:
     """A router over every node with a fast health monitor (started on first use)."""
     nodes = node_map(cluster)
     monitor = HealthMonitor(nodes, policy, interval=0.05, timeout=2.0, primary=P)
-    return Cluster(nodes, P, monitor=monitor, causal_wait=causal_wait)
+    return Cluster(nodes, P, monitor=monitor, causal_wait=causal_wait, name=name)
 
 
 def eventually(check: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:

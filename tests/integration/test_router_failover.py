@@ -18,6 +18,7 @@ from tests.integration.routerkit import (
     eventually,
     in_pool,
     monitored,
+    replayed,
     started,
 )
 from tiers.db.errors import Failure, NodeUnavailable
@@ -37,6 +38,18 @@ def rows_on(pg: PgCluster, index: int) -> set[str]:
         return {str(row[0]) for row in conn.execute("SELECT body FROM items")}
 
 
+def created_on_replica(router: Cluster, pg: PgCluster) -> None:
+    """Wait for the replica to replay the router's last write and join its read pool.
+
+    Replication is asynchronous: a primary fenced before the replica has the
+    table takes the table with it, and the test would fail for that instead.
+    """
+    token = router.last_write_token
+    assert token is not None
+    eventually(lambda: replayed(pg.dsn(1), token), "the replica to replay the table")
+    eventually(in_pool(router, R1), "the replica to join the read pool")
+
+
 def try_write(router: Cluster, body: str) -> bool:
     try:
         with router.write() as conn:
@@ -52,7 +65,7 @@ def test_the_same_router_writes_to_the_new_primary_and_never_to_the_old(pg: PgCl
         with router.write() as conn:
             conn.execute("CREATE TABLE items (id serial PRIMARY KEY, body text)")
             conn.execute("INSERT INTO items (body) VALUES ('before')")
-        eventually(in_pool(router, R1), "the replica to join the read pool")
+        created_on_replica(router, pg)
         assert router.primary() == P
 
         # A writer keeps writing through the failover, as an app server's thread would.
@@ -117,7 +130,7 @@ def test_writes_fail_fast_until_the_new_primary_is_up(pg: PgCluster) -> None:
     try:
         with router.write() as conn:
             conn.execute("CREATE TABLE items (id serial PRIMARY KEY, body text)")
-        eventually(in_pool(router, R1), "the replica to join the read pool")
+        created_on_replica(router, pg)
         executor = Executor(pg.layout, pg.run_as, pg.node_ports, timeout=DEADLINE)
         executor.execute([Fence(P)])
         for _ in range(3):

@@ -135,7 +135,7 @@ def test_a_request_scope_token_routes_a_new_session(
     with causal_scope() as scope:
         with sessions() as writer, writer.begin():
             writer.add(Note(body="in the scope"))
-        assert scope.wrote and scope.token == router.last_write_token
+        assert scope.wrote and scope.tokens == {"main": router.last_write_token}
         router.causal_wait = DEADLINE
         with sessions() as reader:
             # A session that never wrote reads with the scope's token: the

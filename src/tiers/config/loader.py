@@ -64,6 +64,7 @@ from tiers.config.proxy_loader import build_policy, policy_keys
 from tiers.config.sections import Section as _Section
 from tiers.config.sections import parse_address as _parse_address
 from tiers.db.sharding import DEFAULT_VIRTUAL_SHARDS, ShardMap, TableGroup, TableGroups
+from tiers.db.tokens import is_cluster_name
 from tiers.errors import ConfigError
 
 DEFAULT_FILE = "tiers.toml"
@@ -270,9 +271,10 @@ def _build_clusters(s: _Section, main: DbConfig) -> tuple[DbConfig, ...]:
     clusters = []
     for name, raw in s.raw.items():
         c = _Section(s.source, f"{s.name}.{name}", raw)
-        if not name.isidentifier() or not name.islower() or name == main.name:
-            raise c.fail("-", f"cluster name {name!r} must be a lower-case identifier "
-                              f"other than {main.name!r}")
+        # The rule of tiers.db.tokens: cluster names key the causal-token cookie.
+        if not is_cluster_name(name) or name == main.name:
+            raise c.fail("-", f"cluster name {name!r} must be a lower-case ASCII identifier "
+                              f"of at most 63 characters, other than {main.name!r}")
         c.check_keys({"replicas", "port", "ports"})
         if "port" not in c.raw and "ports" not in c.raw:
             raise c.fail("port", "each cluster needs its own 'port' or 'ports'")

@@ -39,15 +39,15 @@ two sharing one make equal ids). The price is one round trip, saved
 altogether when the function is called inside the INSERT; uniqueness holds
 while a cluster makes fewer than 1024 ids in one millisecond.
 
-Causal tokens. A causal token is one WAL position of one cluster; a request
-scope holds the token of the latest commit, on whichever cluster made it.
-Read-your-writes therefore holds for reads on the cluster of the client's
-latest write; a read on another cluster with replicas may be served by a
-replica that has not replayed an older write of the same client there, or
-wait for a position that cluster may never reach and then use its primary (a
-token from another cluster's history means nothing to it). Keeping a
-client's related writes and reads on one cluster, as table groups and shard
-keys do, keeps the guarantee.
+Causal tokens. A causal token is one WAL position of one cluster, and the
+positions of two clusters are unrelated numbers. Each Cluster here is named
+as its cluster is (``main``, ``social``...), and a request scope (and the
+client's cookie, :mod:`tiers.app.causal`) keeps one token per cluster name:
+a commit replaces its own cluster's entry only, and a read uses its own
+cluster's entry only. Read-your-writes therefore holds on every cluster at
+once: after writes on ``main`` and then on ``social``, reads on either see
+the client's write there, and a read on a cluster the client never wrote to
+carries no token and may use any healthy replica at once.
 
 Errors: a missing or malformed variable raises
 :class:`tiers.errors.ConfigError` naming it; an operation whose tables or
@@ -86,6 +86,7 @@ from tiers.db.sharding import (
     TableGroup,
     TableGroups,
 )
+from tiers.db.tokens import DEFAULT_CLUSTER, MAX_CLUSTER_NAME, is_cluster_name
 from tiers.errors import ConfigError, DatabaseError
 
 __all__ = [
@@ -101,7 +102,7 @@ CLUSTERS_ENV = "TIERS_DB_CLUSTERS"
 TABLES_ENV = "TIERS_DB_TABLES"
 SHARDS_ENV = "TIERS_DB_SHARDS"
 
-MAIN = "main"
+MAIN = DEFAULT_CLUSTER
 _SOURCE = "environment"
 _NEXT_ID_SQL = "SELECT tiers_next_id(%s)"
 
@@ -109,13 +110,16 @@ _NEXT_ID_SQL = "SELECT tiers_next_id(%s)"
 class Databases:
     """Every cluster of one app, and the maps that say which one holds what.
 
-    ``clusters`` maps cluster names to routers. ``tables`` places table
-    groups (default: every table on ``default``, which is ``main``, or the
-    only cluster); ``shards`` places virtual shards (default: all
-    ``DEFAULT_VIRTUAL_SHARDS`` on the default cluster) and ``sharded_tables``
-    names the tables whose rows it places. Raises ConfigError if a map names
-    a cluster that is not given or a table is both sharded and in a group,
-    ValueError for no clusters. Safe to share between threads, like Cluster.
+    ``clusters`` maps cluster names to routers, each built with that name
+    (``Cluster(..., name="social")``): it is the key of the cluster's causal
+    tokens. ``tables`` places table groups (default: every table on
+    ``default``, which is ``main``, or the only cluster); ``shards`` places
+    virtual shards (default: all ``DEFAULT_VIRTUAL_SHARDS`` on the default
+    cluster) and ``sharded_tables`` names the tables whose rows it places.
+    Raises ConfigError if a map names a cluster that is not given or a table
+    is both sharded and in a group, ValueError for no clusters or a cluster
+    whose ``name`` is not its key (two clusters under one name would mix
+    their tokens). Safe to share between threads, like Cluster.
     """
 
     def __init__(
@@ -129,6 +133,10 @@ class Databases:
     ) -> None:
         if not clusters:
             raise ValueError("no database clusters")
+        for name, cluster in clusters.items():
+            if cluster.name != name:
+                raise ValueError(f"the cluster given as {name!r} is named {cluster.name!r}; "
+                                 f"build it with name={name!r}")
         self.clusters: Mapping[str, Cluster] = MappingProxyType(dict(clusters))
         names = list(self.clusters)
         if tables is None:
@@ -161,13 +169,15 @@ class Databases:
                  monitor: bool = True) -> Databases:
         """Build every cluster and map from the variables in the module docstring.
 
-        Each cluster is built as :meth:`Cluster.from_env` builds one, with a
-        health monitor of its own unless ``monitor`` is False. Raises
-        ConfigError naming the variable (and the cluster or key within it)
-        for anything missing, malformed or inconsistent.
+        Each cluster is built as :meth:`Cluster.from_env` builds one, named
+        as in the environment, with a health monitor of its own unless
+        ``monitor`` is False. Raises ConfigError naming the variable (and the
+        cluster or key within it) for anything missing, malformed or
+        inconsistent, a cluster name that is not a lower-case ASCII
+        identifier included.
         """
         env = os.environ if environ is None else environ
-        clusters = {name: Cluster.from_env(settings, monitor=monitor)
+        clusters = {name: Cluster.from_env(settings, monitor=monitor, name=name)
                     for name, settings in _cluster_envs(env).items()}
         names = list(clusters)
         tables = _tables(env, names)
@@ -336,6 +346,9 @@ def _cluster_envs(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
         key = f"{CLUSTERS_ENV}.{name}"
         if not name:
             raise _fail(CLUSTERS_ENV, "a cluster needs a name")
+        if not is_cluster_name(name):
+            raise _fail(key, f"cluster name {name!r} must be a lower-case ASCII identifier "
+                             f"of at most {MAX_CLUSTER_NAME} characters")
         if not isinstance(spec, dict):
             raise _fail(key, f'must be {{"primary": dsn, "replicas": [dsn, ...]}}, got {spec!r}')
         unknown = set(spec) - {"primary", "replicas"}

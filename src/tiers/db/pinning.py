@@ -8,6 +8,10 @@ every read in the window loads the primary whether the replicas have the
 write or not. Causal tokens (:mod:`tiers.db.router`) send a read to the
 primary only when no replica has the write yet.
 
+A PinnedReads belongs to one cluster: a write on another cluster does not
+pin this one's reads. Its writes still record their causal tokens, under the
+cluster's name, as every write through the cluster does.
+
 The cluster counts each read under the node that served it
 (:meth:`tiers.db.router.Cluster.served`; pinned reads are ``read_primary``
 ones), so a benchmark can compare how many reads each recipe put on the

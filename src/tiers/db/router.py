@@ -11,13 +11,17 @@ Consistency of ``read`` (the rules are pure functions in
 :mod:`tiers.db.consistency`): with a causal token, a replica that has replayed
 it; one is waited for up to ``causal_wait`` seconds by polling
 ``pg_last_wal_replay_lsn()``, then the primary serves the read. Without a
-token argument the token of the current request scope is used
-(:func:`tiers.db.tokens.current_token`, set by the WSGI middleware
-:mod:`tiers.app.causal`); ``token=None`` asks for no consistency at all, any
-healthy replica. ``max_staleness`` asks for a replica whose replay lag, as the
-monitor measured it, is under that many seconds. :mod:`tiers.db.pinning` has
-the common alternative recipe (after a write, read from the primary for a
-fixed time), for comparison.
+token argument the current request scope's token *for this cluster* is used
+(:func:`tiers.db.tokens.current_token` with the cluster's :attr:`Cluster.name`,
+set by the WSGI middleware :mod:`tiers.app.causal`), or none if the scope has
+no entry for it; ``token=None`` asks for no consistency at all, any healthy
+replica. A token passed explicitly must be one this cluster made: positions
+of different clusters are unrelated numbers. Every commit records its token
+under the cluster's name in the scope, leaving other clusters' entries alone
+(:func:`tiers.db.tokens.note_write`). ``max_staleness`` asks for a replica
+whose replay lag, as the monitor measured it, is under that many seconds.
+:mod:`tiers.db.pinning` has the common alternative recipe (after a write,
+read from the primary for a fixed time), for comparison.
 
 Topology. The cluster knows every node by name; the primary given to the
 constructor is a first guess. With a health monitor
@@ -149,7 +153,7 @@ class _FromContext(enum.Enum):
 
 
 FROM_CONTEXT: Final = _FromContext.TOKEN
-"""The default ``token`` of reads: :func:`tiers.db.tokens.current_token`."""
+"""The default ``token`` of reads: the request scope's token for the reading cluster."""
 
 Token = str | None | _FromContext
 
@@ -179,8 +183,8 @@ class WriteTransaction:
 
     On a clean exit it commits and sets :attr:`token` to the primary's WAL
     position after the commit (also this thread's ``last_write_token`` and
-    the current request scope's token); :attr:`node` names the node that
-    took the write. On an exception it rolls back and lets the exception
+    the current request scope's token for this cluster); :attr:`node` names
+    the node that took the write. On an exception it rolls back and lets the exception
     through, translated to NodeUnavailable when it says the node is gone or
     not the primary (see the module docstring). ``on_commit`` is called with
     the token after a successful commit.
@@ -223,6 +227,9 @@ class Cluster:
 
     ``nodes`` maps node names to libpq conninfo strings or URIs; ``primary``
     names the node believed to be the primary (required without a monitor).
+    ``name`` is the cluster's name (``main`` by default), under which its
+    causal tokens are kept in the request scope and the client's cookie
+    (see the module docstring); two clusters of one app need two names.
     ``monitor`` supplies health snapshots (see the module docstring); it is
     started on first use in each process. ``causal_wait`` bounds how long a
     causal read waits for a replica before reading from the primary (0: do
@@ -232,8 +239,9 @@ class Cluster:
     ``clock``, ``sleep`` and ``is_stale`` are for tests.
 
     Raises ValueError for no nodes, an unknown ``primary``, no ``primary``
-    without a monitor, or a negative ``causal_wait``. Safe to share between
-    threads.
+    without a monitor, a negative ``causal_wait``, or a ``name`` that is not
+    a lower-case ASCII identifier of at most 63 characters
+    (:func:`tiers.db.tokens.is_cluster_name`). Safe to share between threads.
     """
 
     def __init__(
@@ -249,7 +257,9 @@ class Cluster:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         is_stale: Callable[[Connection], bool] = connection_is_stale,
+        name: str = tokens.DEFAULT_CLUSTER,
     ) -> None:
+        tokens.check_cluster_name(name)
         if not nodes:
             raise ValueError("a cluster needs at least one node")
         if primary is not None and primary not in nodes:
@@ -258,6 +268,7 @@ class Cluster:
             raise ValueError("without a monitor the primary must be named")
         if causal_wait < 0:
             raise ValueError("causal_wait must not be negative")
+        self.name = name
         self.nodes: Mapping[str, str] = MappingProxyType(dict(nodes))
         self.primary_hint = primary
         self.monitor = monitor
@@ -292,7 +303,7 @@ class Cluster:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *,
-                 monitor: bool = True) -> Cluster:
+                 monitor: bool = True, name: str = tokens.DEFAULT_CLUSTER) -> Cluster:
         """Build a cluster the way app servers run: from the environment.
 
         ``TIERS_DB_PRIMARY`` (required) is the DSN of the node believed to be
@@ -302,8 +313,10 @@ class Cluster:
         0.05) and ``TIERS_DB_MONITOR_INTERVAL`` (seconds between health
         rounds, default 0.25) are optional. With ``monitor`` (the default) a
         HealthMonitor watches every node, so the primary is found again
-        after a failover. Raises ConfigError naming the variable for a
-        missing primary, a value that does not parse, or a bad number.
+        after a failover. ``name`` is the cluster's (``main`` unless
+        :class:`tiers.db.clusters.Databases` builds it). Raises ConfigError
+        naming the variable for a missing primary, a value that does not
+        parse, or a bad number; ValueError for a bad ``name``.
         """
         settings = settings_from_env(os.environ if environ is None else environ)
         health: HealthSource | None = None
@@ -311,7 +324,7 @@ class Cluster:
             health = HealthMonitor(settings.nodes, interval=settings.monitor_interval,
                                    primary=settings.primary)
         return cls(settings.nodes, settings.primary, monitor=health,
-                   causal_wait=settings.causal_wait)
+                   causal_wait=settings.causal_wait, name=name)
 
     # -- topology ------------------------------------------------------------
 
@@ -352,8 +365,9 @@ class Cluster:
              max_staleness: float | None = None) -> AbstractContextManager[Connection]:
         """A read-only use of a node that satisfies the consistency asked for.
 
-        ``token`` defaults to the current request scope's token; pass None
-        for any healthy replica, or a token for read-your-writes. The block's
+        ``token`` defaults to the current request scope's token for this
+        cluster (none if it has no entry); pass None for any healthy
+        replica, or a token of this cluster for read-your-writes. The block's
         transaction is rolled back afterwards. A malformed token raises
         ValueError (check client input with ``is_token``). Raises
         NodeUnavailable if the primary is needed and cannot be reached, or
@@ -424,8 +438,9 @@ class Cluster:
         self._state().last_node = node
 
     def note_commit(self, token: str) -> None:
-        """Record a commit's token for this thread and the current request scope."""
-        tokens.note_write(token)
+        """Record a commit's token for this thread and, under this cluster's name, in the
+        current request scope."""
+        tokens.note_write(token, self.name)
         self._state().token = token
 
     def report_failure(self, node: str, exc: BaseException, *, writing: bool) -> Failure:
@@ -502,7 +517,7 @@ class Cluster:
 
     def _wanted(self, token: Token) -> int | None:
         if token is FROM_CONTEXT:
-            token = tokens.current_token()
+            token = tokens.current_token(self.name)
         return None if token is None else parse_lsn(token)
 
     def _rediscover(self) -> None:

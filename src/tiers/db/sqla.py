@@ -11,7 +11,10 @@
 
 Another session sees the write when it runs in the same request scope (the
 WSGI middleware's, or one opened with :func:`tiers.db.tokens.causal_scope`),
-since the commit's token is recorded there.
+since the commit's token is recorded there, under the cluster's name. A
+session belongs to one cluster: it reads with that cluster's entry of the
+scope only, and its commits replace that entry only, so sessions over
+several clusters in one request each keep read-your-writes on their own.
 
 How a :class:`RoutingSession` picks the engine for each statement
 (:meth:`RoutingSession.get_bind`):
@@ -23,17 +26,18 @@ How a :class:`RoutingSession` picks the engine for each statement
   its later reads must see its own uncommitted writes.
 * Reads before the first write go to the node :meth:`Cluster.read_node`
   chooses for the session's causal token: the later of the token of this
-  session's last committed write and the current request scope's (set by
-  :mod:`tiers.app.causal`). A replica that has replayed it, one waited for
-  briefly, else the primary. The choice holds for the rest of the
-  transaction, so its reads share one connection.
+  session's last committed write and the current request scope's token for
+  the session's cluster (set by :mod:`tiers.app.causal`). A replica that
+  has replayed it, one waited for briefly, else the primary. The choice
+  holds for the rest of the transaction, so its reads share one connection.
 * After a transaction that wrote commits, the session reads
   ``pg_current_wal_lsn()`` on the primary's connection before that
   connection goes back to the pool, and records it as
   :attr:`RoutingSession.causal_token`, as the cluster's
-  ``last_write_token`` of this thread and in the request scope (so the
-  middleware hands it to the client). If that position cannot be read, the
-  session reads from the primary from then on rather than risk a stale read.
+  ``last_write_token`` of this thread and in the request scope under the
+  cluster's name (so the middleware hands it to the client). If that
+  position cannot be read, the session reads from the primary from then on
+  rather than risk a stale read.
 
 Caveats, which follow from routing per statement:
 
@@ -197,7 +201,7 @@ class RoutingSession(Session):
             self.cluster.record(self._write_node, intent)
             return self.engines[self._write_node]
         if self._read_node is None:
-            token = tokens.later(self.causal_token, tokens.current_token())
+            token = tokens.later(self.causal_token, tokens.current_token(self.cluster.name))
             self._read_node = self.cluster.read_node(token)
         else:
             self.cluster.record(self._read_node, Intent.READ)

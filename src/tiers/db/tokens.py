@@ -1,34 +1,58 @@
-"""Causal tokens: PostgreSQL WAL positions, and the token of the request being served.
+"""Causal tokens: PostgreSQL WAL positions per cluster, and those of the request being served.
 
-A *causal token* is the primary's WAL position (``pg_current_wal_lsn()``)
-read right after a commit, in PostgreSQL's ``X/Y`` text form. Any node whose
-replayed position has reached the token has that commit (and every earlier
-one), so a read that presents the token may be served there. Positions only
-grow on one server history; a token is never trusted beyond that meaning: a
-malformed one is refused (:func:`parse_lsn` raises ValueError, :func:`is_token`
-says False), and one from the future only sends reads to the primary.
+A *causal token* is one cluster's primary WAL position
+(``pg_current_wal_lsn()``) read right after a commit, in PostgreSQL's
+``X/Y`` text form. Any node of that cluster whose replayed position has
+reached the token has that commit (and every earlier one), so a read that
+presents the token may be served there. Positions only grow on one server
+history, and the positions of two clusters are unrelated numbers: a token is
+only ever compared with positions of the cluster that made it, and never
+trusted beyond that meaning. A malformed one is refused (:func:`parse_lsn`
+raises ValueError, :func:`is_token` says False), and one from the future only
+sends reads to the primary.
 
-The *request context* carries the token of the client being served, so that
-application code does not pass it around: :func:`causal_scope` opens a scope
-(the WSGI middleware in :mod:`tiers.app.causal` opens one per request, with
-the token from the client's cookie), :func:`current_token` is what reads use
-when they are given no token, and :func:`note_write` (called by the router
-after every commit) replaces the scope's token with the new commit's, so
-later reads in the same request see the write and the middleware knows to
-send the new token back. The scope lives in a :class:`contextvars.ContextVar`,
-so threads and asyncio tasks each have their own; outside any scope
-``current_token`` is None and ``note_write`` does nothing.
+Tokens are therefore kept *by cluster name* (:class:`tiers.db.router.Cluster`
+has a ``name``, ``main`` unless given another; :class:`tiers.db.clusters.Databases`
+gives each cluster its own). Names are lower-case ASCII identifiers of at
+most :data:`MAX_CLUSTER_NAME` characters (:func:`is_cluster_name`), so that
+they travel in a cookie unquoted.
+
+The *request context* carries the tokens of the client being served, so that
+application code does not pass them around: :func:`causal_scope` opens a
+scope (the WSGI middleware in :mod:`tiers.app.causal` opens one per request,
+with the tokens from the client's cookie), :func:`current_token` is what a
+cluster's reads use when they are given no token (the entry under that
+cluster's name, or None), and :func:`note_write` (called by the router after
+every commit) replaces the entry of the committing cluster with the new
+commit's token, so later reads in the same request see the write, a write on
+one cluster leaves the other clusters' entries alone, and the middleware
+knows to send the tokens back. The scope lives in a
+:class:`contextvars.ContextVar`, so threads and asyncio tasks each have their
+own; outside any scope ``current_token`` is None and ``note_write`` does
+nothing.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+DEFAULT_CLUSTER: Final = "main"
+"""The name of a cluster given none, and the cluster of a bare token (the one-cluster form)."""
+
+MAX_CLUSTER_NAME: Final = 63
+"""The longest cluster name a token may be kept under (PostgreSQL's identifier limit)."""
 
 _LSN_RE = re.compile(r"\A([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\Z")
+_NAME_RE = re.compile(rf"\A[a-z_][a-z0-9_]{{0,{MAX_CLUSTER_NAME - 1}}}\Z")
+
+TokenMap = Mapping[str, str]
+"""Cluster name -> causal token of that cluster."""
 
 
 def parse_lsn(text: str) -> int:
@@ -69,33 +93,82 @@ def later(first: str | None, second: str | None) -> str | None:
     return first if parse_lsn(first) >= parse_lsn(second) else second
 
 
+def is_cluster_name(text: object) -> bool:
+    """True if ``text`` may name a cluster: a lower-case ASCII identifier, at most 63 long."""
+    return isinstance(text, str) and _NAME_RE.match(text) is not None
+
+
+def check_cluster_name(name: str) -> str:
+    """``name`` itself if :func:`is_cluster_name` accepts it; ValueError saying why otherwise."""
+    if not is_cluster_name(name):
+        raise ValueError(f"cluster name {name!r} must be a lower-case ASCII identifier "
+                         f"of at most {MAX_CLUSTER_NAME} characters")
+    return name
+
+
+def token_map(tokens: TokenMap | str | None) -> dict[str, str]:
+    """A checked copy of ``tokens``: a mapping of cluster name -> token, a bare token
+    (the cluster ``main``'s), or None (no token at all, an empty mapping).
+
+    Raises ValueError naming the first bad cluster name or malformed token.
+    """
+    if tokens is None:
+        return {}
+    if isinstance(tokens, str):
+        parse_lsn(tokens)
+        return {DEFAULT_CLUSTER: tokens}
+    made = {}
+    for name, token in tokens.items():
+        check_cluster_name(name)
+        if not isinstance(token, str) or not is_token(token):
+            raise ValueError(f"not an LSN for cluster {name!r}: {token!r}")
+        made[name] = token
+    return made
+
+
 @dataclass
 class CausalScope:
-    """The causal state of one request: the token it came with, and the one it leaves with.
+    """The causal state of one request: the tokens it came with, and those it leaves with.
 
-    ``received`` is the token the client presented (None for none);
-    ``token`` starts equal to it and becomes each commit's token in turn.
-    ``wrote`` tells whether a write committed within the scope, i.e. whether
-    the client must be handed ``token``.
+    ``received`` maps each cluster to the token the client presented for it
+    (read-only; empty for none); ``tokens`` starts equal to it and takes each
+    commit's token under its cluster's name. ``written`` names the clusters
+    a write committed on within the scope; ``wrote`` tells whether there is
+    any, i.e. whether the client must be handed ``tokens``. Build one with
+    :meth:`starting` (which checks what it is given) or :func:`causal_scope`.
     """
 
-    received: str | None = None
-    token: str | None = None
-    wrote: bool = False
+    received: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    tokens: dict[str, str] = field(default_factory=dict)
+    written: set[str] = field(default_factory=set)
+
+    @classmethod
+    def starting(cls, tokens: TokenMap | str | None = None) -> CausalScope:
+        """A scope that received ``tokens`` (as :func:`token_map` takes them); ValueError
+        if a name or token is malformed."""
+        checked = token_map(tokens)
+        return cls(received=MappingProxyType(dict(checked)), tokens=dict(checked))
+
+    @property
+    def wrote(self) -> bool:
+        """Whether a write committed within the scope (so the client must be handed it)."""
+        return bool(self.written)
 
 
 _scope: ContextVar[CausalScope | None] = ContextVar("tiers_causal_scope", default=None)
 
 
 @contextmanager
-def causal_scope(token: str | None = None) -> Iterator[CausalScope]:
-    """A new scope whose reads use ``token`` unless given another; ValueError if it is malformed.
+def causal_scope(tokens: TokenMap | str | None = None) -> Iterator[CausalScope]:
+    """A new scope whose reads on each cluster use its entry in ``tokens`` unless given
+    another token.
 
-    Scopes nest: the inner one hides the outer one until it ends.
+    ``tokens`` maps cluster names to tokens; a bare token stands for
+    ``{"main": token}`` (the one-cluster form); None for no token. ValueError
+    if a name or token is malformed. Scopes nest: the inner one hides the
+    outer one until it ends.
     """
-    if token is not None:
-        parse_lsn(token)
-    with activate(CausalScope(received=token, token=token)) as scope:
+    with activate(CausalScope.starting(tokens)) as scope:
         yield scope
 
 
@@ -118,21 +191,31 @@ def current_scope() -> CausalScope | None:
     return _scope.get()
 
 
-def current_token() -> str | None:
-    """The token reads use when they are given none: the scope's, or None outside a scope."""
+def current_token(cluster: str = DEFAULT_CLUSTER) -> str | None:
+    """The token reads on ``cluster`` use when given none: the scope's entry for that
+    cluster, or None (no entry, or outside a scope)."""
     scope = _scope.get()
-    return None if scope is None else scope.token
+    return None if scope is None else scope.tokens.get(cluster)
 
 
-def note_write(token: str) -> None:
-    """Record a commit's token in the current scope (if any); ValueError if it is malformed.
+def current_tokens() -> dict[str, str]:
+    """A copy of every token of the current scope by cluster (empty outside a scope)."""
+    scope = _scope.get()
+    return {} if scope is None else dict(scope.tokens)
 
-    The latest commit wins rather than the highest position: after a
-    failover the new primary's positions may lie below tokens of commits
-    the old one never shipped, and only the latest commit is known to exist.
+
+def note_write(token: str, cluster: str = DEFAULT_CLUSTER) -> None:
+    """Record a commit's token under its cluster in the current scope (if any).
+
+    ValueError if the token or the cluster name is malformed. Other
+    clusters' entries are kept. Within one cluster the latest commit wins
+    rather than the highest position: after a failover the new primary's
+    positions may lie below tokens of commits the old one never shipped, and
+    only the latest commit is known to exist.
     """
     parse_lsn(token)
+    check_cluster_name(cluster)
     scope = _scope.get()
     if scope is not None:
-        scope.token = token
-        scope.wrote = True
+        scope.tokens[cluster] = token
+        scope.written.add(cluster)

@@ -16,6 +16,7 @@ from tiers.db.ids import compose_id, shard_of_id
 from tiers.db.monitor import HealthMonitor
 from tiers.db.router import Cluster
 from tiers.db.sharding import CrossShardError, ShardMap, TableGroup, TableGroups
+from tiers.db.tokens import causal_scope, current_token
 from tiers.errors import ConfigError, DatabaseError
 from tiers.supervisor.stack import Stack
 
@@ -140,6 +141,10 @@ def test_causal_wait_applies_to_every_cluster() -> None:
      f"{CLUSTERS_ENV}.social.replicas", "list of strings"),
     ({CLUSTERS_ENV: {"social": {"primary": "nonsense"}}}, f"{CLUSTERS_ENV}.social",
      "not a conninfo"),
+    ({CLUSTERS_ENV: {"So-cial": {"primary": SOCIAL}}}, f"{CLUSTERS_ENV}.So-cial",
+     "lower-case ASCII identifier"),
+    ({CLUSTERS_ENV: {"x" * 64: {"primary": SOCIAL}}}, f"{CLUSTERS_ENV}.{'x' * 64}",
+     "at most 63"),
     ({CLUSTERS_ENV: None, "TIERS_DB_PRIMARY": None}, "TIERS_DB_PRIMARY", "not set"),
     ({"TIERS_DB_CAUSAL_WAIT": "soon"}, "TIERS_DB_CAUSAL_WAIT", "not a number"),
     ({TABLES_ENV: "nope"}, TABLES_ENV, "not valid JSON"),
@@ -253,6 +258,36 @@ def test_maps_built_in_code_must_name_given_clusters() -> None:
         Databases({})
 
 
+def test_every_cluster_is_named_as_its_key() -> None:
+    # The name is the key of the cluster's causal tokens: two clusters under
+    # one name would compare each other's positions.
+    with pytest.raises(ValueError, match="given as 'social' is named 'main'"):
+        Databases({"main": Cluster({"a": "host=a"}, "a"),
+                   "social": Cluster({"b": "host=b"}, "b")})
+    fine = Databases({"main": Cluster({"a": "host=a"}, "a"),
+                      "social": Cluster({"b": "host=b"}, "b", name="social")})
+    assert {name: c.name for name, c in fine.clusters.items()} == {"main": "main",
+                                                                   "social": "social"}
+
+
+def test_the_environment_names_each_cluster(tmp_path: Path) -> None:
+    for databases in (Databases.from_env(env(), monitor=False),
+                      Databases.from_env(stack_env(tmp_path), monitor=False),
+                      Databases.from_env(env(**{CLUSTERS_ENV: {"social": {"primary": SOCIAL}}}),
+                                         monitor=False)):
+        assert [c.name for c in databases.clusters.values()] == ["main", "social"]
+
+
+def test_each_clusters_commits_are_kept_under_its_name() -> None:
+    databases, _conns = fake_databases()
+    main, social = databases.cluster("main"), databases.cluster("social")
+    with causal_scope({"main": "0/10"}) as scope:
+        main.note_commit("0/20")
+        social.note_commit("0/5")
+        assert scope.tokens == {"main": "0/20", "social": "0/5"}
+        assert (current_token(main.name), current_token(social.name)) == ("0/20", "0/5")
+
+
 # -- ids made by the key's cluster ----------------------------------------------------------
 
 
@@ -296,7 +331,7 @@ def fake_databases(installed: bool = True) -> tuple[Databases, dict[str, FakeCon
         return conns[dsn]
 
     clusters = {name: Cluster({f"{name}-primary": f"host={name}"}, f"{name}-primary",
-                              connector=connector, is_stale=lambda conn: False)
+                              connector=connector, is_stale=lambda conn: False, name=name)
                 for name in ("main", "social")}
     return Databases(clusters, shards=ShardMap.evenly(["main", "social"], 1024),
                      sharded_tables=["stars"]), conns

@@ -283,6 +283,10 @@ def test_from_env_names_every_node_and_builds_a_monitor() -> None:
     assert list(alone.nodes) == ["127.0.0.1:5432/x"]
     assert alone.monitor is None
     assert alone.causal_wait == 0.05
+    assert (cluster.name, alone.name) == ("main", "main")
+    named = Cluster.from_env({"TIERS_DB_PRIMARY": "postgresql://127.0.0.1/x"}, monitor=False,
+                             name="social")
+    assert named.name == "social"
     assert Router is Cluster
 
 
@@ -315,6 +319,18 @@ def test_the_constructor_checks_its_nodes() -> None:
         Cluster({"a": "dbname=a"})
     with pytest.raises(ValueError):
         Cluster({"a": "dbname=a"}, "a", causal_wait=-1)
+
+
+@pytest.mark.parametrize("name", ["", "Social", "so-cial", "a.b", "x" * 64, "\u00e9t\u00e9"])
+def test_the_constructor_checks_the_clusters_name(name: str) -> None:
+    with pytest.raises(ValueError, match="lower-case ASCII identifier"):
+        Cluster({"a": "dbname=a"}, "a", name=name)
+
+
+def test_a_cluster_is_main_unless_named() -> None:
+    assert Cluster({"a": "dbname=a"}, "a").name == "main"
+    assert Cluster.from_dsns("dbname=a", ["dbname=b"]).name == "main"
+    assert Cluster.from_dsns("dbname=a", name="social_2").name == "social_2"
 
 
 class SocketConn:
@@ -445,6 +461,47 @@ def test_reads_use_the_request_scopes_token_unless_given_one() -> None:
     assert {served_by(cluster) for _ in range(4)} == {"r0", "r1"}
 
 
+def test_reads_use_only_their_own_clusters_entry_of_the_scope() -> None:
+    main_nodes, social_nodes = Nodes(40, 60), Nodes(40, 60)
+    main = main_nodes.cluster(causal_wait=0.0)
+    social = social_nodes.cluster(causal_wait=0.05, name="social")
+
+    def checks(nodes: Nodes) -> int:
+        return sum(replica.position_checks for replica in nodes.replicas)
+
+    with causal_scope({"main": format_lsn(50)}):
+        assert {served_by(main) for _ in range(4)} == {"r1"}
+        # No entry for social: any replica at once, main's position never asked about.
+        assert {served_by(social) for _ in range(4)} == {"r0", "r1"}
+        assert checks(social_nodes) == 0 and social_nodes.sleeps == []
+    with causal_scope({"main": format_lsn(1000), "social": format_lsn(50)}):
+        # Main's token is past every node of social; social reads with its own.
+        assert {served_by(social) for _ in range(4)} == {"r1"}
+        assert social_nodes.sleeps == []
+        assert served_by(main) == "p"
+    with causal_scope({"social": format_lsn(70)}):
+        assert {served_by(main) for _ in range(4)} == {"r0", "r1"}
+        assert served_by(social) == "p"
+
+
+def test_writes_on_two_clusters_keep_both_tokens_and_each_read_uses_its_own() -> None:
+    main_nodes, social_nodes = Nodes(40, 60), Nodes(20, 40)
+    social_nodes.primary.position = 16
+    main = main_nodes.cluster(causal_wait=0.0)
+    social = social_nodes.cluster(causal_wait=0.0, name="social")
+    with causal_scope({"archive": "7/0"}) as scope:
+        on_main = write(main)
+        on_social = write(social)  # the latest write, at a lower position than main's
+        assert (on_main, on_social) == (format_lsn(116), format_lsn(32))
+        assert scope.tokens == {"archive": "7/0", "main": on_main, "social": on_social}
+        assert scope.written == {"main", "social"}
+        # Main's replicas (40, 60) have social's position but not main's write.
+        assert {served_by(main) for _ in range(4)} == {"p"}
+        # Social's r1 (40) has social's write; main's position would have sent it to p.
+        assert {served_by(social) for _ in range(4)} == {"r1"}
+        assert main.last_write_token == on_main and social.last_write_token == on_social
+
+
 def test_without_a_monitor_bounded_staleness_reads_the_primary() -> None:
     cluster = Nodes(50).cluster()
     assert served_by(cluster, max_staleness=10.0) == "p"
@@ -465,7 +522,8 @@ def test_a_write_commits_and_records_the_token_for_the_thread_and_the_scope() ->
     assert nodes.primary.commits == 1
     assert transaction.token == format_lsn(116) and transaction.node == "p"
     assert cluster.last_write_token == transaction.token
-    assert (scope.received, scope.token, scope.wrote) == ("0/1", transaction.token, True)
+    assert (scope.received, scope.tokens, scope.wrote) == (
+        {"main": "0/1"}, {"main": transaction.token}, True)
     # The token is read after the commit, outside any transaction.
     assert "pg_current_wal_lsn" in nodes.primary.statements[-1]
 

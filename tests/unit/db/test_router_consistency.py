@@ -20,9 +20,12 @@ from tiers.db.consistency import (
 )
 from tiers.db.tokens import (
     causal_scope,
+    check_cluster_name,
     current_scope,
     current_token,
+    current_tokens,
     format_lsn,
+    is_cluster_name,
     is_token,
     later,
     note_write,
@@ -82,19 +85,48 @@ def test_is_token() -> None:
 def test_outside_a_scope_there_is_no_token_and_writes_are_not_kept() -> None:
     assert current_scope() is None and current_token() is None
     note_write("0/10")
-    assert current_token() is None
+    note_write("0/10", "social")
+    assert current_token() is None and current_token("social") is None
+    assert current_tokens() == {}
 
 
 def test_a_scope_carries_its_token_and_takes_the_latest_write() -> None:
-    with causal_scope("0/20") as scope:
-        assert current_token() == "0/20"
+    with causal_scope("0/20") as scope:  # a bare token: main's
+        assert current_token() == "0/20" and current_token("main") == "0/20"
         assert not scope.wrote
         note_write("0/30")
         # The latest commit wins, even below the received token (after a failover).
         note_write("0/10")
         assert current_token() == "0/10"
-        assert (scope.received, scope.token, scope.wrote) == ("0/20", "0/10", True)
+        assert (scope.received, scope.tokens, scope.wrote) == (
+            {"main": "0/20"}, {"main": "0/10"}, True)
+        assert scope.written == {"main"}
     assert current_token() is None
+
+
+def test_a_scope_keeps_one_token_per_cluster() -> None:
+    with causal_scope({"main": "0/20", "social": "5/0"}) as scope:
+        assert current_token("main") == "0/20" and current_token("social") == "5/0"
+        assert current_token("archive") is None
+        note_write("0/8", "social")  # below the received one: still the latest commit
+        assert current_tokens() == {"main": "0/20", "social": "0/8"}
+        note_write("0/30", "archive")
+        note_write("0/31")
+        assert current_tokens() == {"main": "0/31", "social": "0/8", "archive": "0/30"}
+        assert scope.received == {"main": "0/20", "social": "5/0"}
+        assert scope.written == {"main", "social", "archive"} and scope.wrote
+    with causal_scope({}) as empty:
+        assert current_tokens() == {} and empty.received == {} and not empty.wrote
+
+
+def test_what_a_scope_received_cannot_change() -> None:
+    given = {"main": "0/1"}
+    with causal_scope(given) as scope:
+        given["main"] = "0/99"
+        note_write("0/2")
+        assert scope.received == {"main": "0/1"}
+        with pytest.raises(TypeError):
+            scope.received["main"] = "0/3"  # type: ignore[index]
 
 
 def test_scopes_nest_and_are_per_thread() -> None:
@@ -109,11 +141,34 @@ def test_scopes_nest_and_are_per_thread() -> None:
     assert seen == [None]
 
 
-def test_a_scope_refuses_a_malformed_token() -> None:
-    with pytest.raises(ValueError), causal_scope("yesterday"):
+@pytest.mark.parametrize(
+    "tokens",
+    ["yesterday", {"main": "yesterday"}, {"Main": "0/1"}, {"so-cial": "0/1"}, {"": "0/1"},
+     {"x" * 64: "0/1"}, {"\u00e9t\u00e9": "0/1"}],
+)
+def test_a_scope_refuses_a_malformed_token_or_cluster_name(tokens: dict[str, str] | str) -> None:
+    with pytest.raises(ValueError), causal_scope(tokens):
         pass
-    with causal_scope(None), pytest.raises(ValueError):
-        note_write("soon")
+
+
+def test_note_write_refuses_a_malformed_token_or_cluster_name() -> None:
+    with causal_scope(None) as scope:
+        with pytest.raises(ValueError):
+            note_write("soon")
+        with pytest.raises(ValueError):
+            note_write("0/1", "So cial")
+        assert scope.tokens == {} and not scope.wrote
+
+
+def test_cluster_names() -> None:
+    for good in ("main", "social", "shard_07", "_x", "a" * 63):
+        assert is_cluster_name(good)
+        assert check_cluster_name(good) == good
+    for bad in ("", "Main", "7th", "so-cial", "a.b", "a:b", "a b", "\u00e9", "a" * 64,
+                "main\n", None, 7):
+        assert not is_cluster_name(bad)
+    with pytest.raises(ValueError, match="lower-case ASCII identifier"):
+        check_cluster_name("So-cial")
 
 
 # -- choosing replicas -------------------------------------------------------------------------

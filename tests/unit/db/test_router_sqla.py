@@ -33,6 +33,7 @@ class FakeCluster:
     """What RoutingSession asks of a Cluster: the primary, a read node, accounting."""
 
     def __init__(self) -> None:
+        self.name = "main"
         self.primary_name = "p"
         self.read_tokens: list[str | None] = []
         self.records: list[tuple[str, Intent]] = []
@@ -229,6 +230,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_a_session_reads_with_its_own_clusters_entry_of_the_scope(nodes: Nodes) -> None:
+    with causal_scope({"social": "0/90"}), nodes.session() as session:
+        count(session)  # the scope has nothing for main
+    assert nodes.cluster.read_tokens == [None]
+    nodes.cluster.name = "social"
+    with causal_scope({"main": "0/90", "social": "0/30"}), nodes.session() as session:
+        count(session)
+    assert nodes.cluster.read_tokens[-1] == "0/30"
+
+
+def test_a_sessions_commit_is_recorded_under_its_clusters_name(nodes: Nodes) -> None:
+    social = Cluster({"p": "dbname=p", "r": "dbname=r"}, "p", name="social")
+    with causal_scope({"main": "0/1", "social": "0/5"}) as scope:
+        with RoutingSession(cluster=social, engines=nodes.engines,
+                            token_reader=nodes.read_token) as session, session.begin():
+            session.add(Note(body="on social"))
+        assert scope.tokens == {"main": "0/1", "social": "0/20"}
+        assert scope.written == {"social"}
+    assert social.last_write_token == "0/20"
 
 
 def test_node_engines_translate_a_gone_node_into_node_unavailable() -> None:

@@ -298,7 +298,7 @@ def test_real_store_round_trip(database: str) -> None:
         other = store.save_bookmark(NewBookmark("https://example.com/a", "Other", "bob", ""))
         assert first.entry_id == again.entry_id == other.entry_id
         assert first.token is not None and other.token is not None
-        assert scope.token == other.token
+        assert scope.tokens == {"main": other.token}
         page = store.entry_page(first.entry_id)
         assert page is not None
         assert page.entry.title == "Real title"  # a placeholder title gives way once
