@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 import psutil
 
@@ -120,8 +120,13 @@ class Children:
         stdout_path: str | None = None,
         stop_signal: int = signal.SIGTERM,
         env: Mapping[str, str] | None = None,
+        popen_kwargs: Mapping[str, Any] | None = None,
     ) -> Child:
-        """Start ``argv`` in a new session; stderr (and stdout unless redirected) to a log."""
+        """Start ``argv`` in a new session; stderr (and stdout unless redirected) to a log.
+
+        ``popen_kwargs`` go to ``subprocess.Popen`` as they are (``cwd``, ``user``,
+        ``group``, ...), e.g. to run a server as an unprivileged user.
+        """
         log_path = os.path.join(self._log_dir, f"{name}.log")
         log_file: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         out_file: IO[bytes] = open(stdout_path, "ab") if stdout_path else log_file  # noqa: SIM115
@@ -133,6 +138,7 @@ class Children:
                 stderr=log_file,
                 start_new_session=True,
                 env=None if env is None else dict(env),
+                **dict(popen_kwargs or {}),
             )
         except OSError as exc:
             raise BenchmarkError(f"cannot start {name} ({argv[0]}): {exc}") from exc
