@@ -22,6 +22,13 @@ even if the replica that serves it lags, on whichever app server it lands.
 Give every app server the same ``TIERS_SECRET_KEY`` to sign it (see
 ``tiers.app.causal`` for what happens without one).
 
+Caching: with ``TIERS_CACHE_NODES`` set (``tiers up`` sets it), a user's
+rendered stars and the hot-entries ranking go through the cache tier; see
+``bookmarks.caching`` for the keys, the TTLs and why a user who just starred
+something never gets the list from before. Without it every page reads the
+database. A malformed ``TIERS_CACHE_*`` variable stops the import with
+ConfigError naming it.
+
 ``app`` is built with a store that connects on first use in each process
 (``TIERS_DB_PRIMARY``, ``TIERS_DB_REPLICAS``, and with more clusters
 ``TIERS_DB_CLUSTERS``, ``TIERS_DB_TABLES`` and ``TIERS_DB_SHARDS``: see
@@ -34,14 +41,18 @@ cannot work. Tests call ``create_app`` with a ``bookmarks.memory.MemoryStore``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TypeAlias
 from urllib.parse import urlsplit
 
 import psycopg
 from flask import Flask, jsonify, redirect, render_template, request, url_for
+from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
+from bookmarks.caching import SiteCache, stars_key
 from bookmarks.forms import (
     COMMENT_MAX,
     TITLE_MAX,
@@ -52,8 +63,10 @@ from bookmarks.forms import (
     validate_star,
     validate_user,
 )
-from bookmarks.store import ProcessLocalStore, SqlStore, StarsPage, Store
+from bookmarks.store import FrontPage, ProcessLocalStore, SqlStore, StarsPage, Store
 from tiers.app.causal import COOKIE_NAME, CausalMiddleware
+from tiers.cache import CacheCluster, cluster_from_env
+from tiers.cache.env import settings_from_env
 from tiers.db.clusters import CLUSTERS_ENV, SHARDS_ENV, TABLES_ENV, Databases
 from tiers.db.sharding import CrossShardError
 from tiers.errors import DatabaseError
@@ -95,22 +108,42 @@ def _site(url: str) -> str:
     return urlsplit(url).hostname or ""
 
 
-def create_app(store: Store | None = None, *, secret_key: str | None = None) -> Flask:
+CacheSource: TypeAlias = CacheCluster | Callable[[], CacheCluster | None] | None
+
+
+def _site_cache(cache: CacheSource) -> SiteCache:
+    if cache is cluster_from_env:
+        settings_from_env()  # a malformed variable stops the app server now, not per request
+    if cache is None or isinstance(cache, CacheCluster):
+        cluster = cache
+        return SiteCache(lambda: cluster)
+    return SiteCache(cache)
+
+
+def create_app(store: Store | None = None, *, secret_key: str | None = None,
+               cache: CacheSource = cluster_from_env) -> Flask:
     """Build the site over ``store`` (by default PostgreSQL through tiers' router, lazily).
 
     ``secret_key`` signs the causal-token cookie; by default ``TIERS_SECRET_KEY``.
+    ``cache`` is a cache cluster, a function giving the one to use (by
+    default this process's, from ``TIERS_CACHE_NODES``), or None for none.
     """
     app = Flask(__name__)
     app.wsgi_app = CausalMiddleware(app.wsgi_app, secret_key=secret_key)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = MAX_FORM_BYTES
     data = store if store is not None else _default_store()
+    site = _site_cache(cache)
     app.jinja_env.filters["when"] = _when
     app.jinja_env.filters["site"] = _site
     limits = {"url_max": URL_MAX, "title_max": TITLE_MAX, "comment_max": COMMENT_MAX}
 
     @app.get("/")
     def index() -> str:
-        page = data.front_page()
+        if site.cluster() is None:
+            page = data.front_page()
+        else:
+            page = FrontPage(recent=data.recent_entries(),
+                             hot=site.hot_entries(data.hot_entries))
         return render_template("index.html", page=page, limits=limits)
 
     @app.get("/entry/<int:entry_id>")
@@ -133,16 +166,21 @@ def create_app(store: Store | None = None, *, secret_key: str | None = None) -> 
         starred = data.star(user, entry_id)
         if starred is None:
             return render_template("error.html", status=404, message="No such entry."), 404
+        # After the commit, before the redirect: the next visitor renders the list
+        # afresh. The writer is safe even if a stale refill lands after this
+        # delete (bookmarks.caching: fragments are tagged with causal tokens).
+        site.forget(stars_key(user))
         return redirect(url_for("user_stars", user=user), code=303)
 
     @app.get("/users/<user>/stars")
     def user_stars(user: str) -> Response | str | tuple[str, int]:
         if not USER_RE.match(user):
             return render_template("error.html", status=404, message="No such user."), 404
-        page = data.stars_page(user)
         if _wants_json():
-            return jsonify(_stars_json(page))
-        return render_template("stars.html", page=page)
+            return jsonify(_stars_json(data.stars_page(user)))
+        stars = site.fragment(stars_key(user), lambda: render_template(
+            "_stars.html", page=data.stars_page(user)))
+        return render_template("stars.html", user=user, stars=Markup(stars))
 
     @app.post("/users/<user>/stars/copy")
     def copy_stars(user: str) -> Response | tuple[str, int]:
@@ -152,6 +190,7 @@ def create_app(store: Store | None = None, *, secret_key: str | None = None) -> 
         if target == user:
             raise ValidationError("Choose another user to copy the stars to.")
         data.copy_stars(user, target)
+        site.forget(stars_key(target))  # as in add_star: after the commit
         return redirect(url_for("user_stars", user=target), code=303)
 
     @app.errorhandler(CrossShardError)

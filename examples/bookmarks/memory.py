@@ -20,7 +20,7 @@ shows where each star went.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -75,7 +75,8 @@ class _StarRow:
 
 
 class MemoryStore:
-    """A Store in memory; ``read_tokens`` records the token of every read, for assertions."""
+    """A Store in memory; ``read_tokens`` records the token of every read and
+    ``hot_computations`` counts ``hot_entries`` calls, for assertions."""
 
     def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  shards: ShardMap | None = None) -> None:
@@ -93,6 +94,7 @@ class MemoryStore:
         self.position = 0
         self.replica_position = 0
         self.read_tokens: list[str | None] = []
+        self.hot_computations = 0  # hot_entries calls, to see what a cache saves
 
     def catch_up(self) -> None:
         """Let the replica replay everything written so far."""
@@ -123,18 +125,31 @@ class MemoryStore:
     def front_page(self) -> FrontPage:
         with self._lock:
             at = self._visible()
-            entries = [row for row in self._entries.values() if row.lsn <= at]
-            entries.sort(key=lambda row: (row.created_at, row.id), reverse=True)
-            recent = [self._entry(row, at) for row in entries[:RECENT_LIMIT]]
-            since = self._clock() - HOT_WINDOW
-            counts: dict[int, tuple[int, datetime]] = {}
-            for row, _comment in self._bookmarks_at(at):
-                if row.created_at > since:
-                    count, latest = counts.get(row.entry_id, (0, row.created_at))
-                    counts[row.entry_id] = (count + 1, max(latest, row.created_at))
-            ranked = sorted(counts.items(), key=lambda item: item[1], reverse=True)
-            hot = [self._entry(self._entries[entry_id], at) for entry_id, _ in ranked[:HOT_LIMIT]]
-            return FrontPage(recent=recent, hot=hot)
+            return FrontPage(recent=self._recent(at), hot=self._hot(at))
+
+    def recent_entries(self) -> Sequence[Entry]:
+        with self._lock:
+            return self._recent(self._visible())
+
+    def hot_entries(self) -> Sequence[Entry]:
+        with self._lock:
+            self.hot_computations += 1
+            return self._hot(self._visible())
+
+    def _recent(self, at: int) -> list[Entry]:
+        entries = [row for row in self._entries.values() if row.lsn <= at]
+        entries.sort(key=lambda row: (row.created_at, row.id), reverse=True)
+        return [self._entry(row, at) for row in entries[:RECENT_LIMIT]]
+
+    def _hot(self, at: int) -> list[Entry]:
+        since = self._clock() - HOT_WINDOW
+        counts: dict[int, tuple[int, datetime]] = {}
+        for row, _comment in self._bookmarks_at(at):
+            if row.created_at > since:
+                count, latest = counts.get(row.entry_id, (0, row.created_at))
+                counts[row.entry_id] = (count + 1, max(latest, row.created_at))
+        ranked = sorted(counts.items(), key=lambda item: item[1], reverse=True)
+        return [self._entry(self._entries[entry_id], at) for entry_id, _ in ranked[:HOT_LIMIT]]
 
     def entry_page(self, entry_id: int) -> EntryPage | None:
         with self._lock:

@@ -139,7 +139,17 @@ class Copied:
 class Store(Protocol):
     """What the pages need; reads see the current request's causal token (see above)."""
 
-    def front_page(self) -> FrontPage: ...
+    def front_page(self) -> FrontPage:
+        """Recent and hot entries in one read."""
+        ...
+
+    def recent_entries(self) -> Sequence[Entry]:
+        """The front page's recent entries alone (when the hot ones come from a cache)."""
+        ...
+
+    def hot_entries(self) -> Sequence[Entry]:
+        """The front page's hot entries alone: the ranking worth caching."""
+        ...
 
     def entry_page(self, entry_id: int) -> EntryPage | None: ...
 
@@ -321,6 +331,15 @@ class SqlStore:
             hot = conn.execute(_HOT_SQL, (HOT_WINDOW, HOT_LIMIT)).fetchall()
         return FrontPage(recent=[_entry(r) for r in recent], hot=[_entry(r) for r in hot])
 
+    def recent_entries(self) -> Sequence[Entry]:
+        with self.cluster.read() as conn:
+            return [_entry(r) for r in conn.execute(_RECENT_SQL, (RECENT_LIMIT,)).fetchall()]
+
+    def hot_entries(self) -> Sequence[Entry]:
+        with self.cluster.read() as conn:
+            rows = conn.execute(_HOT_SQL, (HOT_WINDOW, HOT_LIMIT)).fetchall()
+        return [_entry(r) for r in rows]
+
     def entry_page(self, entry_id: int) -> EntryPage | None:
         if not 0 < entry_id <= MAX_ENTRY_ID:
             return None
@@ -415,6 +434,12 @@ class ProcessLocalStore:
 
     def front_page(self) -> FrontPage:
         return self.get().front_page()
+
+    def recent_entries(self) -> Sequence[Entry]:
+        return self.get().recent_entries()
+
+    def hot_entries(self) -> Sequence[Entry]:
+        return self.get().hot_entries()
 
     def entry_page(self, entry_id: int) -> EntryPage | None:
         return self.get().entry_page(entry_id)

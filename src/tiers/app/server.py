@@ -35,6 +35,7 @@ from gunicorn import glogging  # type: ignore[import-untyped]
 from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 
 from tiers.app.health import HealthMiddleware
+from tiers.app.metrics import MetricsMiddleware
 
 EXIT_OK = 0
 EXIT_START_FAILED = 1
@@ -159,4 +160,9 @@ class TiersGunicorn(BaseApplication):  # type: ignore[misc]
 
 def serve(options: ServerOptions, wsgi_app: WSGIApplication) -> None:
     """Run the master until it is stopped; gunicorn ends it with SystemExit(status)."""
-    TiersGunicorn(options, HealthMiddleware(wsgi_app)).run()
+    TiersGunicorn(options, wrap(options, wsgi_app)).run()
+
+
+def wrap(options: ServerOptions, wsgi_app: WSGIApplication) -> WSGIApplication:
+    """The app behind tiers' own paths: the health check, then this worker's metrics."""
+    return HealthMiddleware(MetricsMiddleware(wsgi_app, server=options.name))

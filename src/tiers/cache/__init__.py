@@ -11,5 +11,20 @@ Above it: ``ring`` (ketama consistent hashing, as libmemcached does it),
 and hot keys), ``cluster`` (the client applications use: one ring, a pool of
 connections per node, multi-get batched per node in parallel) and
 ``stampede`` (``get_or_compute`` with a lease and early recomputation).
-``fake`` holds in-memory nodes for tests.
+``fake`` holds in-memory nodes for tests, and ``env`` builds the process's
+cluster from the environment an app server is given (``cluster_from_env``).
 """
+
+from tiers.cache.cluster import CacheCluster
+from tiers.cache.env import close_cluster, cluster_from_env
+from tiers.cache.policy import hot, replicated
+from tiers.cache.stampede import get_or_compute
+
+__all__ = [
+    "CacheCluster",
+    "close_cluster",
+    "cluster_from_env",
+    "get_or_compute",
+    "hot",
+    "replicated",
+]

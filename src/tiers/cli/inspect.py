@@ -1,15 +1,24 @@
-"""``tiers status`` and ``tiers logs``: read what the supervisor records, change nothing."""
+"""``tiers status``, ``tiers cache status`` and ``tiers logs``: read what the supervisor
+records and what the services say of themselves, change nothing.
+
+Cache nodes are asked for memcached's ``stats`` (each within a second): the
+node's own items, hits, misses, evictions and memory, whichever engine runs
+it. A node that does not answer shows the error instead.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import click
 import psycopg
 
+from tiers.cache.client import Client
+from tiers.cache.errors import CacheError
 from tiers.cli.context import Context, handles_errors
 from tiers.cli.logtail import Follower, last_lines, prefixer
 from tiers.config import Topology
@@ -30,6 +39,7 @@ def collect_status(state: StateDir, topology: Topology) -> dict[str, Any]:
             entry.update(state="stopped", pid=None)
     else:
         _add_replication(services, topology, state)
+        _add_cache_stats(services)
     return {
         "state_dir": str(state.path),
         "running": running,
@@ -37,6 +47,53 @@ def collect_status(state: StateDir, topology: Topology) -> dict[str, Any]:
         "phase": recorded.get("phase", Phase.STOPPED.value) if running else Phase.STOPPED.value,
         "services": [{k: v for k, v in e.items() if k != "pid_created"} for e in services],
     }
+
+
+# What `tiers status` shows of a node's own `stats`, all integers in memcached.
+CACHE_STATS = ("curr_items", "get_hits", "get_misses", "evictions", "bytes", "limit_maxbytes")
+_STATS_TIMEOUT = 1.0
+
+
+def cache_node_stats(address: str) -> dict[str, Any]:
+    """The node's own counters (``CACHE_STATS``), or ``{"error": reason}`` if it cannot say."""
+    host, _, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") else host
+    try:
+        with Client(host, int(port), connect_timeout=_STATS_TIMEOUT,
+                    timeout=_STATS_TIMEOUT) as client:
+            reported = client.stats()
+    except (CacheError, ValueError) as exc:
+        return {"error": str(exc)}
+    found: dict[str, Any] = {}
+    for name in CACHE_STATS:
+        try:
+            found[name] = int(reported[name])
+        except (KeyError, ValueError):
+            found[name] = None
+    return found
+
+
+def _add_cache_stats(services: list[dict[str, Any]]) -> None:
+    for entry in services:
+        if entry.get("role") == "cache" and entry.get("state") not in ("stopped", "failed"):
+            entry["cache"] = cache_node_stats(entry["address"])
+
+
+def _cache_detail(stats: dict[str, Any]) -> str:
+    if "error" in stats:
+        return f"stats: {stats['error']}"
+
+    def shown(name: str) -> str:
+        value = stats.get(name)
+        return "?" if value is None else str(value)
+
+    memory = f"{_megabytes(stats.get('bytes'))} of {_megabytes(stats.get('limit_maxbytes'))} MB"
+    return (f"items {shown('curr_items')}, hits {shown('get_hits')}, "
+            f"misses {shown('get_misses')}, evictions {shown('evictions')}, {memory}")
+
+
+def _megabytes(value: int | None) -> str:
+    return "?" if value is None else f"{value / 1048576:.1f}"
 
 
 def _add_replication(services: list[dict[str, Any]], topology: Topology,
@@ -110,11 +167,11 @@ def print_status(state: StateDir, topology: Topology, *, as_json: bool) -> None:
                                                           else "")
         if entry.get("fenced"):
             detail = "fenced" + (f"; {detail}" if detail else "")
+        if entry.get("cache") and not detail:
+            detail = _cache_detail(entry["cache"])
         rows.append((entry["name"], entry["role"], str(entry.get("pid") or "-"),
                      entry["address"], entry["state"], str(entry["restarts"]), detail))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
+    _print_rows(rows)
 
 
 @click.command()
@@ -122,8 +179,48 @@ def print_status(state: StateDir, topology: Topology, *, as_json: bool) -> None:
 @click.pass_obj
 @handles_errors
 def status(ctx: Context, as_json: bool) -> None:
-    """Each service: name, role, pid, address, state, restarts."""
+    """Each service: name, role, pid, address, state, restarts, and details (replication
+    of database replicas, the node's own stats for cache nodes)."""
     print_status(ctx.state, ctx.topology(), as_json=as_json)
+
+
+@click.group()
+def cache() -> None:
+    """The cache tier's nodes."""
+
+
+@cache.command(name="status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@handles_errors
+def cache_status(ctx: Context, as_json: bool) -> None:
+    """Each cache node: pid, address, state and what the node reports of itself."""
+    status = collect_status(ctx.state, ctx.topology())
+    nodes = [entry for entry in status["services"] if entry.get("role") == "cache"]
+    if as_json:
+        click.echo(json.dumps(nodes, indent=2))
+        return
+    if not status["running"]:
+        click.echo(f"no stack is running in {status['state_dir']}")
+        return
+    columns = ("NAME", "PID", "ADDRESS", "STATE", *(n.upper() for n in CACHE_STATS))
+    rows = [columns]
+    for entry in nodes:
+        stats = entry.get("cache") or {}
+        values = [("-" if stats.get(n) is None else str(stats[n])) for n in CACHE_STATS]
+        rows.append((entry["name"], str(entry.get("pid") or "-"), entry["address"],
+                     entry["state"], *values))
+    _print_rows(rows)
+    for entry in nodes:
+        error = (entry.get("cache") or {}).get("error")
+        if error:
+            click.echo(f"{entry['name']}: {error}")
+
+
+def _print_rows(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
 
 
 @click.command()
@@ -155,4 +252,4 @@ def logs(ctx: Context, service: str | None, follow: bool, count: int) -> None:
             pass
 
 
-COMMANDS = (status, logs)
+COMMANDS = (status, cache, logs)
