@@ -53,12 +53,13 @@ from __future__ import annotations
 import random
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
+from tiers.cache.client import Client
 from tiers.cache.errors import (
     CacheError,
     CacheKeyError,
@@ -153,9 +154,18 @@ class NodeFactory(Protocol):
 
 def memcached_factory(spec: NodeSpec, *, connect_timeout: float, timeout: float) -> CacheNode:
     """The real thing: a ``tiers.cache.client.Client`` (default serde) for ``spec``."""
-    from tiers.cache.client import Client
-
     return Client(spec.host, spec.port, connect_timeout=connect_timeout, timeout=timeout)
+
+
+_MISSING: Any = object()
+
+
+def _get_one(client: CacheNode, key: str) -> Any:
+    """``key``'s value on ``client``, or ``_MISSING``."""
+    if type(client) is Client:
+        # tiers' own client reads one key without get_many's dict of keys and values.
+        return client.get(key, _MISSING)
+    return client.get_many([key]).get(key, _MISSING)
 
 
 class UnconfirmedWrite(CacheError):
@@ -187,11 +197,8 @@ class _Counters:
     def observe(self, seconds: float) -> None:
         self.latency_sum += seconds
         self.latency_count += 1
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self.buckets[i] += 1
-                return
-        self.buckets[-1] += 1
+        # The first bucket whose bound is >= seconds; past the last bound, +Inf.
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
 
 class _Member:
@@ -219,13 +226,16 @@ class _Pool:
         self.members = [_Member(s, i, self.policy, gutter) for i, s in enumerate(specs)]
 
 
-@dataclass(frozen=True, slots=True)
-class _Target:
+class _Target(NamedTuple):
     """One request to make: which node, under which key, with which TTL cap."""
 
     member: _Member
     key: str
     ttl_cap: int | None = None
+
+
+# Which members a routing pass found up (True) or must skip (False); see ``_admitted``.
+_Admitted = dict[_Member, bool]
 
 
 def _cap(ttl: int, cap: int | None) -> int:
@@ -318,29 +328,65 @@ class CacheCluster:
     def _admit(self, member: _Member, now: float) -> bool:
         return member.policy.admit(member.index, now) is not Admission.SKIP
 
+    @staticmethod
+    def _admitted(member: _Member, now: float, seen: _Admitted) -> bool:
+        """``_admit`` once per member and routing pass (under the lock, one ``now``).
+
+        Within a pass the policy's answer for a member cannot change but for
+        the probe: an up node stays up, an ejected one is skipped, and the one
+        request given a probe is followed by requests that skip the node. So
+        the first answer, with a probe remembered as a skip, holds for every
+        later key of the pass, and a batch of keys costs one ``admit`` per node.
+        """
+        known = seen.get(member)
+        if known is not None:
+            return known
+        admission = member.policy.admit(member.index, now)
+        seen[member] = admission is Admission.USE
+        return admission is not Admission.SKIP
+
     def _route(self, key: str) -> _Target | None:
         """Where a key without copies goes now: owner, next live node, or the gutter."""
-        now = self._clock()
         main = self._main
+        owner = main.ring.index_for(key)
+        if main.policy.up(owner):
+            return _Target(main.members[owner], key)
+        now = self._clock()
         with self._lock:
-            for index in main.ring.walk(key):
-                member = main.members[index]
-                if self._admit(member, now):
-                    return _Target(member, key)
-                if self._gutter is not None:
-                    return self._route_gutter(key, now)
-            self._unrouted += 1
+            member = self._route_locked(key, owner, now, {})
+        if member is None:
             return None
+        return _Target(member, key, self.gutter_ttl if member.gutter else None)
 
-    def _route_gutter(self, key: str, now: float) -> _Target | None:
+    def _route_locked(self, key: str, owner: int, now: float, seen: _Admitted) -> _Member | None:
+        """``_route`` for a key whose ring owner is ``owner``; the caller holds the lock."""
+        main = self._main
+        member = main.members[owner]
+        if self._admitted(member, now, seen):
+            return member
+        if self._gutter is not None:
+            return self._route_gutter(key, now, seen)
+        for index in main.ring.walk(key):
+            if index != owner:
+                member = main.members[index]
+                if self._admitted(member, now, seen):
+                    return member
+        self._unrouted += 1
+        return None
+
+    def _route_gutter(self, key: str, now: float, seen: _Admitted) -> _Member | None:
         gutter = self._gutter
         assert gutter is not None
         for index in gutter.ring.walk(key):
             member = gutter.members[index]
-            if self._admit(member, now):
-                return _Target(member, key, self.gutter_ttl)
+            if self._admitted(member, now, seen):
+                return member
         self._unrouted += 1
         return None
+
+    def _unroutable(self, key: str) -> NodeError:
+        owner = self._main.ring.node_for(key).address
+        return NodeError(owner, "ejected, and no live node can take its keys", sent=False)
 
     def _copies(self, key: str, rule: CopyRule) -> list[_Target]:
         """The live copies of ``key`` under ``rule``, in ring order (ejected ones left out)."""
@@ -395,8 +441,17 @@ class CacheCluster:
             if client is not None:
                 client.close()
             raise
-        self._release(member, client)
-        self._record(member, start, ok=True, error=False)
+        # Success, the common case: pool the client and record it in one locked step.
+        elapsed = time.perf_counter() - start
+        now = self._clock()
+        with self._lock:
+            pooled = not self._closed and len(member.idle) < self._max_idle
+            if pooled:
+                member.idle.append(client)
+            member.counters.observe(elapsed)
+            member.policy.succeeded(member.index, now)
+        if not pooled:
+            client.close()
         return result
 
     def _release(self, member: _Member, client: CacheNode | None) -> None:
@@ -467,17 +522,117 @@ class CacheCluster:
 
     # ---- reads ---------------------------------------------------------------------
 
+    def _plain(self, key: str, copies: CopyRule | None) -> bool:
+        """Whether ``key`` has a single copy (no rule, or a rule of one copy)."""
+        rule = copies or (self.rule_for(key) if self._rules else None)
+        return rule is None or rule.copies == 1
+
     def get(self, key: str, *, copies: CopyRule | None = None) -> object | None:
         """The value of ``key``, or None on a miss (and, by default, on a node error)."""
-        return self.get_many([key], copies=copies).get(key)
+        if (copies is not None or self._rules) and not self._plain(key, copies):
+            return self.get_many([key], copies=copies).get(key)
+        # get_many's plain path, for one key.
+        main = self._main
+        owner = main.ring.index_for(key)
+        member = main.members[owner]
+        if not main.policy.up(owner):
+            now = self._clock()
+            with self._lock:
+                routed = self._route_locked(key, owner, now, {})
+            if routed is None:
+                if not self.read_errors_as_misses:
+                    raise self._unroutable(key)
+                return None
+            member = routed
+        try:
+            value = self._call(member, lambda client: _get_one(client, key))
+        except _READ_ERRORS:
+            if self.read_errors_as_misses:
+                return None
+            raise
+        hit = value is not _MISSING
+        with self._lock:
+            if hit:
+                member.counters.hits += 1
+            else:
+                member.counters.misses += 1
+        return value if hit else None
 
     def get_many(self, keys: Iterable[str], *, copies: CopyRule | None = None) -> dict[str, object]:
         """The values of the keys that hit; one request per node, nodes in parallel.
 
         ``copies`` applies to every key; without it each key's prefix rule does.
         """
+        unique = list(dict.fromkeys(keys))
+        if copies is None and not self._rules:
+            return self._get_plain(unique)
+        if copies is not None and copies.copies == 1:
+            return self._get_plain(unique)
+        if copies is None and all(self._plain(key, None) for key in unique):
+            return self._get_plain(unique)
+        return self._get_planned(unique, copies)
+
+    def _get_plain(self, keys: list[str]) -> dict[str, object]:
+        """``get_many`` of distinct keys that have one copy each: one round, no plans."""
+        if not keys:
+            return {}
+        main = self._main
+        members = main.members
+        owners = main.ring.indices_for_keys(keys)
+        groups: list[list[str]] = [[] for _ in members]
+        for key, owner in zip(keys, owners, strict=True):
+            groups[owner].append(key)
+        batches: dict[_Member, list[str]] = {}
+        unroutable: list[str] = []
+        up = main.policy.up
+        if all(up(index) for index, group in enumerate(groups) if group):
+            # Every owner is up, the common case: each node gets its own keys.
+            for member, group in zip(members, groups, strict=True):
+                if group:
+                    batches[member] = group
+        else:
+            now = self._clock()
+            seen: _Admitted = {}
+            with self._lock:
+                for key, owner in zip(keys, owners, strict=True):
+                    routed = self._route_locked(key, owner, now, seen)
+                    if routed is None:
+                        unroutable.append(key)
+                    else:
+                        batches.setdefault(routed, []).append(key)
+        values: dict[str, object] = {}
+        errors: list[CacheError] = []
+        if batches:
+            asked = list(batches.items())
+            calls = [self._batch_call(member, wire_keys) for member, wire_keys in asked]
+            results = self._fan_out(calls, _READ_ERRORS)
+            counts: list[tuple[_Member, int, int]] = []
+            for (member, wire_keys), result in zip(asked, results, strict=True):
+                if isinstance(result, CacheError):
+                    errors.append(result)
+                    continue
+                hits = 0
+                for key in wire_keys:
+                    if key in result:
+                        values[key] = result[key]
+                        hits += 1
+                counts.append((member, hits, len(wire_keys) - hits))
+            with self._lock:
+                for member, hits, misses in counts:
+                    member.counters.hits += hits
+                    member.counters.misses += misses
+        if unroutable and not self.read_errors_as_misses:
+            raise self._unroutable(unroutable[0])
+        if len(values) < len(keys):
+            self._read_failed(errors)
+        if len(batches) == 1:
+            return values  # one node's keys, in the order asked
+        return {key: values[key] for key in keys if key in values}
+
+    def _get_planned(self, keys: list[str], copies: CopyRule | None) -> dict[str, object]:
+        """``get_many`` where some key has copies: a read plan per key, rounds until settled."""
         plans: dict[str, ReadPlan[_Target]] = {}
-        for key in dict.fromkeys(keys):
+        for key in keys:
             plans[key] = self._read_plan(key, copies or self.rule_for(key))
         found: dict[str, object] = {}
         errors: list[CacheError] = []
@@ -489,7 +644,7 @@ class CacheCluster:
             if not batches:
                 break
             members = list(batches)
-            calls = [self._batch_call(member, batches[member]) for member in members]
+            calls = [self._batch_call(member, list(batches[member])) for member in members]
             for member, result in zip(members, self._fan_out(calls, _READ_ERRORS), strict=True):
                 asked = batches[member]
                 if isinstance(result, CacheError):
@@ -509,8 +664,7 @@ class CacheCluster:
             if plan.found:
                 found[key] = plan.value
             elif plan.unroutable and not self.read_errors_as_misses:
-                owner = self._main.ring.node_for(key).address
-                raise NodeError(owner, "ejected, and no live node can take its keys", sent=False)
+                raise self._unroutable(key)
         if len(found) < len(plans):
             self._read_failed(errors)
         return found
@@ -525,15 +679,14 @@ class CacheCluster:
         return ReadPlan.for_rule(rule, targets, len(self._main.members))
 
     def _batch_call(
-        self, member: _Member, asked: Mapping[str, str]
+        self, member: _Member, wire_keys: list[str]
     ) -> Callable[[], Mapping[str | bytes, Any]]:
-        wire_keys = list(asked)
         return lambda: self._call(member, lambda client: client.get_many(wire_keys))
 
     # ---- writes ----------------------------------------------------------------------
 
     def _targets(self, key: str, copies: CopyRule | None) -> tuple[list[_Target], int]:
-        rule = copies or self.rule_for(key)
+        rule = copies or (self.rule_for(key) if self._rules else None)
         if rule is None or rule.copies == 1:
             target = self._route(key)
             return ([target] if target else []), 1
@@ -546,9 +699,24 @@ class CacheCluster:
         copies: CopyRule | None,
         confirm: bool,
         op: Callable[[CacheNode, _Target], R],
-    ) -> list[R]:
-        """Apply ``op`` to every live copy; the answers, raising if ``confirm`` is unmet."""
+    ) -> tuple[list[R], int]:
+        """Apply ``op`` to every live copy: the answers and the copies required.
+
+        Raises ``UnconfirmedWrite`` if ``confirm`` and fewer than required answered.
+        """
         targets, required = self._targets(key, copies)
+        if len(targets) == 1:
+            # One copy, the common case: in this thread, without the fan-out's lists.
+            target = targets[0]
+            try:
+                answers = [self._call(target.member, lambda client: op(client, target))]
+            except _WRITE_ERRORS as exc:
+                if confirm and required:
+                    raise UnconfirmedWrite(operation, key, 0, required) from exc
+                return [], required
+            if confirm and required > 1:
+                raise UnconfirmedWrite(operation, key, 1, required)
+            return answers, required
         calls = [self._write_call(target, op) for target in targets]
         results = self._fan_out(calls, _WRITE_ERRORS) if calls else []
         answers = [r for r in results if not isinstance(r, CacheError)]
@@ -557,7 +725,7 @@ class CacheCluster:
             raise UnconfirmedWrite(operation, key, len(answers), required) from (
                 failures[-1] if failures else None
             )
-        return answers
+        return answers, required
 
     def _write_call(
         self, target: _Target, op: Callable[[CacheNode, _Target], R]
@@ -577,10 +745,10 @@ class CacheCluster:
 
         True when at least the required copies stored it.
         """
-        answers = self._write(
+        answers, required = self._write(
             "set", key, copies, confirm, lambda c, t: c.set(t.key, value, _cap(ttl, t.ttl_cap))
         )
-        return sum(answers) >= self._required(copies or self.rule_for(key))
+        return sum(answers) >= required
 
     def add(
         self,
@@ -595,14 +763,15 @@ class CacheCluster:
 
         False when the key exists (or, without ``confirm``, when nodes failed).
         """
-        answers = self._write(
+        answers, required = self._write(
             "add", key, copies, confirm, lambda c, t: c.add(t.key, value, _cap(ttl, t.ttl_cap))
         )
-        return sum(answers) >= self._required(copies or self.rule_for(key))
+        return sum(answers) >= required
 
     def delete(self, key: str, *, confirm: bool = False, copies: CopyRule | None = None) -> bool:
         """Remove ``key`` from every live copy; True when some copy held it."""
-        return any(self._write("delete", key, copies, confirm, lambda c, t: c.delete(t.key)))
+        answers, _ = self._write("delete", key, copies, confirm, lambda c, t: c.delete(t.key))
+        return any(answers)
 
     def incr(
         self, key: str, delta: int = 1, *, confirm: bool = False, copies: CopyRule | None = None
@@ -611,18 +780,17 @@ class CacheCluster:
 
         Copies of a counter may drift apart after an outage: each counts on its own.
         """
-        answers = self._write("incr", key, copies, confirm, lambda c, t: c.incr(t.key, delta))
+        answers, _ = self._write("incr", key, copies, confirm, lambda c, t: c.incr(t.key, delta))
         return next((value for value in answers if value is not None), None)
 
     def touch(
         self, key: str, ttl: int, *, confirm: bool = False, copies: CopyRule | None = None
     ) -> bool:
         """Give ``key`` a new TTL on every live copy; True when some copy held it."""
-        return any(
-            self._write(
-                "touch", key, copies, confirm, lambda c, t: c.touch(t.key, _cap(ttl, t.ttl_cap))
-            )
+        answers, _ = self._write(
+            "touch", key, copies, confirm, lambda c, t: c.touch(t.key, _cap(ttl, t.ttl_cap))
         )
+        return any(answers)
 
     # ---- observing ---------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ long a restarted node waits to rejoin while keeping a dead one from adding
 a failed round trip to every request. Across a real network, raise both.
 
 A ``FailurePolicy`` is not thread-safe by itself; the cluster holds its lock
-around every call.
+around every call but ``up``, a single read that changes nothing.
 
 Copies. ``replicated(R, read=...)`` and ``hot(D)`` are the rules that give a
 key copies (``tiers.cache.cluster`` places them); ``required_copies`` is how
@@ -174,6 +174,15 @@ class FailurePolicy:
             return Admission.SKIP
         self._move(node, _Event.TIMEOUT_OVER, now)
         return Admission.PROBE
+
+    def up(self, index: int) -> bool:
+        """Whether node ``index`` is up, so that ``admit`` would answer ``USE``.
+
+        Safe without the lock that guards the other methods: it reads one
+        field, and a node found up is used just as if ``admit`` had been asked
+        at that moment (``admit`` changes nothing for an up node).
+        """
+        return self._nodes[index].health is NodeHealth.UP
 
     def available(self, index: int, now: float) -> bool:
         """Whether ``admit`` would let a request through, without claiming a probe."""

@@ -44,7 +44,7 @@ import enum
 import hashlib
 import struct
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 DEFAULT_PORT = 11211
@@ -53,6 +53,8 @@ POINTS_PER_SERVER = 160
 _POINTS_PER_HASH = 4
 
 _F32 = struct.Struct("<f")
+_U32 = struct.Struct("<I")
+_md5 = hashlib.md5
 
 
 class PointNames(enum.Enum):
@@ -136,8 +138,8 @@ def point_count(weight: int, total_weight: int, servers: int) -> int:
 def key_hash(key: str | bytes) -> int:
     """A key's position on the ring: md5's first four bytes, little-endian."""
     data = key.encode() if isinstance(key, str) else key
-    digest = hashlib.md5(data, usedforsecurity=False).digest()
-    return int.from_bytes(digest[:4], "little")
+    hashed: int = _U32.unpack_from(_md5(data, usedforsecurity=False).digest())[0]
+    return hashed
 
 
 class KetamaRing:
@@ -190,9 +192,30 @@ class KetamaRing:
 
     def index_for(self, key: str | bytes) -> int:
         """The index of the node that owns ``key``; IndexError on an empty ring."""
-        if not self._points:
+        points = self._points
+        if not points:
             raise IndexError("the ring has no nodes")
-        return self._owners[self._start(key)]
+        # key_hash and _start inlined: this runs once per key of every request.
+        data = key.encode() if isinstance(key, str) else key
+        hashed = _U32.unpack_from(_md5(data, usedforsecurity=False).digest())[0]
+        position = bisect_left(points, hashed)
+        return self._owners[position if position < len(points) else 0]
+
+    def indices_for_keys(self, keys: Iterable[str | bytes]) -> list[int]:
+        """``index_for`` of each key, in order; IndexError on an empty ring."""
+        points = self._points
+        if not points:
+            raise IndexError("the ring has no nodes")
+        owners = self._owners
+        size = len(points)
+        unpack = _U32.unpack_from
+        out: list[int] = []
+        append = out.append
+        for key in keys:
+            data = key.encode() if isinstance(key, str) else key
+            position = bisect_left(points, unpack(_md5(data, usedforsecurity=False).digest())[0])
+            append(owners[position if position < size else 0])
+        return out
 
     def point_for(self, key: str | bytes) -> tuple[int, int]:
         """The continuum point ``key`` lands on and its node's index; IndexError when empty."""
