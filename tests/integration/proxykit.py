@@ -37,9 +37,10 @@ FAST_HEALTH = ["--health-interval", "0.1", "--health-timeout", "0.3"]
 class Seen:
     method: str
     path: str
-    connection: int
+    connection: int  # id() of the socket: unique among the connections open at once
     headers: dict[str, str]
     body: bytes
+    peer_port: int = 0  # the proxy's end of the connection: unique while the test runs
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -106,7 +107,8 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(float(query.split("=")[1]))
         body = self._read_body()
         backend.record(
-            Seen(self.command, self.path, id(self.connection), dict(self.headers.items()), body)
+            Seen(self.command, self.path, id(self.connection), dict(self.headers.items()), body,
+                 self.client_address[1])
         )
         if backend.stale and self.served > 1:
             # A keep-alive connection the server closes just as it is reused.
@@ -114,6 +116,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path in backend.cut_paths:
             self._cut()
+            return
+        if path in backend.error_paths:
+            self._send(500, b"broken\n")
             return
         if path == "/cacheable":
             params = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
@@ -144,6 +149,30 @@ class _Handler(BaseHTTPRequestHandler):
                 with backend._lock:
                     backend.progress += len(chunk)
             return
+        if path == "/split":
+            # One Content-Length answer in several sends, with pauses between.
+            params = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
+            pieces = int(params.get("pieces", "3"))
+            gap = float(params.get("gap", "0.05"))
+            body = b"".join(b"piece %d;" % i for i in range(pieces))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.flush()
+            for i in range(pieces):
+                time.sleep(gap)
+                self.wfile.write(b"piece %d;" % i)
+            return
+        if path == "/stall-body":
+            # The head and a tenth of the body, then silence.
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            time.sleep(float(query.split("=")[1]))
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"x" * 90)
+            return
         if path == "/chunked":
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -151,6 +180,11 @@ class _Handler(BaseHTTPRequestHandler):
             for piece in (b"first,", b"second,", b"third"):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             self.wfile.write(b"0\r\n\r\n")
+            return
+        if path == "/close-after":
+            # A whole answer, then the server closes its side.
+            self.close_connection = True
+            self._send(200, b"bye", (("Connection", "close"),))
             return
         if path == "/until-close":
             self.close_connection = True
@@ -203,6 +237,7 @@ class Backend:
     healthy: bool = True
     stale: bool = False
     cut_paths: set[str] = field(default_factory=set)
+    error_paths: set[str] = field(default_factory=set)  # answered 500
     progress: int = 0  # response bytes written by /big
     seen: list[Seen] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -108,7 +108,9 @@ def test_slow_peers_slow_the_other_side_instead_of_filling_memory(
     backends: Any, proxy: Any
 ) -> None:
     (a,) = backends(1)
-    p = proxy([a], "--max-body-size", "0")  # a 64 MiB upload is the point here
+    # A 64 MiB upload is the point here. The backend is busy with it, so its
+    # health checks may be slow on a loaded machine: give them time.
+    p = proxy([a], "--max-body-size", "0", "--health-timeout", "3")
     size = 64 << 20
     chunk = b"u" * (1 << 20)
     # The backend waits 1.5 s before reading a 64 MiB upload.

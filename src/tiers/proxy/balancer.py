@@ -87,6 +87,10 @@ class Outcome(enum.Enum):
     NEUTRAL = "neutral"
 
 
+_OK = Outcome.OK
+_NEUTRAL = Outcome.NEUTRAL
+
+
 def outcome_for_status(status: int) -> Outcome:
     """The outcome of an exchange that got a response with ``status``."""
     return Outcome.SERVER_ERROR if status >= 500 else Outcome.OK
@@ -239,7 +243,25 @@ class SmoothWeighted:
     def choose(
         self, key: bytes, exclude: Collection[int], backup: bool, limit: int, now: float
     ) -> int | None:
-        return _smooth_pick(_candidates(self._servers, exclude, backup, limit, now))
+        # _smooth_pick over _candidates, in one pass: this runs for every request.
+        best: ServerState | None = None
+        total = 0.0
+        for s in self._servers:
+            if (
+                s.up
+                and s.backup is backup
+                and s.index not in exclude
+                and not (limit and s.active >= limit)
+            ):
+                weight = s.weight if now >= s.ramp_end else s.weight_at(now)
+                s.current += weight
+                total += weight
+                if best is None or s.current > best.current:
+                    best = s
+        if best is None:
+            return None
+        best.current -= total
+        return best.index
 
 
 class LeastConnections:
@@ -554,10 +576,10 @@ class PoolState(Generic[T]):
     def report(self, index: int, outcome: Outcome, now: float) -> Change | None:
         """Count an exchange's outcome; ``Change.DOWN`` when it ends a passive-fall streak."""
         server = self.servers[index]
-        if outcome is Outcome.OK:
+        if outcome is _OK:
             server.passive_failures = 0
             return None
-        if outcome is Outcome.NEUTRAL:
+        if outcome is _NEUTRAL:
             return None
         if outcome is Outcome.SERVER_ERROR:
             server.server_errors += 1

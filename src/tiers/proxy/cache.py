@@ -4,12 +4,15 @@ Three layers, the lower ones usable alone:
 
     Store       (``tiers.proxy.cachepolicy``, sans-I/O) entries under a memory
                 budget, variants per URL, purge; lookup -> Hit, Stale or MISS.
-    Coalescer   asyncio: at most one fetch per key at a time; concurrent misses
-                wait for its outcome, for a bounded time.
+    Coalescer   (``tiers.proxy.coalescer``, asyncio) at most one fetch per key
+                at a time; concurrent misses wait for its outcome, for a
+                bounded time; keys whose answer was uncacheable pass a while.
     PageCache   what the proxy calls, per request:
 
         req = cache.request(head, route, client_ip)     # None: bypass the cache
         plan = await cache.prepare(req)                 # Serve or Fill
+                                                        # (prepare_nowait: the same
+                                                        # unless it would wait: None)
         Serve: write plan.response(req, keep_alive=...) (X-Cache HIT or STALE)
         Fill:  forward plan.request_head to the app; feed the response to
                plan.on_head / on_body / on_end; on a failure try
@@ -46,10 +49,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -63,11 +64,13 @@ from tiers.proxy.cachepolicy import (
     Stale,
     Store,
     cache_key,
+    may_be_storable,
     not_modified,
     request_cacheability,
     response_storability,
     url_key,
 )
+from tiers.proxy.coalescer import Coalescer, Lead, Turn
 from tiers.proxy.http1 import Framing, RequestHead, ResponseHead
 
 log = logging.getLogger("tiers.proxy")
@@ -77,6 +80,8 @@ MISS_LABEL = b"MISS"
 STALE = b"STALE"
 
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since"})
+_POOL = RouteKind.POOL
+_NO_BODY = Framing.NONE
 _GET_HEAD = frozenset({b"GET", b"HEAD"})
 _SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 # Rounds of lookup and wait in one prepare(): each round ends with a fetch
@@ -140,131 +145,14 @@ def cached_response(
     return CachedResponse(status, head, body)
 
 
+# The field a response relayed while filling the cache carries (see
+# ``forward.client_response_head``'s ``extra``).
+X_CACHE_MISS = b"X-Cache: " + MISS_LABEL
+
+
 def with_x_cache(head: bytes, label: bytes = MISS_LABEL) -> bytes:
     """``head`` (a complete response head) with ``X-Cache: label`` added."""
     return b"%sX-Cache: %s\r\n\r\n" % (head[:-2], label)
-
-
-# ---- coalescing -------------------------------------------------------------------
-
-
-class Turn(enum.Enum):
-    """What a request that did not lead a fetch does next."""
-
-    LOOKUP = "lookup"  # the fetch stored an answer: look the store up again
-    FETCH = "fetch"  # go to the app yourself (uncacheable, passing, or waited too long)
-    FAILED = "failed"  # the fetch failed: serve stale-if-error, or start over
-
-
-class Lead:
-    """The one fetch in flight for a key; every outcome wakes the waiters (first call wins)."""
-
-    __slots__ = ("_coalescer", "_future", "done", "key")
-
-    def __init__(self, coalescer: Coalescer, key: bytes, future: asyncio.Future[Turn]) -> None:
-        self._coalescer = coalescer
-        self._future = future
-        self.key = key
-        self.done = False
-
-    def stored(self) -> None:
-        """The answer is in the store; it also clears a pass mark."""
-        self._coalescer.clear_pass(self.key)
-        self._finish(Turn.LOOKUP)
-
-    def uncacheable(self) -> None:
-        """The answer cannot be stored: waiters fetch for themselves, the key passes a while."""
-        if not self.done:
-            self._coalescer.mark_pass(self.key)
-        self._finish(Turn.FETCH)
-
-    def failed(self) -> None:
-        """No usable answer came (error, 5xx, or the fetch was abandoned)."""
-        self._finish(Turn.FAILED)
-
-    def _finish(self, turn: Turn) -> None:
-        if self.done:
-            return
-        self.done = True
-        flights = self._coalescer._flights
-        if flights.get(self.key) is self._future:
-            del flights[self.key]
-        if not self._future.done():
-            self._future.set_result(turn)
-
-
-class Coalescer:
-    """Lets one fetch per key run at a time while concurrent misses wait for it.
-
-    Pass marks (keys whose last answer was uncacheable) last ``pass_ttl``
-    seconds of ``clock`` and at most ``max_marks`` are kept (oldest out).
-    """
-
-    def __init__(
-        self,
-        *,
-        pass_ttl: float = 30.0,
-        max_marks: int = 4096,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._flights: dict[bytes, asyncio.Future[Turn]] = {}
-        self._marks: OrderedDict[bytes, float] = OrderedDict()
-        self._pass_ttl = pass_ttl
-        self._max_marks = max_marks
-        self._clock = clock
-        self.timeouts = 0
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._flights)
-
-    def lead(self, key: bytes) -> Lead | None:
-        """Become the fetch for ``key`` if none is in flight (never waits)."""
-        if key in self._flights:
-            return None
-        future: asyncio.Future[Turn] = asyncio.get_running_loop().create_future()
-        self._flights[key] = future
-        return Lead(self, key, future)
-
-    async def join(self, key: bytes, timeout: float, *, may_lead: bool = True) -> Lead | Turn:
-        """Lead the fetch for ``key``, or wait up to ``timeout`` seconds for the one in flight.
-
-        Without a fetch in flight: a ``Lead`` if ``may_lead`` and the key is
-        not passing, else FETCH. With one: its outcome, or FETCH on timeout.
-        Cancelling a waiter does not disturb the fetch or the other waiters.
-        """
-        future = self._flights.get(key)
-        if future is None:
-            if not may_lead or self.passing(key):
-                return Turn.FETCH
-            lead = self.lead(key)
-            assert lead is not None
-            return lead
-        if timeout > 0:
-            done, _ = await asyncio.wait((future,), timeout=timeout)
-            if done:
-                return future.result()
-        self.timeouts += 1
-        return Turn.FETCH
-
-    def passing(self, key: bytes) -> bool:
-        expires = self._marks.get(key)
-        if expires is None:
-            return False
-        if expires <= self._clock():
-            del self._marks[key]
-            return False
-        return True
-
-    def mark_pass(self, key: bytes) -> None:
-        marks = self._marks
-        marks[key] = self._clock() + self._pass_ttl
-        marks.move_to_end(key)
-        if len(marks) > self._max_marks:
-            marks.popitem(last=False)
-
-    def clear_pass(self, key: bytes) -> None:
-        self._marks.pop(key, None)
 
 
 # ---- the proxy's interface -------------------------------------------------------
@@ -320,19 +208,12 @@ class Fill:
     failed and wakes the requests waiting for it.
     """
 
-    __slots__ = (
-        "_cache",
-        "_chunks",
-        "_freshness",
-        "_lead",
-        "_request_time",
-        "_response",
-        "_size",
-        "_stores",
-        "request",
-        "request_head",
-        "stale",
-    )
+    # Set per fetch only when it learns something (most never do); a fetch
+    # starts with these.
+    _response: ResponseHead | None = None
+    _freshness: Freshness | None = None
+    _chunks: list[bytes] | None = None
+    _size = 0
 
     def __init__(
         self,
@@ -348,21 +229,17 @@ class Fill:
         self._lead = lead
         # The entry that may stand in for a failed fetch (stale-if-error).
         self.stale = stale
-        self._stores = background or not request.rules.head_only
+        rules = request.rules
+        stores = self._stores = background or not rules.head_only
         head = request.head
-        if self._stores:
-            rules = request.rules
+        if stores:
             if rules.if_none_match is not None or rules.if_modified_since is not None:
                 kept = [(n, v) for n, v in head.headers if n.lower() not in _CONDITIONAL]
-                head = dataclasses.replace(head, headers=kept)
+                head = dataclasses.replace(head, headers=kept, names=())
             if head.method != b"GET":
                 head = dataclasses.replace(head, method=b"GET")
         self.request_head = head
         self._request_time = cache.clock()
-        self._response: ResponseHead | None = None
-        self._freshness: Freshness | None = None
-        self._chunks: list[bytes] | None = None
-        self._size = 0
 
     @property
     def leading(self) -> bool:
@@ -376,15 +253,18 @@ class Fill:
         self._response = response
         cache = self._cache
         config = cache.config
-        freshness = response_storability(
-            response.status,
-            response.headers,
-            self.request.rules.headers,
-            request_time=self._request_time,
-            response_time=cache.clock(),
-            stale_while_revalidate=config.stale_while_revalidate,
-            stale_if_error=config.stale_if_error,
-        )
+        if not may_be_storable(response.headers, response.names):
+            freshness = None
+        else:
+            freshness = response_storability(
+                response.status,
+                response.headers,
+                self.request.rules.headers,
+                request_time=self._request_time,
+                response_time=cache.clock(),
+                stale_while_revalidate=config.stale_while_revalidate,
+                stale_if_error=config.stale_if_error,
+            )
         length = response.content_length
         if freshness is None or (length is not None and length > cache.store.max_object):
             status = response.status
@@ -502,9 +382,9 @@ class PageCache:
         method = head.method
         if method not in _GET_HEAD or not self.config.enabled:
             return None
-        if route is not None and (route.kind is not RouteKind.POOL or not route.cache):
+        if route is not None and (route.kind is not _POOL or not route.cache):
             return None
-        if head.framing is not Framing.NONE:
+        if head.framing is not _NO_BODY:
             return None
         rules = request_cacheability(
             method,
@@ -512,10 +392,28 @@ class PageCache:
             head.path,
             head.headers,
             private_ok=route is not None and route.cache_private_requests,
+            names=head.names,
         )
         if rules is None:
             return None
         return CacheRequest(rules, head, route, client_ip)
+
+    def prepare_nowait(self, req: CacheRequest) -> Serve | Fill | None:
+        """``prepare`` as far as it goes without waiting.
+
+        None when another request's fetch of the key is in flight: then
+        ``prepare`` waits for it. Returning None changes nothing, so the
+        caller may go on with ``prepare``.
+        """
+        rules = req.rules
+        found = self._look(req, rules.reload, None) if self.store.holds(rules.key) else None
+        if isinstance(found, Serve):
+            return found
+        turn = self.coalescer.try_join(rules.key, may_lead=not rules.head_only)
+        if turn is None:
+            return None
+        self.store.stats.misses += 1
+        return Fill(self, req, turn if type(turn) is Lead else None, found)
 
     async def prepare(self, req: CacheRequest) -> Serve | Fill:
         """Decide how to answer ``req``: from the store (Serve) or from the app (Fill).
@@ -524,40 +422,26 @@ class PageCache:
         fetch of the same key. A Fill whose ``leading`` is true makes others
         wait for it, so it must be closed promptly.
         """
+        plan = self.prepare_nowait(req)
+        if plan is not None:
+            return plan
         rules = req.rules
-        store = self.store
-        stats = store.stats
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_timeout
         reload = rules.reload
         waited_from: int | None = None
         stale: Entry | None = None
         for _ in range(_MAX_ROUNDS):
-            found = store.lookup(rules, self.clock(), reload=reload)
-            if type(found) is Hit or (
-                # Stored by the fetch this request waited for: nothing newer exists.
-                type(found) is Stale
-                and waited_from is not None
-                and found.entry.serial > waited_from
-            ):
-                stats.hits += 1
-                if waited_from is not None:
-                    stats.coalesced += 1
-                return Serve(found.entry, found.age, HIT)
-            stale = None
-            if type(found) is Stale:
-                if found.background and self._fetch is not None:
-                    self._refresh(req)
-                    stats.stale += 1
-                    return Serve(found.entry, found.age, STALE)
-                if found.on_error:
-                    stale = found.entry
-            waited_from = store.serial
+            found = self._look(req, reload, waited_from)
+            if isinstance(found, Serve):
+                return found
+            stale = found
+            waited_from = self.store.serial
             turn = await self.coalescer.join(
                 rules.key, deadline - loop.time(), may_lead=not rules.head_only
             )
             if type(turn) is Lead:
-                stats.misses += 1
+                self.store.stats.misses += 1
                 return Fill(self, req, turn, stale)
             if turn is Turn.FETCH:
                 break
@@ -567,8 +451,37 @@ class PageCache:
                     return fallback
             else:
                 reload = False  # the answer just stored is as new as a reload gets
-        stats.misses += 1
+        self.store.stats.misses += 1
         return Fill(self, req, None, stale)
+
+    def _look(
+        self, req: CacheRequest, reload: bool, waited_from: int | None
+    ) -> Serve | Entry | None:
+        """One look in the store: what to serve, else the entry kept for stale-if-error, if any.
+
+        ``waited_from`` is the store's serial when this request began to wait
+        for another's fetch (None if it did not).
+        """
+        stats = self.store.stats
+        found = self.store.lookup(req.rules, self.clock(), reload=reload)
+        if type(found) is Hit or (
+            # Stored by the fetch this request waited for: nothing newer exists.
+            type(found) is Stale
+            and waited_from is not None
+            and found.entry.serial > waited_from
+        ):
+            stats.hits += 1
+            if waited_from is not None:
+                stats.coalesced += 1
+            return Serve(found.entry, found.age, HIT)
+        if type(found) is Stale:
+            if found.background and self._fetch is not None:
+                self._refresh(req)
+                stats.stale += 1
+                return Serve(found.entry, found.age, STALE)
+            if found.on_error:
+                return found.entry
+        return None
 
     def _serve_stale(self, entry: Entry | None) -> Serve | None:
         if entry is None or not entry.live:

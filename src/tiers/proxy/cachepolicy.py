@@ -104,6 +104,7 @@ _REQUEST_FIELDS = {
     b"if-none-match": _IF_NONE_MATCH,
     b"if-modified-since": _IF_MODIFIED_SINCE,
 }
+_REQUEST_FIELD_NAMES = frozenset(_REQUEST_FIELDS)
 _CACHEABLE_METHODS = frozenset({b"GET", b"HEAD"})
 
 
@@ -161,6 +162,18 @@ def parse_http_date(value: bytes) -> float | None:
         return None
 
 
+# The Date field of consecutive answers repeats within a second: one parse serves them.
+_last_date: list[tuple[bytes, float | None]] = [(b"", None)]
+
+
+def _parse_date(value: bytes) -> float | None:
+    last, parsed = _last_date[0]
+    if value != last:
+        parsed = parse_http_date(value)
+        _last_date[0] = (value, parsed)
+    return parsed
+
+
 def header_value(headers: Headers, lname: bytes) -> bytes | None:
     """The value of field ``lname`` (lower-case), repeated lines joined by ", "; None if absent."""
     found: bytes | None = None
@@ -202,7 +215,6 @@ def url_key(url: bytes) -> bytes:
     return cache_key(url[:slash], url[slash:])
 
 
-@dataclass(slots=True, eq=False)
 class RequestRules:
     """What the cache needs to know of one cacheable request.
 
@@ -210,16 +222,20 @@ class RequestRules:
     may be served without going to the origin first). ``max_age`` and
     ``min_fresh``: the client's own limits on a stored answer's age and
     remaining freshness. ``headers`` are the request's fields (for Vary).
+    The optional fields start as the class attributes below and are set only
+    when the request says something (one object is made per request).
     """
 
-    key: bytes
-    head_only: bool
-    headers: Headers
-    reload: bool = False
+    reload = False
     max_age: float | None = None
-    min_fresh: float = 0.0
+    min_fresh = 0.0
     if_none_match: bytes | None = None
     if_modified_since: bytes | None = None
+
+    def __init__(self, key: bytes, head_only: bool, headers: Headers) -> None:
+        self.key = key
+        self.head_only = head_only
+        self.headers = headers
 
 
 def request_cacheability(
@@ -229,15 +245,20 @@ def request_cacheability(
     headers: Headers,
     *,
     private_ok: bool = False,
+    names: Sequence[bytes] = (),
 ) -> RequestRules | None:
     """How the cache may serve a request, or None when it must bypass the cache.
 
     ``target`` is origin-form (path and query); ``private_ok`` is the route's
-    ``cache_private_requests``. The caller has already checked that the
-    request has no body and that its route caches at all.
+    ``cache_private_requests``; ``names`` may give the lower-cased names of
+    ``headers`` (as the parser does), which spares looking at each field of
+    a request that has none the cache cares about. The caller has already
+    checked that the request has no body and that its route caches at all.
     """
     if method not in _CACHEABLE_METHODS:
         return None
+    if len(names) == len(headers) and _REQUEST_FIELD_NAMES.isdisjoint(names):
+        return RequestRules(cache_key(host, target), method == b"HEAD", headers)
     cache_control: list[bytes] | None = None
     pragma_no_cache = False
     if_none_match: bytes | None = None
@@ -263,13 +284,11 @@ def request_cacheability(
             if_none_match = value if if_none_match is None else if_none_match + b", " + value
         else:
             if_modified_since = value
-    rules = RequestRules(
-        cache_key(host, target),
-        method == b"HEAD",
-        headers,
-        if_none_match=if_none_match,
-        if_modified_since=if_modified_since,
-    )
+    rules = RequestRules(cache_key(host, target), method == b"HEAD", headers)
+    if if_none_match is not None:
+        rules.if_none_match = if_none_match
+    if if_modified_since is not None:
+        rules.if_modified_since = if_modified_since
     if cache_control is not None:
         directives = parse_cache_control(cache_control)
         if b"no-store" in directives:
@@ -356,23 +375,26 @@ def response_storability(
             age = value if age is None else age
         elif lname == b"vary":
             vary_values.append(value)
+    if not cache_control and expires is None:
+        return None  # no explicit freshness, and no heuristic freshness here
     directives = parse_cache_control(cache_control)
     if b"no-store" in directives or b"private" in directives or b"no-cache" in directives:
         return None
-
-    date_value = parse_http_date(date) if date is not None else None
+    shared_max_age = b"s-maxage" in directives
+    if not shared_max_age and b"max-age" not in directives and expires is None:
+        return None
+    # Dates are parsed only for an answer that may be stored.
+    date_value = _parse_date(date) if date is not None else None
     if date_value is None:
         date_value = response_time
-    shared_max_age = b"s-maxage" in directives
     if shared_max_age:
         lifetime = float(delta_seconds(directives[b"s-maxage"]) or 0)
     elif b"max-age" in directives:
         lifetime = float(delta_seconds(directives[b"max-age"]) or 0)
-    elif expires is not None:
+    else:
+        assert expires is not None
         expires_value = parse_http_date(expires)
         lifetime = 0.0 if expires_value is None else max(0.0, expires_value - date_value)
-    else:
-        return None  # no heuristic freshness
 
     apparent_age = max(0.0, response_time - date_value)
     response_delay = max(0.0, response_time - request_time)
@@ -403,6 +425,19 @@ def response_storability(
                     names.append(lname)
         vary = tuple((lname, header_value(request_headers, lname)) for lname in names)
     return Freshness(lifetime, initial_age, response_time, swr, sie, vary)
+
+
+def may_be_storable(headers: Headers, names: Sequence[bytes]) -> bool:
+    """False when ``response_storability`` is sure to refuse a response, found cheaply.
+
+    ``names`` are the lower-cased names of ``headers`` (as the parser gives
+    them; anything else, such as an empty sequence, is not trusted). A
+    response without Cache-Control and without Expires has no explicit
+    freshness, and nothing else makes a response storable.
+    """
+    if len(names) != len(headers):
+        return True
+    return b"cache-control" in names or b"expires" in names
 
 
 def _window(explicit: int | None, default: float) -> float:
@@ -527,6 +562,10 @@ class Store:
     @property
     def entries(self) -> int:
         return len(self._lru)
+
+    def holds(self, key: bytes) -> bool:
+        """Some variant of ``key`` is stored (fresh or not)."""
+        return key in self._variants
 
     def lookup(
         self, rules: RequestRules, now: float, *, reload: bool | None = None

@@ -1,173 +1,72 @@
-"""The asyncio adapter: client connections, forwarding to backends, graceful stop.
+"""The asyncio protocol of a client connection: its requests, served in order.
 
-Each accepted connection is a ``ClientConnection`` protocol feeding a
-``RequestParser``, plus one task that serves its requests in order (HTTP/1.1
-keep-alive and pipelining). For each request the task picks a backend, sends
-the head, relays the body and streams the response back:
+A ``ClientConnection`` serves the requests of one client connection one
+after another (HTTP/1.1 keep-alive and pipelining), each through abuse
+limits, body size, routing, then the page cache and a pool, a static file,
+or an answer of the proxy's own. It does so in one of two ways:
 
-- The request body is relayed as it arrives. Reading from the client pauses
-  while more than ``_HIGH_WATER`` bytes wait unsent, and a relay that the
-  backend does not read waits for it (``drain``), so a slow backend slows the
-  client instead of filling memory. The same holds for responses.
-- Retries follow one rule: a request is sent again only when it provably did
-  not reach an app (the connection failed), or when it is idempotent, its
-  whole body is still known, and the backend answered not a single byte. A
-  POST that may have reached an app is never sent twice.
-- Status of failures: no backend up 503, backend unreachable or broken 502,
-  backend silent past the read timeout 504. After the response head went to
-  the client, a failure can only be signalled by closing the connection.
+- By callbacks, from ``data_received`` on (``tiers.proxy.fastpath``): a
+  request without a body whose answer needs no waiting (the proxy's own
+  answers, page cache hits) or comes from a pooled backend connection in
+  one piece. Nothing waits on a future; the connection has no task.
+- In a task (``tiers.proxy.forwarding``), made when a request needs
+  waiting the callbacks cannot do: a request body, a static file, a queue
+  for a pool slot, a wait for another request's page cache fill, a new
+  backend connection, a streamed response, a failure. The callbacks hand
+  their exchange over where it stands. The task serves on while what is
+  queued needs it, and ends once the callbacks can take over again.
 
-Timeouts: a new connection has ``header_timeout`` to send a request head; a
-kept-alive one may stay silent ``client_idle_timeout``, then has
-``header_timeout`` from its first byte (408 when it runs out).
+Timeouts, the same either way: a new connection has ``header_timeout`` to
+send a request head; a kept-alive one may stay silent
+``client_idle_timeout``, then has ``header_timeout`` from its first byte
+(408 when it runs out). A client that reads nothing for ``send_timeout``
+is dropped. A client that closes (or half-closes) its side while its
+request is in flight has given up on it: 499, as nginx logs it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
 from tiers.config.proxy import RouteKind
-from tiers.proxy.balancer import Outcome, outcome_for_status
-from tiers.proxy.cache import MISS_LABEL, CacheRequest, Fill, Serve, with_x_cache
-from tiers.proxy.errors import ClientGone, ConnectFailed, UpstreamError, UpstreamTimeout
-from tiers.proxy.forward import (
-    CONTINUE,
-    IDEMPOTENT_METHODS,
-    LAST_CHUNK,
-    chunk_size_line,
-    client_response_head,
-    error_response,
-    header_value,
-    plan_response,
-    upstream_request_head,
-)
-from tiers.proxy.http1 import (
-    END,
-    BodyData,
-    Framing,
-    RequestError,
-    RequestEvent,
-    RequestHead,
-    RequestParser,
-    ResponseHead,
-)
+from tiers.proxy.cache import MISS_LABEL, Fill, Serve
+from tiers.proxy.client import wake
+from tiers.proxy.errors import ClientGone
+from tiers.proxy.exchange import CLIENT_CLOSED, Exchange
+from tiers.proxy.fastpath import FastPath
+from tiers.proxy.http1 import END, Framing, RequestError, RequestHead
 from tiers.proxy.limits import ALLOW
 from tiers.proxy.routing import CompiledRoute
 from tiers.proxy.static import StaticFileError, plan_static_file, send_static
-from tiers.proxy.upstream import PoolBusy, UpstreamConnection, Upstreams
-from tiers.proxy.waittimer import WaitTimer
+from tiers.proxy.upstream import Upstreams
+from tiers.proxy.waittimer import Deadline
 
 if TYPE_CHECKING:
     from tiers.proxy.server import ProxyServer
 
 log = logging.getLogger("tiers.proxy")
 
-# Request bytes buffered per client connection before reading from it pauses.
-_HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
-# Pipelined requests parsed ahead of the one being served.
-_MAX_QUEUED = 64
-# A request body up to this size is kept until the response starts, so an
-# idempotent request can be sent again to another backend.
-_REPLAY_LIMIT = 64 * 1024
-# After answering a malformed request, keep reading (and dropping) for this
-# long before closing, so the kernel does not reset the connection and lose
-# the answer while the client is still sending.
-_LINGER = 2.0
-
-_CLIENT_CLOSED = 499  # nginx's code for "client closed the connection first"
+_NONE = Framing.NONE
 
 
-def _wake(waiter: asyncio.Future[bool] | None, value: bool = True) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(value)
-
-
-class _Exchange:
-    """The state of one request being served, and what the access log needs of it."""
-
-    __slots__ = (
-        "apptime",
-        "body_done",
-        "body_error",
-        "body_size",
-        "cache",
-        "cache_req",
-        "chunked",
-        "continue_sent",
-        "cut",
-        "fill",
-        "head",
-        "pump",
-        "replay",
-        "request_id",
-        "responded",
-        "route",
-        "size",
-        "start",
-        "status",
-        "upstream",
-        "upstream_status",
-    )
-
-    def __init__(self, head: RequestHead, start: float) -> None:
-        self.head = head
-        self.start = start
-        self.status = 0
-        self.size = 0
-        self.apptime: float | None = None
-        self.upstream: bytes | None = None
-        self.body_done = head.framing is Framing.NONE
-        self.chunked = head.framing is Framing.CHUNKED
-        # The body bytes sent so far, as framed for the backend; None once too
-        # large to keep, which rules out sending the request again.
-        self.replay: bytearray | None = bytearray()
-        self.pump: asyncio.Task[None] | None = None
-        self.body_error: ClientGone | None = None
-        self.responded = False
-        self.continue_sent = not head.expect_continue
-        self.body_size = 0  # request body bytes received
-        self.route: bytes | None = None
-        self.request_id: bytes | None = None
-        self.cache: bytes | None = None  # X-Cache label for the access log
-        self.cut = False  # the backend failed after the response started
-        self.upstream_status = 0  # what the backend answered (stale may be served instead)
-        # Set when the page cache sends this request to the app on its behalf.
-        self.fill: Fill | None = None
-        self.cache_req: CacheRequest | None = None
-
-
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(FastPath):
     """One client connection: parses requests and serves them one after another."""
 
     def __init__(self, server: ProxyServer) -> None:
-        self._server = server
-        self._settings = server.settings
-        self._loop = server.loop
-        self._parser = RequestParser(server.settings.limits)
-        self._events: deque[RequestEvent] = deque()
-        self._buffered = 0
-        self._reading_paused = False
-        self._waiter: asyncio.Future[bool] | None = None
-        self._timer = WaitTimer(server.loop)
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[bool] | None = None
-        self._transport: asyncio.Transport | None = None
-        self._client_ip = b"-"
-        self._awaiting_head = False
-        self._head_started: float | None = None
-        self._request_start = 0.0
-        self._eof = False
-        self._lost = False
-        self._gone = False
-        self._busy = False
-        self._lingering = False
-        self._stopping = False
+        super().__init__(server)
+        self._deadline = Deadline(server.loop, self._deadline_passed)
         self._task: asyncio.Task[None] | None = None
+        self._served = 0  # requests begun: the first has header_timeout to arrive
+        self._idle_since = 0.0  # when the connection last had nothing to do
+        self._request_start = 0.0
+        self._advancing = False
+        self._closing = False
+        self._write_blocked = False
 
     # ---- asyncio callbacks ----------------------------------------------------
 
@@ -178,7 +77,8 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             self._client_ip = str(peer[0]).encode()
         self._server.connections.add(self)
-        self._task = self._loop.create_task(self._run())
+        self._idle_since = self._loop.time()
+        self._advance()
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
@@ -187,50 +87,58 @@ class ClientConnection(asyncio.Protocol):
         if self._awaiting_head and self._head_started is None:
             self._head_started = self._loop.time()
         if events:
-            queue = self._events
-            for event in events:
-                queue.append(event)
-                if type(event) is BodyData:
-                    self._buffered += len(event.data)
-            if not self._reading_paused and (
-                self._buffered > _HIGH_WATER or len(queue) > _MAX_QUEUED
-            ):
-                self._reading_paused = True
-                assert self._transport is not None
-                self._transport.pause_reading()
-        _wake(self._waiter)
+            self._queue(events)
+        if self._task is not None:
+            wake(self._waiter)
+        elif not self._busy:
+            self._advance()
 
     def eof_received(self) -> bool:
         self._eof = True
-        _wake(self._waiter)
+        wake(self._waiter)
         if self._lingering and self._transport is not None:
             self._transport.close()
         elif self._busy:
             # As nginx does, a client that closes while its request is in
             # flight has given up on it (a half-close cannot be told apart).
             self._abandon()
+        elif self._task is None:
+            self._advance()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.stop()
+        self._deadline.stop()
         self._lost = True
-        _wake(self._waiter)
-        _wake(self._drain_waiter)
+        wake(self._waiter)
+        wake(self._drain_waiter)
         if self._busy:
             self._abandon()
-
-    def _abandon(self) -> None:
-        # Nobody will read the answer; stop waiting for the backend.
-        self._gone = True
-        if self._task is not None:
-            self._task.cancel()
+        if self._task is None:
+            self._server.connection_done(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        _wake(self._drain_waiter)
+        wake(self._drain_waiter)
+        if self._write_blocked:
+            self._write_blocked = False
+            self._advance()
+
+    def _abandon(self) -> None:
+        # Nobody will read the answer; stop waiting for the backend.
+        self._gone = True
+        task = self._task
+        if task is not None:
+            # A task made in a callback may not have run yet, and cancelling
+            # it before its first step would skip its cleanup (backend slot,
+            # cache fill, log line): cancel it once it has run.
+            self._loop.call_soon(_cancel, task)
+        elif self._fast is not None:
+            self._fast_abandon()
+            self._close()
 
     # ---- used by the server ---------------------------------------------------
 
@@ -241,29 +149,149 @@ class ClientConnection(asyncio.Protocol):
     def shutdown(self) -> None:
         """Finish the request in flight, if any, then close; close now if idle."""
         self._stopping = True
-        _wake(self._waiter)
+        wake(self._waiter)
+        if self._task is None and not self._busy:
+            self._close()
 
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+    # ---- serving by callbacks -----------------------------------------------------
 
-    # ---- the connection's task ------------------------------------------------
-
-    async def _run(self) -> None:
+    def _advance(self) -> None:
+        """Serve what is queued by callbacks as far as they go; then wait for more, or close."""
+        if self._advancing or self._closing or self._lost:
+            return
+        self._advancing = True
+        queue = self._events
         try:
-            first = True
-            while True:
-                head = await self._next_head(first)
-                if head is None:
-                    break
-                first = False
+            while queue:
+                if self._closing or self._lost:
+                    return
+                if self._stopping:  # the answers in flight are done: nothing more
+                    self._close()
+                    return
+                if self._write_paused:
+                    # The client reads nothing: serve it nothing more until it does.
+                    if not self._write_blocked:
+                        self._write_blocked = True
+                        self._deadline.set(self._loop.time() + self._settings.send_timeout)
+                    return
+                head = queue[0]
+                if (type(head) is not RequestHead or head.framing is not _NONE
+                        or len(queue) < 2 or queue[1] is not END):
+                    self._hand_over_queue()  # a body, a malformed request, ...
+                    return
+                queue.popleft()
+                queue.popleft()  # its END
+                if self._reading_paused:
+                    self._resume_reading()
+                self._awaiting_head = False
+                x = Exchange(head, self._head_started or self._idle_since)
+                self._head_started = None
+                self._served += 1
                 self._busy = True
-                try:
-                    keep_alive = await self._exchange(head)
-                finally:
-                    self._busy = False
-                if not keep_alive or self._stopping or self._lost:
-                    break
+                self._dispatch_now(x)
+                if self._busy or self._task is not None:
+                    return  # in flight, or handed to a task
+            self._await_head()
+        except Exception as exc:  # a bug must cost one connection, not the process
+            log.error("client %s: unexpected %s: %s",
+                      self._client_ip.decode(), type(exc).__name__, exc)
+            self.abort()
+        finally:
+            self._advancing = False
+
+    def _await_head(self) -> None:
+        """Nothing is queued: wait for the next request, unless there will be none."""
+        parser = self._parser
+        if self._eof or self._stopping or parser.closed:
+            self._close()
+            return
+        settings = self._settings
+        started = self._head_started
+        if started is None and parser.in_head:
+            started = self._head_started = self._loop.time()
+        self._awaiting_head = True
+        if started is not None:
+            self._deadline.set(started + settings.header_timeout)
+        else:
+            limit = settings.client_idle_timeout if self._served else settings.header_timeout
+            self._deadline.set(self._idle_since + limit)
+
+    def _dispatch_now(self, x: Exchange) -> None:
+        """``_dispatch`` for a request without a body, by callbacks as far as it goes."""
+        found = self._route(x)
+        if isinstance(found, bool):
+            self._exchange_done(x, found)
+            return
+        route = found
+        if route.kind is not RouteKind.POOL:
+            self._hand_over(x, lambda: self._serve_static(x, route))
+            return
+        assert route.pool is not None
+        upstreams = self._server.pools[route.pool]
+        cache = self._server.cache
+        req = cache.request(x.head, route.route, self._client_ip)
+        if req is not None:
+            plan = cache.prepare_nowait(req)
+            if plan is None:  # another request is fetching this page: wait for it
+                self._hand_over(x, lambda: self._from_pool(x, route, upstreams))
+                return
+            if type(plan) is Serve:
+                self._exchange_done(x, self._serve_cached(x, req, plan))
+                return
+            assert isinstance(plan, Fill)
+            x.fill, x.cache_req, x.cache = plan, req, MISS_LABEL
+        self._forward_now(x, upstreams)
+
+    def _exchange_done(self, x: Exchange, keep_alive: bool) -> None:
+        self._busy = False
+        self._log(x)
+        if not keep_alive or self._stopping or self._lost:
+            self._close()
+            return
+        self._idle_since = self._loop.time()
+        if not self._advancing:  # else the loop in _advance goes on by itself
+            if self._events:
+                self._advance()
+            else:
+                self._await_head()
+
+    def _deadline_passed(self) -> None:
+        if self._task is not None or self._lost or self._closing:
+            return
+        if self._fast is not None:
+            self._fast_expired()
+        elif self._busy:
+            return
+        elif self._write_blocked:
+            # A client that reads nothing must not hold a connection forever.
+            self.abort()
+        elif self._head_started is not None:
+            self._reject(408, "request head not received in time")
+            self._server.connection_done(self)
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._deadline.stop()
+        if self._transport is not None and not self._lingering and not self._lost:
+            self._transport.close()
+
+    # ---- serving in a task ----------------------------------------------------------
+
+    def _hand_over(self, x: Exchange, work: Callable[[], Awaitable[bool]]) -> None:
+        self._deadline.clear()
+        self._task = self._loop.create_task(self._run(x, work))
+
+    def _hand_over_queue(self) -> None:
+        """Have a task serve what is queued (a request with a body, a malformed one, ...)."""
+        self._deadline.clear()
+        self._task = self._loop.create_task(self._run(None, None))
+
+    async def _run(self, x: Exchange | None, work: Callable[[], Awaitable[bool]] | None) -> None:
+        back = False
+        try:
+            back = await self._serve_in_task(x, work)
         except asyncio.CancelledError:
             if not self._gone:
                 raise
@@ -272,42 +300,50 @@ class ClientConnection(asyncio.Protocol):
                 "client %s: unexpected %s: %s", self._client_ip.decode(), type(exc).__name__, exc
             )
         finally:
-            self._timer.stop()
-            if self._transport is not None and not self._lingering:
-                self._transport.close()
-            self._server.connection_done(self)
+            self._task = None
+            if not back:
+                self._timer.stop()
+                self._close()
+                self._server.connection_done(self)
+        if back:
+            self._idle_since = self._loop.time()
+            self._advance()
 
-    async def _wait(self, timeout: float) -> bool:
-        """Wait for news from the client (data, EOF, close, stop); False on timeout."""
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-        self._timer.arm(waiter, timeout)
-        try:
-            arrived: bool = await waiter
-        finally:
-            self._waiter = None
-            self._timer.release()
-        return arrived
+    async def _serve_in_task(
+        self, x: Exchange | None, work: Callable[[], Awaitable[bool]] | None
+    ) -> bool:
+        """Serve requests until the callbacks can take over (True) or the connection ends."""
+        keep_alive = True
+        if x is not None and work is not None:
+            keep_alive = await self._exchange(x, work)
+        while keep_alive and not self._stopping and not self._lost:
+            if self._callbacks_can_serve():
+                return True
+            head = await self._next_head(self._served == 0)
+            if head is None:
+                return False
+            self._served += 1
+            x = Exchange(head, self._request_start)
+            self._busy = True
+            keep_alive = await self._exchange(x, functools.partial(self._dispatch, x))
+        return False
 
-    def _pop(self) -> RequestEvent | None:
+    def _callbacks_can_serve(self) -> bool:
+        """Nothing is queued, or a whole request without a body is next."""
         queue = self._events
         if not queue:
-            return None
-        event = queue.popleft()
-        if type(event) is BodyData:
-            self._buffered -= len(event.data)
-        if self._reading_paused and self._buffered <= _LOW_WATER and len(queue) <= _MAX_QUEUED:
-            self._reading_paused = False
-            if self._transport is not None and not self._lost:
-                self._transport.resume_reading()
-        return event
+            return True
+        head = queue[0]
+        return (type(head) is RequestHead and head.framing is _NONE
+                and len(queue) > 1 and queue[1] is END)
 
     async def _next_head(self, first: bool) -> RequestHead | None:
         settings = self._settings
         loop = self._loop
         wait_start = loop.time()
         # Bytes of this head may have come while the previous request was served.
-        self._head_started = wait_start if self._parser.in_head else None
+        if self._head_started is None and self._parser.in_head:
+            self._head_started = wait_start
         self._awaiting_head = True
         try:
             while True:
@@ -315,6 +351,7 @@ class ClientConnection(asyncio.Protocol):
                 if event is not None:
                     if type(event) is RequestHead:
                         self._request_start = self._head_started or wait_start
+                        self._head_started = None
                         return event
                     if type(event) is RequestError:
                         self._reject(event.status, event.reason)
@@ -339,106 +376,36 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self._awaiting_head = False
 
-    def _reject(self, status: int, reason: str) -> None:
-        """Answer a request that cannot be served, then close after a lingering read."""
-        assert self._transport is not None
-        body = error_response(status, reason, keep_alive=False)
-        self._transport.write(body)
-        self._server.counters.count(status, len(reason) + 1)
-        access_log = self._server.access_log
-        if access_log is not None:
-            access_log.record(
-                host=self._client_ip,
-                forwardedfor=None,
-                method=b"-",
-                uri=b"-",
-                protocol=b"-",
-                status=status,
-                size=len(reason) + 1,
-                reqtime=self._loop.time() - (self._head_started or self._loop.time()),
-                apptime=None,
-                upstream=None,
-                ua=None,
-            )
-        self._linger()
-
-    def _linger(self) -> None:
-        transport = self._transport
-        if transport is None or self._lost:
-            return
-        self._lingering = True
-        if transport.can_write_eof():
-            transport.write_eof()
-        self._loop.call_later(_LINGER, transport.close)
-
-    async def _drain(self) -> None:
-        """Wait until the client reads what was written, at most ``send_timeout``."""
-        while self._write_paused and not self._lost:
-            waiter = self._loop.create_future()
-            self._drain_waiter = waiter
-            timer = self._loop.call_later(self._settings.send_timeout, _wake, waiter, False)
-            try:
-                if not await waiter:
-                    # A client that reads nothing must not hold a connection forever.
-                    self.abort()
-                    raise ClientGone("client read nothing within the send timeout",
-                                     _CLIENT_CLOSED)
-            finally:
-                timer.cancel()
-                self._drain_waiter = None
-        if self._lost:
-            raise ClientGone("client closed the connection", _CLIENT_CLOSED)
-
-    # ---- one request ----------------------------------------------------------
-
-    async def _exchange(self, head: RequestHead) -> bool:
-        """Serve one request; True if the connection may carry another."""
-        x = _Exchange(head, self._request_start)
+    async def _exchange(self, x: Exchange, work: Callable[[], Awaitable[bool]]) -> bool:
+        """Serve one request by awaiting ``work()``; True if the connection may carry another."""
         try:
-            return await self._dispatch(x)
+            return await work()
         except ClientGone as exc:
             if not x.responded and not self._lost:
                 self._answer(x, exc.status, str(exc))
             elif self._lost and not x.responded:
-                x.status = _CLIENT_CLOSED
+                x.status = CLIENT_CLOSED
             self._close_after_failure()
             return False
         except asyncio.CancelledError:
             if not x.responded:
-                x.status = _CLIENT_CLOSED
+                x.status = CLIENT_CLOSED
             raise
         finally:
             try:
                 await self._stop_pump(x)
             finally:
+                self._busy = False
                 self._log(x)
 
-    def _log(self, x: _Exchange) -> None:
-        self._server.counters.count(x.status, x.size)
-        access_log = self._server.access_log
-        if access_log is not None:
-            head = x.head
-            access_log.record(
-                host=self._client_ip,
-                forwardedfor=head.forwarded_for,
-                method=head.method,
-                uri=head.target,
-                protocol=b"HTTP/" + head.version,
-                status=x.status,
-                size=x.size,
-                reqtime=self._loop.time() - x.start,
-                apptime=x.apptime,
-                upstream=x.upstream,
-                ua=head.user_agent,
-                reqsize=x.body_size,
-                referer=header_value(head, b"referer"),
-                cache=x.cache,
-                route=x.route,
-                reqid=x.request_id,
-            )
+    # ---- one request ----------------------------------------------------------
 
-    async def _dispatch(self, x: _Exchange) -> bool:
-        """Abuse limits, body size, routing: then forward, serve a file or answer directly."""
+    def _route(self, x: Exchange) -> CompiledRoute | bool:
+        """Abuse limits, body size, routing: the route to a pool or files, else the answer.
+
+        What needs no backend and no file is answered here; then the result
+        says whether the connection stays usable.
+        """
         server = self._server
         head = x.head
         verdict = server.abuse.check(self._client_ip, head.user_agent, self._loop.time())
@@ -453,54 +420,39 @@ class ClientConnection(asyncio.Protocol):
             return self._answer(x, 404, "no route for this request")
         x.route = route.label
         kind = route.kind
-        if kind is RouteKind.POOL:
-            assert route.pool is not None
-            return await self._from_pool(x, route, server.pools[route.pool])
-        if kind is RouteKind.STATIC:
-            return await self._serve_static(x, route)
+        if kind is RouteKind.POOL or kind is RouteKind.STATIC:
+            return route
         if kind is RouteKind.REDIRECT:
             location = route.location(head.path)
             return self._answer(x, route.status, "", extra=b"Location: %s\r\n" % location,
                                 body=b"")
         return self._answer(x, route.status, "", body=route.body)
 
-    async def _from_pool(self, x: _Exchange, route: CompiledRoute, upstreams: Upstreams) -> bool:
+    async def _dispatch(self, x: Exchange) -> bool:
+        """Route ``x``, then forward it, serve a file or answer directly."""
+        found = self._route(x)
+        if isinstance(found, bool):
+            return found
+        if found.kind is RouteKind.POOL:
+            assert found.pool is not None
+            return await self._from_pool(x, found, self._server.pools[found.pool])
+        return await self._serve_static(x, found)
+
+    async def _from_pool(self, x: Exchange, route: CompiledRoute, upstreams: Upstreams) -> bool:
         """Answer from the page cache when it can, else forward (filling the cache)."""
         cache = self._server.cache
-        head = x.head
-        req = cache.request(head, route.route, self._client_ip)
-        if req is None:
-            keep_alive = await self._forward(x, upstreams)
-            cache.invalidate(head, x.status)  # after a successful POST, PUT, DELETE, ...
-            return keep_alive
-        plan = await cache.prepare(req)
-        if type(plan) is Serve:
-            return self._serve_cached(x, req, plan)
-        assert isinstance(plan, Fill)
-        x.fill, x.cache_req, x.cache = plan, req, MISS_LABEL
-        try:
-            return await self._forward(x, upstreams)
-        finally:
-            plan.close()
+        req = cache.request(x.head, route.route, self._client_ip)
+        if req is not None:
+            plan = cache.prepare_nowait(req)
+            if plan is None:
+                plan = await cache.prepare(req)
+            if type(plan) is Serve:
+                return self._serve_cached(x, req, plan)
+            assert isinstance(plan, Fill)
+            x.fill, x.cache_req, x.cache = plan, req, MISS_LABEL
+        return await self._forward_pool(x, upstreams)
 
-    def _serve_cached(self, x: _Exchange, req: CacheRequest, serve: Serve) -> bool:
-        keep_alive = x.head.keep_alive and not self._server.stopping and not self._lost
-        answer = serve.response(req, keep_alive=keep_alive)
-        assert self._transport is not None
-        self._transport.write(answer.head + answer.body if answer.body else answer.head)
-        x.status, x.size, x.responded, x.cache = answer.status, len(answer.body), True, serve.label
-        return keep_alive
-
-    def _fail(self, x: _Exchange, status: int, message: str) -> bool:
-        """Answer a failure to reach the app, or a stale page where stale-if-error allows."""
-        fill = x.fill
-        if fill is not None and x.cache_req is not None:
-            stale = fill.serve_stale()
-            if stale is not None:
-                return self._serve_cached(x, x.cache_req, stale)
-        return self._answer(x, status, message)
-
-    async def _serve_static(self, x: _Exchange, route: CompiledRoute) -> bool:
+    async def _serve_static(self, x: Exchange, route: CompiledRoute) -> bool:
         head = x.head
         if not x.body_done:  # a body has no meaning here: drop what already came
             discard: list[bytes] = []
@@ -525,291 +477,7 @@ class ClientConnection(asyncio.Protocol):
             return False
         return keep_alive and not self._lost
 
-    async def _forward(self, x: _Exchange, upstreams: Upstreams) -> bool:
-        head = x.head
-        x.request_id = self._server.request_ids.next()
-        idempotent = head.method in IDEMPOTENT_METHODS
-        tried: set[int] = set()
-        fresh_only = False
-        failure = "no backend reachable"
-        loop = self._loop
-        while True:
-            try:
-                backend = await upstreams.acquire(tried, key=head.path)
-            except PoolBusy as exc:
-                self._log_failure(head, f"pool {upstreams.name}: {exc}")
-                return self._fail(x, 503, "service unavailable: all servers busy")
-            if backend is None:
-                if not tried:
-                    return self._fail(x, 503, "no backend is available")
-                self._log_failure(head, failure)
-                return self._fail(x, 502, "bad gateway")
-            outcome = Outcome.NEUTRAL
-            try:
-                conn = None if fresh_only else upstreams.take_idle(backend, loop.time())
-                reused = conn is not None
-                if conn is None:
-                    try:
-                        conn = await upstreams.connect(backend)
-                    except ConnectFailed as exc:
-                        # The request never left the proxy: any method may go elsewhere.
-                        tried.add(backend.index)
-                        failure = str(exc)
-                        continue
-                x.upstream = backend.label_bytes
-                try:
-                    keep_alive = await self._attempt(x, conn, upstreams)
-                    outcome = (Outcome.BROKEN if x.cut
-                               else outcome_for_status(x.upstream_status))
-                    return keep_alive
-                except UpstreamError as exc:
-                    conn.abort()
-                    await self._stop_pump(x)
-                    if x.body_error is not None:
-                        raise x.body_error from exc
-                    failure = f"{backend.label}: {exc}"
-                    if isinstance(exc, UpstreamTimeout):
-                        outcome = Outcome.TIMEOUT
-                        self._log_failure(head, failure)
-                        return self._fail(x, 504, "gateway timeout")
-                    stale = reused and conn.received == 0
-                    outcome = Outcome.NEUTRAL if stale else Outcome.BROKEN
-                    if conn.received == 0 and idempotent and x.replay is not None:
-                        if reused:
-                            # Most likely a keep-alive connection the backend was
-                            # closing: try again on a new one.
-                            fresh_only = True
-                        else:
-                            tried.add(backend.index)
-                        continue
-                    self._log_failure(head, failure)
-                    return self._fail(x, 502, "bad gateway")
-                except BaseException:
-                    # Cancelled (the client left) or a bug: the exchange on this
-                    # connection is in an unknown state.
-                    conn.abort()
-                    raise
-            finally:
-                upstreams.finish(backend, outcome, loop.time())
 
-    async def _attempt(self, x: _Exchange, conn: UpstreamConnection,
-                       upstreams: Upstreams) -> bool:
-        """Send the request on ``conn`` and relay the response.
-
-        Raises ``UpstreamError`` only while nothing was sent to the client; a
-        failure after that closes the client connection instead.
-        """
-        head = x.head
-        settings = self._settings
-        loop = self._loop
-        fill = x.fill
-        sent = head if fill is None else fill.request_head
-        conn.begin(sent.method == b"HEAD")
-        out = [upstream_request_head(sent, self._client_ip, conn.backend.label_bytes,
-                                     request_id=x.request_id)]
-        if x.replay:
-            out.append(bytes(x.replay))
-        if not x.body_done:
-            if not x.continue_sent:
-                x.continue_sent = True
-                assert self._transport is not None
-                self._transport.write(CONTINUE)
-            self._relay_queued(x, out)
-        conn.writelines(out)
-        if not x.body_done:
-            x.pump = loop.create_task(self._pump(x, conn))
-        sent_at = loop.time()
-        response = await conn.next_event(settings.read_timeout)
-        x.apptime = loop.time() - sent_at
-        assert isinstance(response, ResponseHead)
-        x.upstream_status = response.status
-        capturing = False
-        if fill is not None:
-            if response.status >= 500 and x.cache_req is not None:
-                stale = fill.serve_stale()
-                if stale is not None:  # stale-if-error: the old page beats an error
-                    conn.abort()
-                    return self._serve_cached(x, x.cache_req, stale)
-            capturing = fill.on_head(response)
-        plan = plan_response(
-            head, response, request_body_done=x.body_done, stopping=self._server.stopping
-        )
-        x.status = response.status
-        x.responded = True
-        transport = self._transport
-        assert transport is not None
-        chunked = plan.chunked
-        client_head = client_response_head(response, plan, head)
-        pieces = [client_head if fill is None else with_x_cache(client_head)]
-        size = 0
-        try:
-            while True:
-                event = conn.pop_ready()
-                if event is None:
-                    transport.writelines(pieces)
-                    pieces = []
-                    if self._write_paused:
-                        await self._drain()
-                    event = await conn.next_event(settings.read_timeout)
-                if type(event) is BodyData:
-                    data = event.data
-                    size += len(data)
-                    if capturing:
-                        capturing = fill.on_body(data)  # type: ignore[union-attr]
-                    if chunked:
-                        pieces += (chunk_size_line(len(data)), data, b"\r\n")
-                    else:
-                        pieces.append(data)
-                else:
-                    break
-        except ClientGone:
-            x.size = size  # what the client got before it stopped reading or left
-            raise
-        except UpstreamError as exc:
-            log.warning(
-                "%s %s: %s: %s after the response started",
-                head.method.decode(),
-                head.path.decode("latin-1"),
-                conn.backend.label,
-                exc,
-            )
-            x.size = size
-            x.cut = True
-            conn.abort()
-            self._cut_client()
-            return False
-        if chunked:
-            pieces.append(LAST_CHUNK)
-        transport.writelines(pieces)
-        x.size = size
-        if capturing:
-            fill.on_end()  # type: ignore[union-attr]
-        if x.pump is not None and not x.pump.done():
-            await self._stop_pump(x)
-        if x.body_done:
-            upstreams.release(conn, loop.time())
-        else:
-            conn.close()
-        return plan.keep_alive and not self._lost
-
-    # ---- request body ---------------------------------------------------------
-
-    def _relay_queued(self, x: _Exchange, out: list[bytes]) -> None:
-        """Move the body bytes already received into ``out`` (no waiting)."""
-        while not x.body_done:
-            event = self._pop()
-            if event is None:
-                return
-            self._frame_body(x, event, out)
-
-    def _frame_body(self, x: _Exchange, event: RequestEvent, out: list[bytes]) -> None:
-        if type(event) is BodyData:
-            data = event.data
-            x.body_size += len(data)
-            limit = self._settings.policy.max_body_size
-            if limit and x.body_size > limit:
-                raise ClientGone("request body too large", 413)
-            pieces = [chunk_size_line(len(data)), data, b"\r\n"] if x.chunked else [data]
-        elif event is END:
-            x.body_done = True
-            if not x.chunked:
-                return
-            pieces = [LAST_CHUNK]
-        elif type(event) is RequestError:
-            raise ClientGone(f"malformed request body: {event.reason}", event.status)
-        else:
-            raise ClientGone("request head where body was expected")
-        out += pieces
-        replay = x.replay
-        if replay is not None:
-            if len(replay) + sum(len(p) for p in pieces) > _REPLAY_LIMIT:
-                x.replay = None
-            else:
-                for piece in pieces:
-                    replay += piece
-
-    async def _pump(self, x: _Exchange, conn: UpstreamConnection) -> None:
-        """Relay the rest of the request body as it arrives, at the backend's pace."""
-        timeout = self._settings.client_idle_timeout
-        try:
-            while not x.body_done:
-                event = self._pop()
-                if event is None:
-                    if self._lost:
-                        raise ClientGone("client closed during the request body", _CLIENT_CLOSED)
-                    if self._eof:
-                        raise ClientGone("client ended the connection inside the request body")
-                    if not await self._wait(timeout) and not self._events:
-                        raise ClientGone("request body not received in time", 408)
-                    continue
-                out: list[bytes] = []
-                self._frame_body(x, event, out)
-                conn.writelines(out)
-                try:
-                    await asyncio.wait_for(conn.drain(), self._settings.send_timeout)
-                except TimeoutError:
-                    # The backend reads nothing: give up on it (the answer is a 502).
-                    conn.abort()
-                    return
-        except ClientGone as exc:
-            x.body_error = exc
-            if not x.responded:
-                # Wakes the task waiting for the backend's answer.
-                conn.abort()
-        except UpstreamError:
-            pass  # the task waiting for the response sees the same failure
-
-    async def _stop_pump(self, x: _Exchange) -> None:
-        pump = x.pump
-        if pump is None:
-            return
-        x.pump = None
-        if not pump.done():
-            pump.cancel()
-        try:
-            await pump
-        except asyncio.CancelledError:
-            if not pump.cancelled():
-                raise
-
-    # ---- answers of the proxy itself ------------------------------------------
-
-    def _answer(self, x: _Exchange, status: int, message: str, *, extra: bytes = b"",
-                body: bytes | None = None) -> bool:
-        """Send the proxy's own error response; True if the connection stays usable."""
-        # A body already received in full does not stand in the way of keep-alive.
-        if not x.body_done and x.pump is None:
-            discard: list[bytes] = []
-            try:
-                self._relay_queued(x, discard)
-            except ClientGone:
-                x.body_done = False
-        keep_alive = (
-            x.body_done
-            and x.head.keep_alive
-            and not self._server.stopping
-            and status not in (400, 408, 413)
-        )
-        head_only = x.head.method == b"HEAD"
-        response = error_response(
-            status, message, keep_alive=keep_alive, head_only=head_only, extra=extra, body=body
-        )
-        assert self._transport is not None
-        self._transport.write(response)
-        x.status = status
-        x.responded = True
-        x.size = 0 if head_only else len(message) + 1 if body is None else len(body)
-        return keep_alive
-
-    @staticmethod
-    def _log_failure(head: RequestHead, failure: str) -> None:
-        log.warning("%s %s: %s", head.method.decode(), head.path.decode("latin-1"), failure)
-
-    def _close_after_failure(self) -> None:
-        if not self._lost:
-            self._linger()
-
-    def _cut_client(self) -> None:
-        # The response is cut short; closing is the only signal HTTP/1.1 has.
-        if self._transport is not None:
-            self._transport.close()
+def _cancel(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()

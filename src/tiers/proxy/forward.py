@@ -60,16 +60,20 @@ def upstream_request_head(
     lines = [b"%s %s HTTP/1.1" % (head.method, head.path), b"Host: " + host]
     add = lines.append
     forwarded: bytes | None = None
+    headers = head.headers
+    names = head.names
+    if len(names) != len(headers):
+        names = _lower_names(headers)
     named = head.connection
-    for name, value in head.headers:
-        lname = name.lower()
-        if lname == b"x-request-id":
-            request_id = None  # the client's (or an outer proxy's) id travels on
-        elif lname in _REQUEST_DROP or lname in named:
-            if lname == b"x-forwarded-for":
-                forwarded = value if forwarded is None else forwarded + b", " + value
-            continue
-        add(name + b": " + value)
+    drop = _REQUEST_DROP if named <= _REQUEST_DROP else _REQUEST_DROP | named
+    for lname, field in zip(names, headers, strict=False):  # equal lengths, checked
+        if lname not in drop:
+            if lname == b"x-request-id":
+                request_id = None  # the client's (or an outer proxy's) id travels on
+            add(b": ".join(field))
+        elif lname == b"x-forwarded-for":
+            value = field[1]
+            forwarded = value if forwarded is None else forwarded + b", " + value
     if forwarded is not None:
         add(b"X-Forwarded-For: %s, %s" % (forwarded, client_ip))
     else:
@@ -127,19 +131,28 @@ def plan_response(
     return _PLANS[chunked, keep_alive, framing is not _NONE]
 
 
-def client_response_head(response: ResponseHead, plan: ResponsePlan, request: RequestHead) -> bytes:
-    """The status line and headers to send to the client for ``response``."""
+def client_response_head(
+    response: ResponseHead, plan: ResponsePlan, request: RequestHead, extra: bytes = b""
+) -> bytes:
+    """The status line and headers to send to the client for ``response``.
+
+    ``extra`` is one more header line of the proxy's own, without its CRLF.
+    """
     status = response.status
     line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d " % status
     # Lines without their CRLF, joined by it at the end.
     lines = [line + response.reason]
     add = lines.append
+    headers = response.headers
+    names = response.names
+    if len(names) != len(headers):
+        names = _lower_names(headers)
     named = response.connection
-    for name, value in response.headers:
-        lname = name.lower()
-        if lname in _RESPONSE_DROP or lname in named:
-            continue
-        add(name + b": " + value)
+    # Hop-by-hop, plus what the Connection header named.
+    drop = _RESPONSE_DROP if named <= _RESPONSE_DROP else _RESPONSE_DROP | named
+    for lname, field in zip(names, headers, strict=False):  # equal lengths, checked
+        if lname not in drop:
+            add(b": ".join(field))
     if plan.chunked:
         add(b"Transfer-Encoding: chunked")
     elif response.content_length is not None and status != 204:
@@ -149,8 +162,15 @@ def client_response_head(response: ResponseHead, plan: ResponsePlan, request: Re
         add(b"Connection: close")
     elif request.version == b"1.0":
         add(b"Connection: keep-alive")
+    if extra:
+        add(extra)
     add(b"\r\n")
     return b"\r\n".join(lines)
+
+
+def _lower_names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The lower-cased header names, for a head not made by the parser (which has them)."""
+    return [name.lower() for name, _ in headers]
 
 
 def chunk_size_line(size: int) -> bytes:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -61,8 +62,10 @@ class RequestHead:
     the origin-form target to forward. ``host`` is the authority to forward:
     the Host header, or the authority of an absolute-form target, or None for
     an HTTP/1.0 request without Host. ``connection`` holds the lower-cased
-    tokens of the Connection header(s). ``user_agent`` and ``forwarded_for``
-    are kept for the access log (repeated X-Forwarded-For joined by ", ").
+    tokens of the Connection header(s). ``user_agent``, ``forwarded_for``
+    and ``referer`` are kept for the access log (repeated X-Forwarded-For
+    joined by ", "; the first of the others). ``names`` are the header names
+    lower-cased, parallel to ``headers`` (empty when not known).
     """
 
     method: bytes
@@ -78,6 +81,8 @@ class RequestHead:
     connection: frozenset[bytes]
     user_agent: bytes | None = None
     forwarded_for: bytes | None = None
+    referer: bytes | None = None
+    names: Sequence[bytes] = ()
 
 
 class BodyData:
@@ -147,6 +152,7 @@ _SPECIAL = frozenset(
         b"expect",
         b"user-agent",
         b"x-forwarded-for",
+        b"referer",
     }
 )
 # RFC 3986 host (reg-name, IPv4 or IP-literal) with an optional port.
@@ -294,6 +300,7 @@ class RequestParser:
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self._limits = limits
         self._max_line = limits.max_request_line
+        self._max_head = limits.max_head_size
         self._max_headers = limits.max_header_count
         self._parser = httptools.HttpRequestParser(self)
         self._phase = _HEAD
@@ -307,6 +314,7 @@ class RequestParser:
         self._feeding_head = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._names: list[bytes] = []
         self._special: dict[bytes, list[bytes]] = {}
         self._head_used = 0
         self._line_len = 0
@@ -354,9 +362,22 @@ class RequestParser:
         return out
 
     def _feed_head(self, data: bytes, pos: int) -> int:
+        tail = self._tail
+        if not tail and not self._head_used:
+            # The common case: a whole head at the start of a read, within limits.
+            found = data.find(b"\r\n\r\n", pos)
+            if found != -1:
+                stop = found + 4
+                if (stop - pos <= self._max_head
+                        and data.find(b"\n", pos, stop) - pos - 1 <= self._max_line):
+                    self._feeding_head = True
+                    try:
+                        self._execute(data if pos == 0 and stop == len(data) else data[pos:stop])
+                    finally:
+                        self._feeding_head = False
+                    return stop
         size = len(data)
         end = -1
-        tail = self._tail
         if tail:
             joined = tail + data[pos : pos + 3]
             found = joined.find(b"\r\n\r\n")
@@ -429,6 +450,7 @@ class RequestParser:
             return
         self._url = b""
         self._headers = []
+        self._names = []
         self._special = {}
         if not self._feeding_head:
             # A head that began inside a chunked body's read: its request line
@@ -451,6 +473,7 @@ class RequestParser:
             raise _Reject(431, "too many header fields")
         headers.append((name, value))
         lname = name.lower()
+        self._names.append(lname)
         if lname in _SPECIAL:
             special = self._special
             values = special.get(lname)
@@ -472,12 +495,18 @@ class RequestParser:
             raise _Reject(501, "CONNECT is not supported")
         special = self._special
         get = special.get
-        host = _check_host(get(b"host"), version)
+        hosts = get(b"host")
+        host = None
+        if hosts is not None and len(hosts) == 1:
+            host = _valid_hosts.get(hosts[0])
+        if host is None:
+            host = _check_host(hosts, version)
         if b"content-length" in special or b"transfer-encoding" in special:
             framing, length = _check_framing(special, version)
         else:
             framing, length = _NONE, None
-        connection = _tokens(get(b"connection"))
+        tokens = get(b"connection")
+        connection = _NO_TOKENS if tokens is None else _tokens(tokens)
         if version == b"1.1":
             keep_alive = b"close" not in connection
         else:
@@ -511,6 +540,7 @@ class RequestParser:
         self._tail = b""
         user_agent = get(b"user-agent")
         forwarded = get(b"x-forwarded-for")
+        referer = get(b"referer")
         self._out.append(
             RequestHead(
                 method,
@@ -530,6 +560,8 @@ class RequestParser:
                 else forwarded[0]
                 if len(forwarded) == 1
                 else b", ".join(forwarded),
+                None if referer is None else referer[0],
+                self._names,
             )
         )
 
@@ -551,7 +583,11 @@ class RequestParser:
 
 @dataclass(slots=True, eq=False)
 class ResponseHead:
-    """A backend's final (non-1xx) response head."""
+    """A backend's final (non-1xx) response head.
+
+    ``names`` are the header names lower-cased, parallel to ``headers``
+    (empty when not known).
+    """
 
     status: int
     reason: bytes
@@ -561,6 +597,7 @@ class ResponseHead:
     content_length: int | None
     keep_alive: bool
     connection: frozenset[bytes]
+    names: Sequence[bytes] = ()
 
 
 ResponseEvent = ResponseHead | BodyData | MessageEnd
@@ -590,6 +627,7 @@ class _ResponseReader:
         "in_head",
         "interim",
         "llhttp",
+        "names",
         "out",
         "reason",
     )
@@ -603,6 +641,7 @@ class _ResponseReader:
         """Expect a new response (to a HEAD request if ``head_request``)."""
         self.head_request = head_request
         self.headers: list[tuple[bytes, bytes]] = []
+        self.names: list[bytes] = []
         self.reason = b""
         self.in_head = True
         self.head_used = 0
@@ -621,6 +660,7 @@ class _ResponseReader:
             self.extra = True
             return
         self.headers = []
+        self.names = []
         self.reason = b""
         self.in_head = True
         self.head_used = 0
@@ -636,6 +676,7 @@ class _ResponseReader:
         if len(headers) >= _MAX_RESPONSE_HEADERS:
             raise UpstreamProtocolError("too many response header fields")
         headers.append((name, value))
+        self.names.append(name.lower())
 
     def on_headers_complete(self) -> None:
         if self.done:
@@ -651,24 +692,29 @@ class _ResponseReader:
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             raise UpstreamProtocolError("unsupported HTTP version in response")
+        headers = self.headers
+        names = self.names
         length: int | None = None
+        if b"content-length" in names:
+            # llhttp checked its digits and that it is not repeated.
+            length = int(headers[names.index(b"content-length")][1].strip(b" \t"))
         chunked = False
-        connection_values: list[bytes] | None = None
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = int(value.strip(b" \t"))  # llhttp checked digits and duplicates
-            elif lname == b"transfer-encoding":
-                # Only chunked is undone here; another coding would reach the
-                # client undeclared once the header is re-framed.
-                if chunked or value.strip(b" \t").lower() != b"chunked":
-                    raise UpstreamProtocolError("unsupported transfer coding in response")
-                chunked = True
-            elif lname == b"connection":
-                if connection_values is None:
-                    connection_values = [value]
-                else:
-                    connection_values.append(value)
+        if b"transfer-encoding" in names:
+            # Only chunked is undone here; another coding would reach the
+            # client undeclared once the header is re-framed.
+            coding = headers[names.index(b"transfer-encoding")][1]
+            if names.count(b"transfer-encoding") > 1 or coding.strip(b" \t").lower() != b"chunked":
+                raise UpstreamProtocolError("unsupported transfer coding in response")
+            chunked = True
+        connection = _NO_TOKENS
+        if b"connection" in names:
+            if names.count(b"connection") == 1:
+                connection = _tokens([headers[names.index(b"connection")][1]])
+            else:
+                connection = _tokens([
+                    field[1] for lname, field in zip(names, headers, strict=True)
+                    if lname == b"connection"
+                ])
         head_request = self.head_request
         if head_request or status in {204, 304}:
             framing = _NONE
@@ -679,7 +725,6 @@ class _ResponseReader:
         else:
             framing = _CLOSE
         self.framing = framing
-        connection = _tokens(connection_values)
         if version == b"1.1":
             keep_alive = b"close" not in connection
         else:
@@ -688,11 +733,12 @@ class _ResponseReader:
             status,
             self.reason,
             version,
-            self.headers,
+            headers,
             framing,
             length,
             keep_alive and framing is not _CLOSE,
             connection,
+            names,
         )
         self.head = head
         out = self.out

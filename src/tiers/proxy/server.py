@@ -28,7 +28,8 @@ from tiers.proxy.limits import Abuse
 from tiers.proxy.routing import Router
 from tiers.proxy.settings import ProxySettings
 from tiers.proxy.static import StaticRoot
-from tiers.proxy.upstream import Pools, UpstreamConnection
+from tiers.proxy.upstream import Pools
+from tiers.proxy.upstreamconn import UpstreamConnection
 
 log = logging.getLogger("tiers.proxy")
 

@@ -12,14 +12,12 @@ import pytest
 from tiers.config.proxy import CacheConfig, Route, RouteKind
 from tiers.proxy.cache import (
     CacheRequest,
-    Coalescer,
     Fill,
-    Lead,
     PageCache,
     Serve,
-    Turn,
     with_x_cache,
 )
+from tiers.proxy.coalescer import Coalescer, Lead, Turn
 from tiers.proxy.forward import upstream_request_head
 from tiers.proxy.http1 import (
     END,
@@ -788,5 +786,48 @@ def test_coalescing_and_refresh_over_real_connections() -> None:
             await cache.close()
             server.close()
             await server.wait_closed()
+
+    asyncio.run(scenario())
+
+
+# ---- deciding without waiting ---------------------------------------------------------
+
+
+def test_prepare_nowait_decides_what_needs_no_waiting_and_leaves_the_rest_untouched() -> None:
+    async def scenario() -> None:
+        cache = new_cache(Clock())
+        leader = cache.prepare_nowait(cache_request(cache))
+        assert isinstance(leader, Fill) and leader.leading
+        # A fetch of the key is in flight: only prepare() may wait for it.
+        before = cache.metrics()
+        assert cache.prepare_nowait(cache_request(cache)) is None
+        assert cache.metrics() == before and cache.coalescer.in_flight == 1
+        waiter = asyncio.ensure_future(cache.prepare(cache_request(cache)))
+        await asyncio.sleep(0)
+        assert feed(leader, response_bytes(b"stored"))
+        leader.close()
+        served = await waiter
+        assert isinstance(served, Serve) and served.entry.body == b"stored"
+        hit = cache.prepare_nowait(cache_request(cache))
+        assert isinstance(hit, Serve) and hit.label == b"HIT"
+
+    asyncio.run(scenario())
+
+
+def test_a_passing_key_gets_a_fill_at_once_and_an_answer_without_freshness_is_not_stored(
+) -> None:
+    async def scenario() -> None:
+        cache = new_cache(Clock())
+        first = cache.prepare_nowait(cache_request(cache))
+        assert isinstance(first, Fill)
+        plain = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npage"
+        assert not feed(first, plain)
+        first.close()
+        assert cache.coalescer.passing(cache_request(cache).rules.key)
+        again = cache.prepare_nowait(cache_request(cache))
+        assert isinstance(again, Fill) and not again.leading
+        assert feed(again, response_bytes(b"now fresh"))  # and it still may be stored
+        again.close()
+        assert not cache.coalescer.passing(cache_request(cache).rules.key)
 
     asyncio.run(scenario())

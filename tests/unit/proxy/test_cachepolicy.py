@@ -14,6 +14,7 @@ from tiers.proxy.cachepolicy import (
     Stale,
     Store,
     cache_key,
+    may_be_storable,
     not_modified,
     parse_cache_control,
     parse_http_date,
@@ -570,3 +571,40 @@ def test_client_limits_and_reload_turn_hits_into_stale() -> None:
     # A client limit also rules out serving inside stale-while-revalidate.
     limited = store.lookup(young, T0 + 70)
     assert isinstance(limited, Stale) and not limited.background
+
+
+def test_may_be_storable_rules_out_answers_without_explicit_freshness() -> None:
+    plain = [(b"Content-Type", b"text/html"), (b"Content-Length", b"3")]
+    names = [b"content-type", b"content-length"]
+    assert not may_be_storable(plain, names)
+    assert may_be_storable([*plain, (b"Cache-Control", b"no-store")],
+                           [*names, b"cache-control"])
+    assert may_be_storable([*plain, (b"EXPIRES", b"0")], [*names, b"expires"])
+    # Names that do not match the fields are not trusted.
+    assert may_be_storable(plain, [])
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Host", b"a.test")],
+        [(b"Host", b"a.test"), (b"Accept", b"*/*"), (b"User-Agent", b"x")],
+        [(b"Host", b"a.test"), (b"Cookie", b"s=1")],
+        [(b"Host", b"a.test"), (b"Cache-Control", b"max-age=5"), (b"If-None-Match", b'"e"')],
+        [(b"Host", b"a.test"), (b"Range", b"bytes=0-1")],
+    ],
+)
+def test_request_rules_are_the_same_with_the_parsers_lowered_names(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    names = [name.lower() for name, _ in headers]
+    plain = request_cacheability(b"GET", b"a.test", b"/p", headers)
+    named = request_cacheability(b"GET", b"a.test", b"/p", headers, names=names)
+    if plain is None:
+        assert named is None
+        return
+    assert named is not None
+    fields = ("key", "head_only", "reload", "max_age", "min_fresh", "if_none_match",
+              "if_modified_since")
+    assert [getattr(named, f) for f in fields] == [getattr(plain, f) for f in fields]
+    assert named.headers is headers

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tiers.proxy.forward import (
     client_response_head,
     error_response,
@@ -193,3 +195,33 @@ def test_plan_for_each_kind_of_body_and_connection_state() -> None:
                 assert plan.chunked is (name == "chunked")
                 assert plan.has_body is (name != "empty")
                 assert plan.keep_alive is (done and not stopping)
+
+
+def test_heads_made_by_hand_without_lowered_names_are_rewritten_alike() -> None:
+    request = _request(b"GET /p HTTP/1.1\r\nHost: a.test\r\nConnection: X-Hop\r\n"
+                       b"X-Hop: 1\r\nX-Kept: 2\r\n\r\n")
+    assert list(request.names) == [b"host", b"connection", b"x-hop", b"x-kept"]
+    bare = dataclasses.replace(request, names=())
+    assert upstream_request_head(request, b"10.0.0.1", b"b:1") == upstream_request_head(
+        bare, b"10.0.0.1", b"b:1")
+    response = _response(b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\nX-Kept: 2\r\n"
+                         b"Content-Length: 0\r\n\r\n")
+    assert list(response.names) == [b"connection", b"x-hop", b"x-kept", b"content-length"]
+    plan = plan_response(request, response, request_body_done=True, stopping=False)
+    made = client_response_head(dataclasses.replace(response, names=()), plan, request)
+    assert made == client_response_head(response, plan, request)
+    assert "x-hop" not in _names(made) and "x-kept" in _names(made)
+
+
+def test_an_extra_field_of_the_proxy_ends_the_response_head() -> None:
+    request = _request(b"GET /p HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    response = _response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n")
+    plan = plan_response(request, response, request_body_done=True, stopping=False)
+    head = client_response_head(response, plan, request, b"X-Cache: MISS")
+    assert _fields(head)[-1] == ("X-Cache", "MISS")
+
+
+def test_the_referer_is_kept_for_the_access_log() -> None:
+    head = _request(b"GET /p HTTP/1.1\r\nHost: a.test\r\nReferer: http://x.test/\r\n"
+                    b"Referer: http://y.test/\r\n\r\n")
+    assert head.referer == b"http://x.test/" == header_value(head, b"referer")
