@@ -58,6 +58,11 @@ def test_100_posts_each_seen_on_the_next_page_while_the_replica_lags(
     try:
         client = browser()
         pages = []
+        # First, while the pause is fresh: a visitor without the cookie reads the replica.
+        final_url, page = post_bookmark(client, stack.base_url, "https://example.com/first",
+                                        "before the loop")
+        assert "before the loop" in page
+        assert _status_of(final_url) == 404
         for n in range(100):
             url = f"https://example.com/lagging/{n}"
             final_url, page = post_bookmark(client, stack.base_url, url, f"cycle {n}")
