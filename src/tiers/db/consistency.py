@@ -21,6 +21,19 @@ expires or the monitor has seen it answer since the mark was set, whichever
 comes first: the router reacts to a failure at once, the monitor's next
 good check lets the node back without waiting out the period.
 
+A causal read does not wait for a replica the monitor last measured
+lagging by more than the wait would last: such a replica is asked once,
+last, and when every replica to ask is one of those, nobody waits: a
+replica that has the write by then serves the read, else the primary does
+at once instead of after the wait. (Leaving such replicas out altogether
+would spare that one question, but sends to the primary every read whose
+write the lagging replica has in fact replayed by then, which under a
+workload with think time is most of them.) The router also remembers, per
+connection, the highest position each replica reported there; a replica
+remembered at or past the token is tried first, and the router serves the
+read on that connection without asking again (see :mod:`tiers.db.router`
+for why that is safe).
+
 When :func:`plan_read` leaves nothing to try, or nothing tried answers,
 the read goes to the primary: that is never wrong, only more load there.
 """
@@ -71,6 +84,7 @@ class ReadPlan:
 
     ready: tuple[str, ...] = ()
     poll: tuple[str, ...] = ()
+    wait: bool = True  # False: ask each replica in ``poll`` once, without waiting
 
     @property
     def primary_only(self) -> bool:
@@ -118,21 +132,43 @@ def plan_read(
     start: int,
     now: float,
     down: Mapping[str, DownMark],
+    wait_lag: float | None = None,
+    remembered: Mapping[str, int] | None = None,
 ) -> ReadPlan:
-    """The replicas one read may use; see the module docstring for the rules."""
+    """The replicas one read may use; see the module docstring for the rules.
+
+    ``wait_lag`` (the router's causal wait) puts last in ``poll`` a replica
+    whose replay lag, as last measured, already exceeds it: waiting that long
+    for it is likely in vain. If every replica to poll is such a one, the
+    plan says not to wait (``wait`` False). ``remembered`` maps replicas to
+    positions the caller knows they have replayed (it must check that again
+    before relying on one): a replica remembered at or past the token is
+    polled first, whatever its lag.
+    """
     ready: list[str] = []
     poll: list[str] = []
-    for index in rotation(len(pool), start):
-        view = pool[index]
-        if not usable(down.get(view.name), view.observed_at, now):
+    first: list[str] = []
+    lagging: list[str] = []
+    count = len(pool)
+    offset = start % count if count else 0
+    for step in range(count):
+        view = pool[(offset + step) % count]
+        name = view.name
+        if down and not usable(down.get(name), view.observed_at, now):
             continue
         if max_staleness is not None and not within_staleness(view, max_staleness, now):
             continue
         if replica_qualifies(view.position, token):
-            ready.append(view.name)
+            ready.append(name)
+        elif remembered and token is not None and remembered.get(name, -1) >= token:
+            first.append(name)
+        elif (wait_lag is None or view.lag_seconds is None
+              or view.lag_seconds <= wait_lag):
+            poll.append(name)
         else:
-            poll.append(view.name)
-    return ReadPlan(tuple(ready), tuple(poll))
+            lagging.append(name)
+    wait = not lagging or bool(first or poll)
+    return ReadPlan(tuple(ready), tuple(first + poll + lagging), wait)
 
 
 def poll_delay(attempt: int) -> float:

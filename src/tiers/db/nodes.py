@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
@@ -81,14 +82,85 @@ def connection_is_stale(conn: Connection) -> bool:
     first is by far the likelier on a router's connections and the others
     cost only a reconnect, so input waiting on the socket counts as stale.
     """
-    if conn.closed or conn.broken:
-        return True
+    return InputWatch(conn).stale()
+
+
+class InputWatch:
+    """:func:`connection_is_stale` for one connection, with its poll object made once.
+
+    A router checks every connection before each use; building and
+    registering a poll object each time cost more than the check itself.
+    Also waits for input, for :func:`end_read_transaction`. The connection's
+    socket never changes while it is open, and the watch is dropped with it.
+    """
+
+    __slots__ = ("_conn", "_poll")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._poll: Callable[[float], list[tuple[int, int]]] | None
+        try:
+            poller = select.poll()
+            poller.register(conn.fileno(), select.POLLIN)
+        except (OSError, ValueError, psycopg.Error):
+            self._poll = None
+        else:
+            self._poll = poller.poll
+
+    def stale(self) -> bool:
+        """True if the connection is closed or has input waiting (see connection_is_stale)."""
+        conn, poll = self._conn, self._poll
+        if poll is None or conn.closed or conn.broken:
+            return True
+        try:
+            return bool(poll(0))
+        except (OSError, ValueError):
+            return True
+
+    def wait_readable(self) -> None:
+        """Block until the socket has input (or an error to report); interruptible by signals."""
+        if self._poll is None:
+            raise psycopg.OperationalError("the connection has no socket to wait on")
+        self._poll(-1)
+
+
+def end_read_transaction(conn: Connection, watch: InputWatch) -> None:
+    """Roll back ``conn``'s open, unfailed transaction, keeping what psycopg prepared.
+
+    ``conn.rollback()`` also makes psycopg forget (and deallocate) every
+    statement it prepared on the session, since a rolled-back transaction
+    may have dropped or created what they refer to. A read block ended that
+    way never reaches psycopg's prepare threshold, so the server parses and
+    plans every statement again. This sends the same ROLLBACK without that
+    reset, so it is only for a transaction that could not change the schema:
+    one on a hot standby, with no failed statement in it (status INTRANS).
+    On any failure the connection is closed, its state being unknown, and
+    ``psycopg.OperationalError`` is raised.
+    """
+    pgconn = conn.pgconn
     try:
-        poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
-    except (OSError, ValueError, psycopg.Error):
-        return True
+        pgconn.send_query(b"ROLLBACK")
+        # psycopg runs libpq non-blocking: flush and wait here as it would.
+        while pgconn.flush():
+            writable = select.poll()
+            writable.register(pgconn.socket, select.POLLOUT)
+            writable.poll(-1)
+        failed: str | None = None
+        while True:
+            while pgconn.is_busy():
+                watch.wait_readable()
+                pgconn.consume_input()
+            result = pgconn.get_result()
+            if result is None:
+                break
+            if result.status != pq.ExecStatus.COMMAND_OK:
+                failed = (result.error_message or b"").decode(errors="replace")
+    except BaseException:
+        conn.close()
+        raise
+    if failed is not None or pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        conn.close()
+        raise psycopg.OperationalError(f"ROLLBACK failed: {failed or 'still in a transaction'}")
 
 
 def one_line(exc: BaseException) -> str:

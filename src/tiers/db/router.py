@@ -10,7 +10,9 @@
 Consistency of ``read`` (the rules are pure functions in
 :mod:`tiers.db.consistency`): with a causal token, a replica that has replayed
 it; one is waited for up to ``causal_wait`` seconds by polling
-``pg_last_wal_replay_lsn()``, then the primary serves the read. Without a
+``pg_last_wal_replay_lsn()``, then the primary serves the read. A replica
+the monitor last measured lagging by more than ``causal_wait`` is asked
+once but not waited for. Without a
 token argument the current request scope's token *for this cluster* is used
 (:func:`tiers.db.tokens.current_token` with the cluster's :attr:`Cluster.name`,
 set by the WSGI middleware :mod:`tiers.app.causal`), or none if the scope has
@@ -45,11 +47,38 @@ raises NodeUnavailable saying the outcome is unknown. Other errors raised by
 the caller's statements propagate unchanged (the app may catch
 ``psycopg.errors.UniqueViolation``), and the transaction is rolled back.
 
+Round trips. A read block is a transaction: psycopg sends BEGIN before its
+first statement (a round trip of its own; a block that sends nothing costs
+nothing) and the router rolls it back at the end. On a replica it sends
+that ROLLBACK itself rather than through ``conn.rollback()``, which would
+also drop the statements psycopg prepared on the session: a hot standby's
+transaction cannot change the schema, so they stay valid, and repeated
+statements are parsed and planned once per connection, as in autocommit.
+The transaction is READ COMMITTED, the server's default: each statement of a
+block sees the data as of its own start. ``query`` on a replica runs its one
+statement in autocommit, a single round trip; on the primary it keeps the
+transaction that is rolled back, since there a statement could write.
+
+Remembered positions. Each of a thread's connections to a replica
+remembers the highest replay position it reported, so a causal read whose
+token is at or below it is served there without asking again. That is safe
+because the read then runs on that very session: a server's replayed
+history is only ever cut back (pg_rewind, a new base backup) while it is
+stopped, which ends every session, so as long as the session lives the
+position stays replayed; if it died, the read fails instead of reading
+stale data. A connection replaced for any reason starts with nothing
+remembered, and a change of the monitor's primary (a failover: the only
+time history forks) forgets every position remembered before it.
+:meth:`Cluster.read_node`, whose caller reads on a connection of its own,
+never relies on a remembered position.
+
 Processes and threads. Connections are per thread and opened lazily; a
 connection found closed by the server while idle is replaced before use.
 Nothing connects and no monitor thread starts until first use in a process,
 so a cluster built in a gunicorn master before the fork works in every
-worker: each starts its own monitor thread on first use. Do not nest read or
+worker: each starts its own monitor thread on first use. A fork is noticed
+through ``os.register_at_fork`` (a fork that bypasses Python's hooks, as a
+C library calling ``fork()`` itself might, is not). Do not nest read or
 write blocks on one thread: a read served by the primary uses the same
 connection as a write.
 
@@ -65,13 +94,16 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, suppress
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Protocol
 
 import psycopg
+import psycopg.errors
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
@@ -94,9 +126,11 @@ from tiers.db.nodes import (
     REPLICAS_ENV,
     Connection,
     Connector,
+    InputWatch,
     connect,
     connection_is_stale,
     describe_dsn,
+    end_read_transaction,
     node_names,
     one_line,
     settings_from_env,
@@ -170,12 +204,165 @@ class HealthSource(Protocol):
     def check_now(self) -> ClusterHealth: ...
 
 
-class _ThreadState(threading.local):
+# Bumped in a forked child before any of its code runs: per-process state
+# (connections, the monitor's thread) compares its generation with this one
+# instead of asking os.getpid() on every operation.
+_fork_generation = 0
+_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation  # noqa: PLW0603  (read on every operation: a plain global is cheapest)
+    _fork_generation += 1
+    # A thread of the parent may have held these locks at the moment of the
+    # fork; in the child nobody would ever release them.
+    for cluster in list(_clusters):
+        cluster._renew_locks()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+_Key = tuple[str, Intent]
+
+
+class _Tallies:
+    """Counts of served operations: each thread counts in a dict of its own, without a lock.
+
+    The lock only guards the list of those dicts. A thread that has ended
+    has its counts folded into ``retired`` when a new thread registers, so
+    the list stays as long as the live threads. ``reset`` takes the totals
+    as a baseline rather than clearing dicts other threads are writing to.
+    """
+
     def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.conns: dict[str, Connection] = {}
+        self.lock = threading.Lock()
+        self.retired: Counter[_Key] = Counter()
+        self.baseline: Counter[_Key] = Counter()
+        self.live: list[tuple[threading.Thread, dict[_Key, int]]] = []
+
+    def register(self) -> dict[_Key, int]:
+        counts: dict[_Key, int] = {}
+        current = threading.current_thread()
+        with self.lock:
+            keep = []
+            for thread, other in self.live:
+                if thread.is_alive():
+                    keep.append((thread, other))
+                else:
+                    self.retired.update(other)
+            keep.append((current, counts))
+            self.live = keep
+        return counts
+
+    def totals(self) -> Counter[_Key]:
+        with self.lock:
+            total = Counter(self.retired)
+            for _thread, counts in self.live:
+                # dict() copies in one step under the GIL, while the owner goes on counting.
+                total.update(dict(counts))
+        return total
+
+    def served(self) -> dict[_Key, int]:
+        total = self.totals()
+        total.subtract(self.baseline)
+        return {key: n for key, n in total.items() if n > 0}
+
+    def reset(self) -> None:
+        self.baseline = self.totals()
+
+
+class _Link:
+    """A thread's connection to one node, with what the router remembers of it.
+
+    ``replayed`` is the highest position the node reported on this very
+    session, valid while ``epoch`` is the current one (see the module
+    docstring). ``watch`` is set for a real psycopg connection, whose read
+    transactions the router ends by itself; ``stale`` is its staleness check
+    when the router uses its own (None: ask the cluster's ``is_stale``).
+    ``autocommit`` mirrors the connection's mode as the router last set it:
+    statements that run alone (``query`` on a replica, position checks)
+    leave it on, and whatever needs a transaction turns it off again, so a
+    run of either kind switches nothing (each switch costs psycopg a few
+    microseconds).
+    """
+
+    __slots__ = ("autocommit", "conn", "epoch", "replayed", "stale", "watch")
+
+    def __init__(self, conn: Connection, watch: InputWatch | None,
+                 stale: Callable[[], bool] | None) -> None:
+        self.conn = conn
+        self.watch = watch
+        self.stale = stale
+        self.replayed: int | None = None
+        self.epoch = -1
+        self.autocommit = False  # as every Connector hands connections out
+
+    def use_autocommit(self, on: bool) -> None:
+        if self.autocommit is not on:
+            self.conn.autocommit = on
+            self.autocommit = on
+
+    def remember(self, position: int | None, epoch: int) -> None:
+        if position is None:
+            return
+        if self.epoch != epoch or self.replayed is None or position > self.replayed:
+            self.replayed = position
+            self.epoch = epoch
+
+    def has_replayed(self, wanted: int, epoch: int) -> bool:
+        return self.epoch == epoch and self.replayed is not None and self.replayed >= wanted
+
+
+@dataclass(frozen=True, slots=True)
+class _Pool:
+    """The read pool as one health snapshot shows it, built once per snapshot.
+
+    ``epoch`` counts the changes of the monitor's primary seen so far:
+    positions remembered under an older epoch may belong to another history.
+    """
+
+    snapshot: ClusterHealth | None
+    views: tuple[ReplicaView, ...]
+    names: tuple[str, ...]
+    primary: str | None
+    epoch: int
+
+
+class _ThreadState(threading.local):
+    def __init__(self, tallies: _Tallies) -> None:
+        self.generation = _fork_generation
+        self.links: dict[str, _Link] = {}
         self.token: str | None = None
         self.last_node: str | None = None
+        self.served = tallies.register()
+
+
+class _ReadBlock:
+    """The context manager of a read: hands out the connection, ends its transaction."""
+
+    __slots__ = ("_cluster", "_link", "_name", "_replica")
+
+    def __init__(self, cluster: Cluster, name: str, link: _Link, replica: bool) -> None:
+        self._cluster = cluster
+        self._name = name
+        self._link = link
+        self._replica = replica
+
+    def __enter__(self) -> Connection:
+        return self._link.conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self._cluster._finish(self._name, self._link, replica=self._replica)
+            return
+        replacement = self._cluster._failed(self._name, self._link.conn, exc, writing=False)
+        if replacement is not None:
+            raise replacement from exc
 
 
 class WriteTransaction:
@@ -201,7 +388,8 @@ class WriteTransaction:
     def __enter__(self) -> Connection:
         if self._conn is not None:
             raise RuntimeError("a WriteTransaction can be entered only once")
-        self.node, self._conn = self._cluster._checkout_primary(Intent.WRITE)
+        self.node, link = self._cluster._checkout_primary(Intent.WRITE)
+        self._conn = link.conn
         return self._conn
 
     def __exit__(
@@ -279,19 +467,26 @@ class Cluster:
         self._clock = clock
         self._sleep = sleep
         self._is_stale = is_stale
+        self._own_stale_check = is_stale is connection_is_stale
+        self._last_token: tuple[str | None, int | None] = (None, None)
         # Shared by all threads: a node found dead by one thread is skipped by
         # the others too. Races only cost an extra connect attempt.
         self._down: dict[str, DownMark] = {}
         self._cursor = itertools.count()
-        self._local = _ThreadState()
-        self._served: Counter[tuple[str, Intent]] = Counter()
-        self._served_lock = threading.Lock()
+        self._tallies = _Tallies()
+        self._local = _ThreadState(self._tallies)
         self._monitor_lock = threading.Lock()
-        self._monitor_pid = 0
+        self._monitor_generation = -1
+        self._pool_lock = threading.Lock()
+        # Without a monitor the pool never changes; with one, rebuilt per snapshot.
+        self._pool_cache = _Pool(
+            None, tuple(ReplicaView(name) for name in self.nodes if name != primary),
+            tuple(name for name in self.nodes if name != primary), primary, 0)
         # Connections a forked child inherited: never used nor closed there
         # (closing would end the parent's session on the shared socket), only
         # kept referenced so that garbage collection does not close them either.
         self._inherited: list[Connection] = []
+        _clusters.add(self)
 
     @classmethod
     def from_dsns(cls, primary_dsn: str, replica_dsns: Sequence[str] = (),
@@ -343,7 +538,7 @@ class Cluster:
 
     def read_pool(self) -> tuple[str, ...]:
         """The replicas reads may use now, before this router's own down marks."""
-        return tuple(view.name for view in self._pool_views())
+        return self._pool().names
 
     # -- intents -------------------------------------------------------------
 
@@ -374,39 +569,55 @@ class Cluster:
         if the node dies under the block (the block is not rerun).
         """
         wanted = self._wanted(token)
-        name, conn = self._choose_read(wanted, max_staleness, Intent.READ)
-        return self._using(name, conn)
+        if wanted is None and max_staleness is None:
+            name, link, replica = self._choose_any()
+        else:
+            name, link, replica = self._choose_read(wanted, max_staleness, Intent.READ)
+        if link.autocommit:
+            link.use_autocommit(False)
+        return _ReadBlock(self, name, link, replica)
 
     def read_primary(self) -> AbstractContextManager[Connection]:
         """A read on the primary (sees every commit); rolled back afterwards."""
-        name, conn = self._checkout_primary(Intent.READ_PRIMARY)
-        return self._using(name, conn)
+        name, link = self._checkout_primary(Intent.READ_PRIMARY)
+        return _ReadBlock(self, name, link, False)
 
     def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None, *,
               token: Token = FROM_CONTEXT,
               max_staleness: float | None = None) -> list[TupleRow]:
         """Run one read statement as ``read`` would and return its rows.
 
-        If the node turns out to be gone, the statement runs once more on
-        another node (another replica, or the primary): it ran alone in a
-        transaction that is always rolled back, so nothing of it can have
-        taken effect. A second failure raises NodeUnavailable.
+        On a replica the statement runs in autocommit (one round trip; a hot
+        standby refuses writes, though a replica promoted a moment ago that
+        the monitor has not seen yet would not: pass reads only), on the
+        primary in a transaction that is rolled back. If the node turns out
+        to be gone, the statement runs once more on another node (another
+        replica, or the primary): it ran alone and read-only, so nothing of
+        it can have taken effect. A second failure raises NodeUnavailable.
         """
         wanted = self._wanted(token)
         for attempt in range(2):
-            name, conn = self._choose_read(wanted, max_staleness, Intent.READ)
+            if wanted is None and max_staleness is None:
+                name, link, replica = self._choose_any()
+            else:
+                name, link, replica = self._choose_read(wanted, max_staleness, Intent.READ)
+            conn = link.conn
             try:
+                if replica:
+                    link.use_autocommit(True)
                 rows = conn.execute(sql, params).fetchall()
             except BaseException as exc:
                 replacement = self._failed(name, conn, exc, writing=False)
-                # Rolled back whatever happens: in effect outside a transaction, and read-only.
                 if attempt == 0 and retry_safe(classify(exc), in_transaction=False,
                                                statement_sent_is_read_only=True):
                     continue
                 if replacement is not None:
                     raise replacement from exc
                 raise
-            self._finish(name, conn)
+            if not replica:
+                self._finish(name, link, replica=False)
+            elif conn.closed:
+                self._discard(name)
             return rows
         raise AssertionError("unreachable")
 
@@ -415,27 +626,30 @@ class Cluster:
         """The node a ``read`` with these arguments would use now, after any causal wait.
 
         For integrations with connections of their own (tiers.db.sqla): the
-        choice is counted as a read served by that node.
+        choice is counted as a read served by that node. A replica is chosen
+        for a token only on what the monitor or a fresh position query
+        says, never on a position remembered from this router's own session.
         """
-        name, _conn = self._choose_read(self._wanted(token), max_staleness, Intent.READ)
+        name, _link, _replica = self._choose_read(self._wanted(token), max_staleness,
+                                                  Intent.READ, use_memory=False)
         return name
 
     # -- accounting and hooks for integrations -------------------------------
 
     def served(self) -> dict[tuple[str, Intent], int]:
         """How many operations each (node, intent) served, since creation or ``reset_served``."""
-        with self._served_lock:
-            return dict(self._served)
+        return self._tallies.served()
 
     def reset_served(self) -> None:
-        with self._served_lock:
-            self._served.clear()
+        self._tallies.reset()
 
     def record(self, node: str, intent: Intent) -> None:
         """Count one operation served by ``node``; integrations call it for their own."""
-        with self._served_lock:
-            self._served[(node, intent)] += 1
-        self._state().last_node = node
+        state = self._state()
+        key = (node, intent)
+        counts = state.served
+        counts[key] = counts.get(key, 0) + 1
+        state.last_node = node
 
     def note_commit(self, token: str) -> None:
         """Record a commit's token for this thread and, under this cluster's name, in the
@@ -456,84 +670,121 @@ class Cluster:
     def close(self) -> None:
         """Close the calling thread's connections (they reopen on next use)."""
         state = self._state()
-        conns, state.conns = state.conns, {}
-        for conn in conns.values():
+        links, state.links = state.links, {}
+        for link in links.values():
             with suppress(psycopg.Error):
-                conn.close()
+                link.conn.close()
 
     def stop(self) -> None:
         """Close this thread's connections and stop the monitor's thread in this process."""
         self.close()
         if self.monitor is not None:
             self.monitor.stop()
-            self._monitor_pid = 0
+            self._monitor_generation = -1
 
     # -- internals -----------------------------------------------------------
 
+    def _renew_locks(self) -> None:
+        self._monitor_lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._tallies.lock = threading.Lock()
+
     def _state(self) -> _ThreadState:
         state = self._local
-        if state.pid != os.getpid():
-            self._inherited.extend(state.conns.values())
-            state.conns = {}
+        if state.generation != _fork_generation:
+            self._inherited.extend(link.conn for link in state.links.values())
+            state.links = {}
             state.token = None
             state.last_node = None
-            state.pid = os.getpid()
+            state.generation = _fork_generation
         return state
 
     def _ensure_monitor(self) -> None:
-        monitor, pid = self.monitor, os.getpid()
-        if monitor is None or self._monitor_pid == pid:
-            return
+        if self.monitor is not None and self._monitor_generation != _fork_generation:
+            self._start_monitor()
+
+    def _start_monitor(self) -> None:
+        monitor = self.monitor
+        assert monitor is not None
         with self._monitor_lock:
-            if self._monitor_pid != pid:
+            generation = _fork_generation
+            if self._monitor_generation != generation:
                 monitor.start()
-                self._monitor_pid = pid
+                self._monitor_generation = generation
 
     def _known_primary(self) -> str | None:
-        self._ensure_monitor()
-        if self.monitor is None:
+        monitor = self.monitor
+        if monitor is None:
             return self.primary_hint
-        snapshot = self.monitor.snapshot()
+        if self._monitor_generation != _fork_generation:
+            self._start_monitor()
+        snapshot = monitor.snapshot()
         if snapshot.primary is None and snapshot.rounds == 0:
-            snapshot = self.monitor.check_now()
+            snapshot = monitor.check_now()
         return snapshot.primary
 
-    def _pool_views(self) -> list[ReplicaView]:
-        self._ensure_monitor()
-        if self.monitor is None:
-            return [ReplicaView(name) for name in self.nodes if name != self.primary_hint]
-        snapshot = self.monitor.snapshot()
+    def _pool(self) -> _Pool:
+        """The read pool of the monitor's latest snapshot (the fixed one without a monitor)."""
+        monitor = self.monitor
+        if monitor is None:
+            return self._pool_cache
+        if self._monitor_generation != _fork_generation:
+            self._start_monitor()
+        snapshot = monitor.snapshot()
+        pool = self._pool_cache
+        if pool.snapshot is snapshot:
+            return pool
+        with self._pool_lock:
+            # Under the lock, so that each snapshot is compared with the one
+            # before it and no thread puts back an older pool.
+            pool = self._pool_cache
+            if pool.snapshot is not snapshot:
+                pool = self._rebuild_pool(snapshot, pool)
+                self._pool_cache = pool
+            return pool
+
+    def _rebuild_pool(self, snapshot: ClusterHealth, before: _Pool) -> _Pool:
         views = []
-        for name in snapshot.read_pool:
-            if name not in self.nodes:
+        for node in snapshot.nodes:
+            if not node.in_read_pool or node.name not in self.nodes:
                 continue
-            last = snapshot.node(name).last
+            last = node.last
             if last is None:
-                views.append(ReplicaView(name))
+                views.append(ReplicaView(node.name))
             else:
-                views.append(ReplicaView(name, last.position, last.replay_lag_seconds,
+                views.append(ReplicaView(node.name, last.position, last.replay_lag_seconds,
                                          last.checked_at))
-        return views
+        moved = before.snapshot is not None and snapshot.primary != before.primary
+        return _Pool(snapshot, tuple(views), tuple(view.name for view in views),
+                     snapshot.primary, before.epoch + moved)
 
     def _wanted(self, token: Token) -> int | None:
         if token is FROM_CONTEXT:
             token = tokens.current_token(self.name)
-        return None if token is None else parse_lsn(token)
+        if token is None:
+            return None
+        # A request reads with the same token again and again: parse it once.
+        last = self._last_token
+        if last[0] == token:
+            return last[1]
+        wanted = parse_lsn(token)
+        self._last_token = (token, wanted)
+        return wanted
 
     def _rediscover(self) -> None:
         if self.monitor is not None:
             self.monitor.check_now()
 
-    def _checkout(self, name: str) -> Connection:
+    def _checkout(self, state: _ThreadState, name: str) -> _Link:
         """This thread's open connection to a node; connects if there is none or it went stale.
 
         Raises NodeUnavailable (and marks the node down) if the connect fails.
         """
-        state = self._state()
-        conn = state.conns.get(name)
-        if conn is not None:
-            if not self._is_stale(conn):
-                return conn
+        link = state.links.get(name)
+        if link is not None:
+            check = link.stale
+            if not (check() if check is not None else self._is_stale(link.conn)):
+                return link
             self._discard(name)
         try:
             conn = self._connector(self.nodes[name], self.connect_timeout)
@@ -541,102 +792,163 @@ class Cluster:
             self._mark_down(name)
             raise NodeUnavailable(name, Failure.NODE_GONE,
                                   f"cannot connect: {one_line(exc)}") from exc
-        state.conns[name] = conn
-        return conn
+        watch = InputWatch(conn) if isinstance(conn, psycopg.Connection) else None
+        link = _Link(conn, watch,
+                     watch.stale if watch is not None and self._own_stale_check else None)
+        state.links[name] = link
+        return link
 
-    def _checkout_primary(self, intent: Intent) -> tuple[str, Connection]:
+    def _checkout_primary(self, intent: Intent) -> tuple[str, _Link]:
         name = self.primary()
+        state = self._state()
         try:
-            conn = self._checkout(name)
+            link = self._checkout(state, name)
         except NodeUnavailable:
             # Nothing was sent, so if the monitor has meanwhile found another
             # primary, that one may be tried; once, to fail fast.
             again = self._known_primary()
             if again is None or again == name:
                 raise
-            name, conn = again, self._checkout(again)
-        self.record(name, intent)
-        return name, conn
+            name, link = again, self._checkout(state, again)
+        if link.autocommit:
+            link.use_autocommit(False)
+        self._count(state, name, intent)
+        return name, link
+
+    def _count(self, state: _ThreadState, name: str, intent: Intent) -> None:
+        key = (name, intent)
+        counts = state.served
+        counts[key] = counts.get(key, 0) + 1
+        state.last_node = name
 
     def _discard(self, name: str) -> None:
-        conn = self._state().conns.pop(name, None)
-        if conn is not None:
+        link = self._state().links.pop(name, None)
+        if link is not None:
             with suppress(psycopg.Error):
-                conn.close()
+                link.conn.close()
 
     def _mark_down(self, name: str) -> None:
         self._discard(name)
         now = self._clock()
         self._down[name] = DownMark(since=now, until=now + self.retry_after)
 
-    def _position(self, conn: Connection) -> int | None:
+    def _forget_expired_marks(self, now: float) -> None:
+        # Reads take the quick path only while no mark is left; an expired one is no mark.
+        for name, mark in list(self._down.items()):
+            if now >= mark.until and self._down.get(name) is mark:
+                self._down.pop(name, None)
+
+    def _position(self, link: _Link) -> int | None:
         """A node's replayed WAL position: one query, run outside any transaction."""
-        conn.autocommit = True
-        try:
-            row = conn.execute(_POSITION_SQL).fetchone()
-        finally:
-            if not conn.closed:
-                conn.autocommit = False
+        link.use_autocommit(True)
+        row = link.conn.execute(_POSITION_SQL).fetchone()
         if row is None or row[0] is None:
             return None
         return parse_lsn(str(row[0]))
 
-    def _choose_read(self, wanted: int | None, max_staleness: float | None,
-                     intent: Intent) -> tuple[str, Connection]:
-        plan = plan_read(self._pool_views(), token=wanted, max_staleness=max_staleness,
-                         start=next(self._cursor), now=self._clock(), down=self._down)
+    def _choose_any(self) -> tuple[str, _Link, bool]:
+        """A read without a token or a bound: the next replica in turn, else the primary."""
+        names = self._pool().names
+        if names and not self._down:
+            count = len(names)
+            name = names[0] if count == 1 else names[next(self._cursor) % count]
+            state = self._state()
+            try:
+                link = self._checkout(state, name)
+            except NodeUnavailable:
+                pass  # marked down now: the full plan tries the others
+            else:
+                self._count(state, name, Intent.READ)
+                return name, link, True
+        return self._choose_read(None, None, Intent.READ)
+
+    def _choose_read(self, wanted: int | None, max_staleness: float | None, intent: Intent,
+                     *, use_memory: bool = True) -> tuple[str, _Link, bool]:
+        """The node for a read, its connection, and whether it is a replica of the pool."""
+        pool = self._pool()
+        state = self._state()
+        now = self._clock()
+        start = next(self._cursor)
+        wait_lag = self.causal_wait if self.monitor is not None else None
+        plan = plan_read(pool.views, token=wanted, max_staleness=max_staleness, start=start,
+                         now=now, down=self._down, wait_lag=wait_lag)
+        if not plan.ready and wanted is not None and use_memory:
+            # Only now, with no replica known good from the monitor, look at what this
+            # thread's connections remember.
+            remembered = {name: link.replayed for name, link in state.links.items()
+                          if link.replayed is not None and link.epoch == pool.epoch}
+            if remembered:
+                plan = plan_read(pool.views, token=wanted, max_staleness=max_staleness,
+                                 start=start, now=now, down=self._down, wait_lag=wait_lag,
+                                 remembered=remembered)
+        if self._down:
+            self._forget_expired_marks(now)
         for name in plan.ready:
             try:
-                conn = self._checkout(name)
+                link = self._checkout(state, name)
             except NodeUnavailable:
                 continue
-            self.record(name, intent)
-            return name, conn
+            self._count(state, name, intent)
+            return name, link, True
         if plan.poll:
-            found = self._wait_for(plan.poll, wanted)
+            assert wanted is not None
+            found = self._wait_for(state, pool.epoch, plan.poll, wanted,
+                                   use_memory=use_memory,
+                                   patience=self.causal_wait if plan.wait else 0.0)
             if found is not None:
-                self.record(found[0], intent)
-                return found
-        return self._checkout_primary(intent)
+                self._count(state, found[0], intent)
+                return found[0], found[1], True
+        name, link = self._checkout_primary(intent)
+        return name, link, False
 
-    def _wait_for(self, names: Sequence[str], wanted: int | None) -> tuple[str, Connection] | None:
-        """Poll the replicas' replayed positions until one has ``wanted``, up to causal_wait."""
-        deadline = self._clock() + self.causal_wait
+    def _wait_for(self, state: _ThreadState, epoch: int, names: Sequence[str], wanted: int,
+                  *, use_memory: bool, patience: float) -> tuple[str, _Link] | None:
+        """Poll the replicas' replayed positions until one has ``wanted``, up to ``patience``
+        seconds (0: ask each once)."""
+        deadline = self._clock() + patience
         pending = list(names)
         for attempt in itertools.count():
             for name in list(pending):
                 try:
-                    conn = self._checkout(name)
-                    position = self._position(conn)
+                    link = self._checkout(state, name)
+                    if use_memory and link.has_replayed(wanted, epoch):
+                        return name, link
+                    position = self._position(link)
                 except (NodeUnavailable, psycopg.Error, ValueError):
                     # Nothing of the caller's work was sent: skip it, try the others.
                     self._mark_down(name)
                     pending.remove(name)
                     continue
+                link.remember(position, epoch)
                 if replica_qualifies(position, wanted):
-                    return name, conn
+                    return name, link
             remaining = deadline - self._clock()
             if not pending or remaining <= 0:
                 return None
             self._sleep(min(poll_delay(attempt), remaining))
         return None
 
-    @contextmanager
-    def _using(self, name: str, conn: Connection) -> Iterator[Connection]:
-        try:
-            yield conn
-        except BaseException as exc:
-            replacement = self._failed(name, conn, exc, writing=False)
-            if replacement is not None:
-                raise replacement from exc
-            raise
-        self._finish(name, conn)
+    def _finish(self, name: str, link: _Link, *, replica: bool) -> None:
+        """End a block's transaction by rolling back; drop the connection if it broke.
 
-    def _finish(self, name: str, conn: Connection) -> None:
-        """End a block's transaction by rolling back; drop the connection if it broke."""
-        if not conn.closed:
-            with suppress(psycopg.Error):
+        On a replica's real connection the router sends the ROLLBACK itself,
+        keeping psycopg's prepared statements (see the module docstring);
+        after a failed statement, and on the primary, where the block could
+        have changed the schema, ``conn.rollback()`` resets them as psycopg
+        means to.
+        """
+        conn, watch = link.conn, link.watch
+        try:
+            if replica and watch is not None:
+                status = conn.pgconn.transaction_status
+                if status == TransactionStatus.INTRANS:
+                    end_read_transaction(conn, watch)
+                elif status != TransactionStatus.IDLE:
+                    conn.rollback()
+            elif not conn.closed:
                 conn.rollback()
+        except psycopg.Error:
+            pass
         if conn.closed:
             self._discard(name)
 
@@ -652,14 +964,20 @@ class Cluster:
             self._discard(name)
             self._rediscover()
             return NodeUnavailable(name, failure, "the write was refused; nothing was committed")
-        self._finish(name, conn)
+        if not conn.closed:
+            with suppress(psycopg.Error):
+                conn.rollback()
+        if conn.closed or _plan_went_stale(exc):
+            # A statement prepared before a schema change that altered its
+            # result fails on every use of this session: start a new one.
+            self._discard(name)
         return None
 
     def _commit(self, name: str, conn: Connection) -> str:
         if conn.info.transaction_status == TransactionStatus.INERROR:
             # A statement failed and the block swallowed the error; COMMIT
             # would silently roll back, so say so instead.
-            self._finish(name, conn)
+            self._rollback(name, conn)
             raise DatabaseError("a statement in the write block failed; transaction rolled back")
         try:
             conn.commit()
@@ -668,7 +986,7 @@ class Cluster:
                 self._mark_down(name)
                 raise NodeUnavailable(name, Failure.NODE_GONE,
                                       f"commit outcome unknown: {one_line(exc)}") from exc
-            self._finish(name, conn)
+            self._rollback(name, conn)
             raise DatabaseError(f"commit on {name} failed: {one_line(exc)}") from exc
         try:
             # Outside a transaction, so no BEGIN/ROLLBACK round trips. With
@@ -686,7 +1004,7 @@ class Cluster:
             if classify(exc) is Failure.NODE_GONE:
                 self._mark_down(name)
             else:
-                self._finish(name, conn)
+                self._rollback(name, conn)
             raise DatabaseError(
                 f"committed, but cannot read the WAL position of {name}: {one_line(exc)}"
             ) from exc
@@ -698,6 +1016,18 @@ class Cluster:
             raise NodeUnavailable(name, Failure.NOT_PRIMARY, "it is in recovery")
         self.note_commit(token)
         return token
+
+    def _rollback(self, name: str, conn: Connection) -> None:
+        if not conn.closed:
+            with suppress(psycopg.Error):
+                conn.rollback()
+        if conn.closed:
+            self._discard(name)
+
+
+def _plan_went_stale(exc: BaseException) -> bool:
+    return (isinstance(exc, psycopg.errors.FeatureNotSupported)
+            and "cached plan must not change result type" in str(exc))
 
 
 # The name the demo and earlier code use.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -14,6 +13,7 @@ import psycopg.errors
 import pytest
 from psycopg.pq import TransactionStatus
 
+from tiers.db import router as router_module
 from tiers.db.errors import Failure, NodeUnavailable
 from tiers.db.health import (
     Check,
@@ -49,11 +49,16 @@ class FakeNode:
         self.position = position
         self.in_recovery = in_recovery
         self.up = True
+        self.incarnation = 0  # a restart ends every session of the one before
         self.die_on_commit = False
         self.connects = 0
         self.commits = 0
         self.rollbacks = 0
         self.statements: list[str] = []
+
+    def restart(self) -> None:
+        """Stop and start again: open connections die, though none has noticed yet."""
+        self.incarnation += 1
 
     @property
     def position_checks(self) -> int:
@@ -87,10 +92,14 @@ class FakeConn:
         self.stale = False
         self.autocommit = False
         self.info = FakeInfo()
+        self.incarnation = node.incarnation
 
     def _check(self) -> None:
         if self.closed:
             raise psycopg.OperationalError("the connection is closed")
+        if self.incarnation != self.node.incarnation:
+            self.closed = True
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
         if not self.node.up:
             self.closed = True
             raise psycopg.OperationalError(f"{self.node.name}: server closed the connection")
@@ -224,6 +233,12 @@ class Nodes:
 
     def health(self, primary: str | None = "p") -> FakeHealth:
         return FakeHealth(lambda: self.now, list(self.by_name), primary)
+
+
+def simulate_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a fork's hook tells the router in the child, without forking; undone after the
+    test. (test_a_real_fork_resets_per_process_state forks for real.)"""
+    monkeypatch.setattr(router_module, "_fork_generation", router_module._fork_generation + 1)
 
 
 def served_by(cluster: Cluster, *args: Any, **kwargs: Any) -> str:
@@ -705,8 +720,7 @@ def test_the_monitor_starts_on_first_use_once_per_process(
     served_by(cluster)
     write(cluster)
     assert health.starts == 1
-    child = os.getpid() + 1
-    monkeypatch.setattr(os, "getpid", lambda: child)  # as in a forked gunicorn worker
+    simulate_fork(monkeypatch)  # as in a forked gunicorn worker
     served_by(cluster)
     assert health.starts == 2
 
@@ -931,8 +945,7 @@ def test_a_forked_child_neither_uses_nor_closes_the_parents_connections(
     with cluster.read() as parent_conn:
         pass
     write(cluster)
-    child_pid = os.getpid() + 1
-    monkeypatch.setattr(os, "getpid", lambda: child_pid)
+    simulate_fork(monkeypatch)
     assert cluster.last_write_token is None
     with cluster.read() as child_conn:
         pass

@@ -236,6 +236,49 @@ def test_bounded_staleness_keeps_only_measured_fresh_replicas() -> None:
     assert plan == ReadPlan(poll=("a", "b"))
 
 
+def test_a_replica_lagging_beyond_the_wait_is_asked_last_and_alone_not_waited_for() -> None:
+    # b lags 3 s: a wait of 0.05 s for it would be in vain; c has no lag measured.
+    plan = plan_read(POOL, token=200, max_staleness=None, start=0, now=10.0, down={},
+                     wait_lag=0.05)
+    assert plan == ReadPlan(poll=("a", "c", "b"), wait=True)
+    plan = plan_read(POOL, token=200, max_staleness=None, start=0, now=10.0, down={},
+                     wait_lag=5.0)
+    assert plan == ReadPlan(poll=("a", "b", "c"), wait=True)
+    # Only lagging replicas to ask: each is asked once, nobody waits.
+    plan = plan_read(POOL[1:2], token=200, max_staleness=None, start=0, now=10.0, down={},
+                     wait_lag=0.05)
+    assert plan == ReadPlan(poll=("b",), wait=False)
+    # Lag does not matter to a replica the monitor saw past the token, nor without a wait bound.
+    plan = plan_read(POOL, token=40, max_staleness=None, start=0, now=10.0, down={},
+                     wait_lag=0.05)
+    assert plan == ReadPlan(ready=("a", "b"), poll=("c",))
+    plan = plan_read(POOL[1:2], token=200, max_staleness=None, start=0, now=10.0, down={})
+    assert plan == ReadPlan(poll=("b",), wait=True)
+
+
+def test_replicas_remembered_past_the_token_are_polled_first_and_waited_for() -> None:
+    remembered = {"b": 90, "c": 70}
+    plan = plan_read(POOL, token=80, max_staleness=None, start=0, now=10.0, down={},
+                     wait_lag=0.05, remembered=remembered)
+    assert plan == ReadPlan(ready=("a",), poll=("b", "c"))
+    plan = plan_read(POOL, token=200, max_staleness=None, start=0, now=10.0, down={},
+                     wait_lag=0.05, remembered=remembered)
+    assert plan == ReadPlan(poll=("a", "c", "b"))  # remembered below the token: b lags
+    plan = plan_read(POOL[1:2], token=85, max_staleness=None, start=0, now=10.0, down={},
+                     wait_lag=0.05, remembered={"b": 90})
+    assert plan == ReadPlan(poll=("b",), wait=True)
+    plan = plan_read(POOL, token=85, max_staleness=None, start=1, now=10.0, down={},
+                     wait_lag=0.05, remembered={"c": 90})
+    assert plan == ReadPlan(ready=("a",), poll=("c", "b"))
+    # A mark or a staleness bound still leaves a remembered replica out.
+    plan = plan_read(POOL, token=80, max_staleness=None, start=0, now=11.0,
+                     down={"b": DownMark(10.5, 20.0)}, remembered=remembered)
+    assert plan == ReadPlan(ready=("a",), poll=("c",))
+    plan = plan_read(POOL, token=80, max_staleness=1.0, start=0, now=10.0, down={},
+                     remembered=remembered)
+    assert plan == ReadPlan(ready=("a",))
+
+
 def test_nothing_usable_means_the_primary() -> None:
     assert plan_read([], token=None, max_staleness=None, start=0, now=0.0, down={}).primary_only
     down = {v.name: DownMark(10.5, 20.0) for v in POOL}
