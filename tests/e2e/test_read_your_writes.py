@@ -54,6 +54,10 @@ def _status_of(url: str) -> int:
 def test_100_posts_each_seen_on_the_next_page_while_the_replica_lags(
         stack: StackHandle) -> None:
     replica_port = stack.db_ports[1]
+    # A commit replayed just before the pause: replay lag in seconds counts from the
+    # last replayed commit, and an idle stack's last one may be long past.
+    final_url, _ = post_bookmark(browser(), stack.base_url, "https://example.com/fresh", "x")
+    stack.wait_for(lambda: _status_of(final_url) == 200, 30, "the replica to replay a commit")
     _replay(replica_port, "pause")
     try:
         client = browser()
