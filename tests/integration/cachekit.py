@@ -179,9 +179,10 @@ def running(kind: str, memory_mb: int = 64) -> Iterator[Node]:
         node.cleanup()
 
 
-def talk(port: int, data: bytes, wait: float = 0.3, until: bytes | None = None) -> bytes:
+def talk(port: int, data: bytes, wait: float = 0.3, until: bytes | None = None,
+         times: int = 1) -> bytes:
     """Send raw bytes on a new connection; what is answered until it ends with ``until``
-    (when given) or ``wait`` seconds pass in silence.
+    holding it ``times`` times in all (when given) or ``wait`` seconds pass in silence.
 
     A closed connection shows as a trailing ``<closed>``.
     """
@@ -190,7 +191,7 @@ def talk(port: int, data: bytes, wait: float = 0.3, until: bytes | None = None) 
         sock.settimeout(wait if until is None else 10)
         out = b""
         try:
-            while until is None or not out.endswith(until):
+            while until is None or not out.endswith(until) or out.count(until) < times:
                 chunk = sock.recv(65536)
                 if not chunk:
                     return out + b"<closed>"

@@ -54,8 +54,10 @@ def _converse(node: Node, request: bytes, closes: bool) -> tuple[bytes, bool]:
     with Client(node.host, node.port) as admin:
         admin.flush_all()
     if request.endswith(b"\n") and not closes:
-        # "mn" (a no-op both servers answer "MN") marks the end of the answers
-        answer = talk(node.port, request + b"mn\r\n", until=b"MN\r\n")
+        # "mn" (a no-op both servers answer "MN") marks the end of the answers;
+        # a request may hold "mn" itself, and its answer may arrive alone.
+        answer = talk(node.port, request + b"mn\r\n", until=b"MN\r\n",
+                      times=request.count(b"mn\r\n") + 1)
         if answer.endswith(b"MN\r\n"):
             return answer.removesuffix(b"MN\r\n"), False
     else:
