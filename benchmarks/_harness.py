@@ -14,6 +14,7 @@ Only loopback addresses are ever used, and ports are the kernel's ephemeral ones
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
 import os
@@ -25,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any
@@ -330,3 +331,18 @@ def rotated(items: Sequence[str], by: int) -> list[str]:
     """``items`` rotated left by ``by``: round r starts with the r-th item."""
     k = by % len(items) if items else 0
     return [*items[k:], *items[:k]]
+
+
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated subset of ``choices`` ("all" or "both": every one)."""
+
+    def parse(text: str) -> list[str]:
+        if text in ("all", "both"):
+            return list(choices)
+        values = [part.strip() for part in text.split(",") if part.strip()]
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}")
+        return values
+
+    return parse

@@ -751,16 +751,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        values = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [v for v in values if v not in allowed]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}: {text!r}")
-        return values
-
-    return parse
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -769,7 +759,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "key movement on a fourth node, and stampede protection.",
     )
     p.add_argument("--quick", action="store_true", help="fewer rounds, ops and keys (~1 min)")
-    p.add_argument("--parts", type=_choices(PARTS), default=list(PARTS), help="default: all")
+    p.add_argument("--parts", type=h.choice_list(PARTS), default=list(PARTS), help="default: all")
     p.add_argument("--rounds", type=int, help="throughput rounds (default 5; 2 with --quick)")
     p.add_argument("--ops", type=int, help="get/set calls per run (default 30000; --quick 8000)")
     p.add_argument("--max-seconds", type=float, default=5.0, help="cap on one run (default 5)")
@@ -777,7 +767,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--keys", type=int, default=10_000, help="distinct keys read (default 10000)")
     p.add_argument("--threads", type=_int_list, help="thread counts (default 1,4; --quick 1)")
     p.add_argument("--batches", type=_int_list, default=[10, 100], help="get_many sizes")
-    p.add_argument("--peers", type=_choices(PEERS), default=list(PEERS), help="pymemcache hashers")
+    p.add_argument("--peers", type=h.choice_list(PEERS), default=list(PEERS),
+                   help="pymemcache hashers")
     p.add_argument("--ring-keys", type=int, help="keys for movement (default 100000)")
     p.add_argument("--live-keys", type=int, help="keys for the live check (default 20000)")
     p.add_argument("--stampede-threads", type=int, default=50, help="readers (default 50)")

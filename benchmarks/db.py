@@ -1138,18 +1138,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        if text in ("all", "both"):
-            return list(choices)
-        values = [part.strip() for part in text.split(",") if part.strip()]
-        bad = [v for v in values if v not in choices]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}")
-        return values
-
-    return parse
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -1182,14 +1170,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mixed-threads", type=int, default=4, help="threads serving the clients")
     p.add_argument("--failover-rounds", type=int,
                    help="failovers per detection mode, each on a fresh cluster (default 3)")
-    p.add_argument("--detection", type=_choice_list(DETECTIONS), default=list(DETECTIONS),
+    p.add_argument("--detection", type=h.choice_list(DETECTIONS), default=list(DETECTIONS),
                    help="immediate (the supervisor sees the process exit), checks (health "
                         "checks every 0.5 s, 3 misses), or both (default)")
     p.add_argument("--failover-replicas", type=int, default=1,
                    help="replicas of each failover cluster")
     p.add_argument("--write-seconds", type=float, default=1.0,
                    help="seconds of writes before the kill")
-    p.add_argument("--parts", type=_choice_list(PARTS), default=list(PARTS),
+    p.add_argument("--parts", type=h.choice_list(PARTS), default=list(PARTS),
                    help="comma-separated: throughput, staleness, failover (default all)")
     args = p.parse_args(argv)
     quick = args.quick
