@@ -197,6 +197,10 @@ def test_the_cookie_carries_both_clusters_to_another_app_server(
     try:
         first = Client(CausalMiddleware(notes_app(routers), secret_key=KEY))
         second = Client(CausalMiddleware(notes_app(others), secret_key=KEY))
+        # The second server's monitors are new: the stranger's read below may use
+        # a replica only once they have seen it healthy.
+        for name, router in others.items():
+            eventually(in_pool(router, R1), f"{name}'s replica to join the new read pool")
         with replay_paused(pgs["main"].dsn(1)), replay_paused(pgs["social"].dsn(1)):
             # Two requests: the second writes on social only and must keep main's token.
             assert first.post("/main", data={"body": "on main"}).status_code == 303
