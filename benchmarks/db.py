@@ -338,6 +338,17 @@ def router_mode(name: str, cluster: Cluster, token: str | None) -> ReadMode:
     return ReadMode(name, open_, cluster)
 
 
+def query_mode(name: str, cluster: Cluster, token: str | None) -> ReadMode:
+    """``Cluster.query``: one statement, in autocommit on a replica, like raw autocommit."""
+    def open_() -> tuple[Read, Callable[[], None]]:
+        def read(key: int) -> object:
+            return cluster.query(READ_SQL, (key,), token=token)[0]
+
+        return read, cluster.close
+
+    return ReadMode(name, open_, cluster)
+
+
 @dataclass
 class _Slice:
     """The mode a slice of a round measures, and the marks its start took."""
@@ -540,6 +551,8 @@ def part_throughput(args: argparse.Namespace, nodes: Nodes, stop: threading.Even
             router_mode("router read(None)", router, None),
             router_mode("router read(token)", router, token),
             router_mode("router read(token), no mon", fixed, token),
+            query_mode("router query(None)", router, None),
+            query_mode("router query(token)", router, token),
         ]
         idle_cpu = monitor_cpu()
         results: dict[tuple[int, str], list[Throughput]] = {}
@@ -605,7 +618,8 @@ def print_throughput(args: argparse.Namespace, modes: Sequence[ReadMode],
             print(f"  {mode.name:<30}{med(vs_tx):>15.1f}%{med(vs_auto):>15.1f}%"
                   f"{med(cpu):>17.2f}   " + " ".join(f"{x:.0f}%" for x in vs_tx))
         print("  (each a median of the rounds' own ratios: the modes of a round took turns "
-              "on the same machine state)")
+              "on the same machine state; read() blocks compare with tx per read, query() "
+              "with autocommit)")
 
 
 # ---- part 2: stale reads under lag -------------------------------------------
