@@ -1,13 +1,20 @@
-"""Several proxy workers on one port: spread, respawn, reload and stop through the master."""
+"""Several proxy workers on one port: spread, respawn, reload and stop through the master,
+and one admin listener that speaks for all of them."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import psutil
 
+from tests.e2e.stackctl import free_ports
 from tests.integration.proxykit import Backend, Proxy, _wait
+from tests.integration.test_proxy_admin import TOKEN, admin_get
 from tiers.proxy.accesslog import parse_line
 
 
@@ -47,3 +54,128 @@ def test_workers_share_the_port_and_are_kept_at_their_count(
                 for line in p.access_log.read_bytes().splitlines()
                 if parse_line(line)["uri"].startswith(b"/spread/")}
     assert len(prefixes) == 2  # both workers served some of the 40 connections
+
+
+def _start_with_admin(tmp_path: Path, backend: Backend) -> tuple[Proxy, int]:
+    (admin_port,) = free_ports(1)
+    path = tmp_path / "tiers.toml"
+    path.write_text(f'[app]\nport = 1\n[proxy]\nworkers = 2\n'
+                    f'[proxy.pools.web]\nservers = ["{backend.address}"]\n'
+                    f'[[proxy.routes]]\npool = "web"\n'
+                    f'[proxy.admin]\nlisten = "127.0.0.1:{admin_port}"\ntoken = "{TOKEN}"\n')
+    proxy = Proxy(["--topology", str(path), "--access-log", str(tmp_path / "access.log")],
+                  tmp_path / "access.log")
+    assert _wait(lambda: len(workers_of(proxy)) == 2, 5)
+    # Both workers listen once each has said so.
+    assert _wait(lambda: sum("listening on" in line for line in proxy.lines) == 2, 10)
+    return proxy, admin_port
+
+
+def _status(admin_port: int) -> dict[str, Any]:
+    code, body, _ = admin_get(admin_port, "/status", TOKEN)
+    assert code == 200, body
+    answer: dict[str, Any] = json.loads(body)
+    return answer
+
+
+def test_the_admin_listener_reports_every_worker(
+        tmp_path: Path, backends: Callable[[int], list[Backend]]) -> None:
+    (a,) = backends(1)
+    p, admin_port = _start_with_admin(tmp_path, a)
+    try:
+        for i in range(40):  # a new connection each: the kernel spreads them
+            assert p.get(f"/spread/{i}")[0] == 200
+        info = _status(admin_port)
+        assert (info["workers"], info["answered"]) == (2, 2)
+        assert info["requests"] == {"2xx": 40}
+        pool = next(pool for pool in info["pools"] if pool["name"] == "web")
+        (server,) = pool["servers"]
+        assert (server["requests"], server["state"], server["states"]) == (40, "up", ["up", "up"])
+        per_worker = info["per_worker"]
+        assert {w["pid"] for w in per_worker} == {w.pid for w in workers_of(p)}
+        assert all(w["requests"] > 0 for w in per_worker)  # both served some
+        assert sum(w["requests"] for w in per_worker) == 40
+
+        code, body, _ = admin_get(admin_port, "/metrics", TOKEN)
+        assert code == 200
+        samples = re.findall(r'tiers_proxy_requests_total\{code="2xx",worker="(\d)"\} (\d+)',
+                             body.decode())
+        assert sorted(w for w, _ in samples) == ["0", "1"]
+        assert sum(int(n) for _, n in samples) == 40
+    finally:
+        p.stop()
+
+
+def test_purges_and_posts_reach_every_workers_cache_and_a_silent_worker_is_named(
+        tmp_path: Path, backends: Callable[[int], list[Backend]]) -> None:
+    (a,) = backends(1)
+    p, admin_port = _start_with_admin(tmp_path, a)
+    try:
+        # New connections until both workers hold the page in their caches.
+        assert _wait(lambda: p.get("/cacheable")[0] == 200
+                     and _status(admin_port)["cache"]["entries"] == 2, 10)
+        code, body, _ = admin_get(admin_port, "/cache/purge?url=127.0.0.1", TOKEN,
+                                  method="POST")
+        assert (code, json.loads(body)) == (200, {"purged": 2})
+        assert _status(admin_port)["cache"]["entries"] == 0
+        fetched = len(a.requests(path="/cacheable"))
+        assert p.get("/cacheable")[0] == 200
+        assert len(a.requests(path="/cacheable")) == fetched + 1  # a miss: it was purged
+
+        # A successful POST drops the page in the other worker's cache too
+        # (and the client need not read the answer for that).
+        assert _wait(lambda: p.get("/cacheable")[0] == 200
+                     and _status(admin_port)["cache"]["entries"] == 2, 10)
+        conn = p.connection()
+        try:
+            conn.request("POST", "/cacheable", body=b"x=1")
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+        assert _wait(lambda: _status(admin_port)["cache"]["entries"] == 0, 5)
+
+        # A worker that cannot answer is reported as such, and a purge that
+        # could not reach it says so rather than claiming success.
+        index0 = _status(admin_port)["per_worker"][0]["pid"]
+        other = next(w for w in workers_of(p) if w.pid != index0)
+        other.suspend()
+        try:
+            info = _status(admin_port)
+            assert (info["workers"], info["answered"]) == (2, 1)
+            assert info["per_worker"][1] == {"worker": 1, "answered": False}
+            code, body, _ = admin_get(admin_port, "/cache/purge?url=127.0.0.1", TOKEN,
+                                      method="POST")
+            assert code == 503 and b"workers 1 did not answer" in body
+        finally:
+            other.resume()
+        assert _wait(lambda: _status(admin_port)["answered"] == 2, 5)
+    finally:
+        p.stop()
+
+
+def test_a_worker_started_again_after_a_reload_serves_the_new_configuration(
+        tmp_path: Path) -> None:
+    path = tmp_path / "tiers.toml"
+
+    def configure(body: str) -> None:
+        path.write_text(f'[app]\nport = 1\n[proxy]\nworkers = 2\n[proxy.admin]\nlisten = false\n'
+                        f'[[proxy.routes]]\nrespond = 200\nbody = "{body}"\n')
+
+    configure("before")
+    p = Proxy(["--topology", str(path)], tmp_path / "access.log")
+    try:
+        assert _wait(lambda: sum("listening on" in line for line in p.lines) == 2, 10)
+        configure("after")
+        mark = len(p.lines)
+        p.process.send_signal(signal.SIGHUP)
+        assert _wait(lambda: sum("configuration reloaded" in line
+                                 for line in p.lines[mark:]) == 2, 5)
+        victim = workers_of(p)[0]
+        victim.kill()
+        assert _wait(lambda: len(workers_of(p)) == 2
+                     and victim.pid not in {w.pid for w in workers_of(p)}, 10)
+        assert _wait(lambda: sum("listening on" in line for line in p.lines[mark:]) == 1, 10)
+        bodies = {p.get(f"/{i}")[1] for i in range(20)}  # a new connection each
+        assert bodies == {b"after"}
+    finally:
+        p.stop()

@@ -260,6 +260,9 @@ async def serve(settings: ProxySettings, reload: Reloader | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, server, reload)
+    # A worker's master holds SIGHUP back until now (tiers.proxy.workers): a
+    # reload asked for while this process started is carried out here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     host, port = server.address
     log.info(
         "listening on %s:%d, backends %s",
@@ -302,10 +305,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tiers.proxy.workers import Master
 
         def run_worker(worker: ProxySettings, index: int) -> int:
-            return uvloop.run(serve(worker, _for_worker(reload, index)))
+            reload_mine = _for_worker(reload, index)
+            return uvloop.run(serve(_current(worker, reload_mine), reload_mine))
 
         return Master(settings, run_worker).run()
     return uvloop.run(serve(settings, reload))
+
+
+def _current(worker: ProxySettings, reload: Reloader | None) -> ProxySettings:
+    """A worker's settings as the file says now: one started again after a reload
+    must not serve with the configuration the master read at its own start."""
+    if reload is None:
+        return worker
+    try:
+        fresh = reload()
+    except TiersError as exc:
+        log.error("cannot read the configuration again, using the one read at start: %s", exc)
+        return worker
+    # Where to listen and the workers' sockets are the master's to decide.
+    return replace(fresh, listen=worker.listen, peer_dir=worker.peer_dir,
+                   workers=worker.workers, policy=replace(fresh.policy,
+                                                          admin=worker.policy.admin))
 
 
 def _for_worker(reload: Reloader | None, index: int) -> Reloader | None:

@@ -20,7 +20,7 @@ import logging
 import os
 import secrets
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,11 +87,11 @@ def load_or_create_token(configured: str | None, token_file: str | None) -> str:
 
 @dataclass
 class AdminHandlers:
-    """What the admin endpoints read from the running proxy."""
+    """What the admin endpoints read from the running proxy (they may ask other workers)."""
 
-    status: Callable[[], dict[str, Any]]
-    metrics: Callable[[], list[Metric]]
-    purge: Callable[[str], int] | None = None
+    status: Callable[[], Awaitable[dict[str, Any]]]
+    metrics: Callable[[], Awaitable[list[Metric]]]
+    purge: Callable[[str], Awaitable[int]] | None = None
 
 
 class AdminServer:
@@ -125,7 +125,7 @@ class AdminServer:
             if head is None:
                 status, body, ctype = 400, b"bad request\n", "text/plain"
             else:
-                status, body, ctype = self._answer(head)
+                status, body, ctype = await self._answer(head)
             extra = 'WWW-Authenticate: Bearer realm="tiers"\r\n' if status == 401 else ""
             head_text = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
                          f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
@@ -139,17 +139,17 @@ class AdminServer:
         finally:
             writer.close()
 
-    def _answer(self, head: RequestHead) -> tuple[int, bytes, str]:
+    async def _answer(self, head: RequestHead) -> tuple[int, bytes, str]:
         supplied = next((v for k, v in head.headers if k.lower() == b"authorization"), b"")
         if not hmac.compare_digest(supplied, self._token):
             return 401, b"unauthorized\n", "text/plain"
         path, _, query = head.target.decode("latin-1").partition("?")
         method = head.method
         if path == "/status" and method in (b"GET", b"HEAD"):
-            body = json.dumps(self._handlers.status(), indent=2).encode() + b"\n"
+            body = json.dumps(await self._handlers.status(), indent=2).encode() + b"\n"
             return 200, body, "application/json"
         if path == "/metrics" and method in (b"GET", b"HEAD"):
-            return 200, render_metrics(self._handlers.metrics()), \
+            return 200, render_metrics(await self._handlers.metrics()), \
                 "text/plain; version=0.0.4; charset=utf-8"
         if path == "/cache/purge" and method == b"POST":
             if self._handlers.purge is None:
@@ -158,7 +158,10 @@ class AdminServer:
             if not prefix:
                 return 400, b"give ?url=PREFIX (a cache key prefix: host + path)\n", \
                     "text/plain"
-            count = self._handlers.purge(prefix)
+            try:
+                count = await self._handlers.purge(prefix)
+            except ProxyError as exc:
+                return 503, f"{exc}\n".encode(), "text/plain"
             return 200, json.dumps({"purged": count}).encode() + b"\n", "application/json"
         if path in ("/status", "/metrics", "/cache/purge"):
             return 405, b"method not allowed\n", "text/plain"
@@ -183,4 +186,4 @@ async def _read_head(reader: asyncio.StreamReader) -> RequestHead | None:
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed"}
+            405: "Method Not Allowed", 503: "Service Unavailable"}

@@ -368,6 +368,9 @@ class PageCache:
         self._wait_timeout = wait_timeout
         self._refresh_timeout = refresh_timeout
         self._tasks: set[asyncio.Task[None]] = set()
+        # Told the key of every target an unsafe request changed, so that
+        # other processes' caches can drop it too (set by the proxy's workers).
+        self.on_invalidate: Callable[[bytes], None] | None = None
 
     def request(
         self, head: RequestHead, route: Route | None = None, client_ip: bytes = b"-"
@@ -531,7 +534,10 @@ class PageCache:
         """
         if head.method in _SAFE_METHODS or not 200 <= status < 400:
             return 0
-        return self.store.purge(cache_key(head.host, head.path))
+        key = cache_key(head.host, head.path)
+        if self.on_invalidate is not None:
+            self.on_invalidate(key)
+        return self.store.purge(key)
 
     def purge(self, url: bytes, *, prefix: bool = False) -> int:
         """Remove the entries of ``url`` (``http://host/path``, or ``host/path``).

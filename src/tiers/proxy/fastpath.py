@@ -226,7 +226,7 @@ class FastPath(Forwarding):
         fill = x.fill
         if fill is not None:
             fill.close()
-        self._server.cache.invalidate(x.head, x.status)
+        self._server.cache.invalidate(x.head, x.upstream_status)
         self._exchange_done(x, keep_alive)
 
     # ---- leaving the callback path --------------------------------------------------

@@ -54,12 +54,13 @@ class Forwarding(ClientIO):
         """Forward ``x`` (filling the page cache if ``x.fill``); True if the client stays."""
         fill = x.fill
         try:
-            keep_alive = await self._forward(x, upstreams, resume)
+            return await self._forward(x, upstreams, resume)
         finally:
             if fill is not None:
                 fill.close()
-        self._server.cache.invalidate(x.head, x.status)  # after a successful POST, PUT, DELETE, ...
-        return keep_alive
+            # After a successful POST, PUT, DELETE, ...: by what the backend
+            # answered, even if the client left before reading all of it.
+            self._server.cache.invalidate(x.head, x.upstream_status)
 
     def _serve_cached(self, x: Exchange, req: CacheRequest, serve: Serve) -> bool:
         keep_alive = x.head.keep_alive and not self._server.stopping and not self._lost

@@ -1,8 +1,14 @@
-"""What the admin listener shows: the running proxy as JSON status and Prometheus metrics."""
+"""What the admin listener shows: the running proxy as JSON status and Prometheus metrics.
+
+``status`` is one worker's document; the metrics are made from it, so that
+the admin listener of a proxy with several workers can make them from what
+each worker reports (``tiers.proxy.peers``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +26,8 @@ def status(server: ProxyServer) -> dict[str, Any]:
     """Pools and their servers, request counts, abuse limits, connections, as JSON data."""
     counters = server.counters
     return {
-        # With several workers, this is worker 0's view only.
         "worker": server.settings.worker,
+        "pid": os.getpid(),
         "workers": server.settings.workers,
         "uptime_seconds": round(time.time() - server.started_at, 3),
         "connections": len(server.connections),
@@ -36,50 +42,77 @@ def status(server: ProxyServer) -> dict[str, Any]:
 
 def metrics(server: ProxyServer) -> list[Metric]:
     """The proxy's metrics in Prometheus terms."""
-    counters = server.counters
-    pools = server.pools.stats()
-    abuse = server.abuse.stats(server.loop.time())
+    return metrics_of(status(server))
+
+
+def metrics_of(state: dict[str, Any], labels: dict[str, str] | None = None) -> list[Metric]:
+    """The metrics of one worker's ``status`` document, each sample also carrying ``labels``."""
+    extra = labels or {}
+    pools = state["pools"]
+    abuse = state["abuse"]
+    cache = state["cache"]
+    by_class = state["requests"]
+
+    def one(value: float, **more: str) -> tuple[dict[str, str], float]:
+        return ({**more, **extra}, value)
 
     def per_server(field: str) -> list[tuple[dict[str, str], float]]:
-        return [({"pool": p.name, "server": s.address}, getattr(s, field))
-                for p in pools for s in p.servers]
+        return [one(s[field], pool=p["name"], server=s["address"])
+                for p in pools for s in p["servers"]]
 
     found = [
         Metric("tiers_proxy_requests_total", "counter", "Requests answered, by status class.",
-               [({"code": name}, count) for name, count in zip(_CLASSES, counters.by_class,
-                                                               strict=True)]),
+               [one(by_class.get(name, 0), code=name) for name in _CLASSES]),
         Metric("tiers_proxy_response_bytes_total", "counter", "Response body bytes sent.",
-               [({}, counters.bytes_out)]),
+               [one(state["bytes_out"])]),
         Metric("tiers_proxy_connections", "gauge", "Client connections open now.",
-               [({}, len(server.connections))]),
+               [one(state["connections"])]),
         Metric("tiers_proxy_server_up", "gauge", "1 if the server is in rotation.",
-               [({"pool": p.name, "server": s.address}, 0 if s.state == "down" else 1)
-                for p in pools for s in p.servers]),
+               [one(0 if s["state"] == "down" else 1, pool=p["name"], server=s["address"])
+                for p in pools for s in p["servers"]]),
         Metric("tiers_proxy_server_active", "gauge", "Requests in flight per server.",
                per_server("active")),
         Metric("tiers_proxy_pool_queued", "gauge", "Requests waiting for a server slot.",
-               [({"pool": p.name}, p.queued) for p in pools]),
+               [one(p["queued"], pool=p["name"]) for p in pools]),
         Metric("tiers_proxy_abuse_requests_total", "counter",
                "Requests by abuse verdict.",
-               [({"verdict": "allowed"}, abuse.allowed), ({"verdict": "denied"}, abuse.denied),
-                ({"verdict": "limited"}, abuse.limited)]),
+               [one(abuse[v], verdict=v) for v in ("allowed", "denied", "limited")]),
         Metric("tiers_proxy_abuse_blocked_clients", "gauge", "Clients blocked now.",
-               [({}, abuse.blocked)]),
+               [one(abuse["blocked"])]),
         Metric("tiers_proxy_uptime_seconds", "gauge", "Seconds since the proxy started.",
-               [({}, time.time() - server.started_at)]),
-    ]
-    cache = server.cache.metrics()
-    found += [
+               [one(state["uptime_seconds"])]),
         Metric("tiers_proxy_cache_lookups_total", "counter", "Page cache lookups by result.",
-               [({"result": r}, cache[r]) for r in ("hits", "misses", "stale") if r in cache]),
+               [one(cache[r], result=r) for r in ("hits", "misses", "stale") if r in cache]),
         Metric("tiers_proxy_cache_bytes", "gauge", "Bytes held by the page cache.",
-               [({}, cache.get("bytes", 0))]),
+               [one(cache.get("bytes", 0))]),
         Metric("tiers_proxy_cache_entries", "gauge", "Pages held by the page cache.",
-               [({}, cache.get("entries", 0))]),
+               [one(cache.get("entries", 0))]),
         Metric("tiers_proxy_cache_evictions_total", "counter", "Pages evicted for memory.",
-               [({}, cache.get("evictions", 0))]),
+               [one(cache.get("evictions", 0))]),
     ]
     found += [Metric(f"tiers_proxy_server_{name}_total", "counter",
                      f"Per-server {name.replace('_', ' ')}.", per_server(name))
               for name in _SERVER_COUNTERS]
     return found
+
+
+def metrics_of_workers(states: list[dict[str, Any] | None]) -> list[Metric]:
+    """Every answering worker's metrics, each sample labelled with ``worker``.
+
+    Counters stay per worker rather than summed, so that a restarted worker
+    reads as a counter reset of its own series, which Prometheus handles;
+    ``sum without (worker)`` gives the whole proxy.
+    """
+    families: dict[str, Metric] = {}
+    for index, state in enumerate(states):
+        if state is None:
+            continue
+        for metric in metrics_of(state, {"worker": str(index)}):
+            known = families.get(metric.name)
+            if known is None:
+                families[metric.name] = Metric(metric.name, metric.kind, metric.help,
+                                               list(metric.samples))
+            else:
+                assert isinstance(known.samples, list)
+                known.samples.extend(metric.samples)
+    return list(families.values())

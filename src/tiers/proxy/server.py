@@ -13,11 +13,13 @@ import logging
 import os
 import time
 from dataclasses import replace
+from typing import Any
 
 from tiers.config.proxy import RouteKind
 from tiers.errors import ProxyError
+from tiers.proxy import observe
 from tiers.proxy.accesslog import AccessLog
-from tiers.proxy.admin import AdminHandlers, AdminServer, load_or_create_token
+from tiers.proxy.admin import AdminHandlers, AdminServer, Metric, load_or_create_token
 from tiers.proxy.balancer import Outcome, outcome_for_status
 from tiers.proxy.cache import CacheRequest, Fill, PageCache
 from tiers.proxy.connection import ClientConnection
@@ -25,6 +27,7 @@ from tiers.proxy.errors import UpstreamTimeout
 from tiers.proxy.forward import upstream_request_head
 from tiers.proxy.http1 import BodyData, ResponseHead
 from tiers.proxy.limits import Abuse
+from tiers.proxy.peers import PeerListener, ask, ask_all, merge_status
 from tiers.proxy.routing import Router
 from tiers.proxy.settings import ProxySettings
 from tiers.proxy.static import StaticRoot
@@ -85,6 +88,8 @@ class ProxyServer:
         self.access_log: AccessLog | None = None
         self.counters = RequestCounters()
         self.admin: AdminServer | None = None
+        self.peers: PeerListener | None = None
+        self._telling: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
         self.connections: set[ClientConnection] = set()
         self.stopping = False
@@ -141,15 +146,24 @@ class ProxyServer:
             self.abuse.sweep(self.loop.time())
 
     async def _start_admin(self) -> None:
-        admin = self.settings.policy.admin
+        settings = self.settings
+        if settings.peer_dir is not None:
+            self.peers = PeerListener(settings.peer_dir, settings.worker, {
+                "status": self._own_status,
+                "purge": self._peer_purge,
+                "drop": self._peer_drop,
+            })
+            await self.peers.start()
+        admin = settings.policy.admin
         if admin.listen is None:
             return
-        from tiers.proxy import observe
-
-        token = load_or_create_token(admin.token, self.settings.admin_token_file)
-        handlers = AdminHandlers(status=lambda: observe.status(self),
-                                 metrics=lambda: observe.metrics(self),
-                                 purge=lambda url: self.cache.purge(url.encode(), prefix=True))
+        token = load_or_create_token(admin.token, settings.admin_token_file)
+        if settings.peer_dir is None:
+            handlers = AdminHandlers(status=self._own_status, metrics=self._own_metrics,
+                                     purge=self._own_purge)
+        else:
+            handlers = AdminHandlers(status=self._all_status, metrics=self._all_metrics,
+                                     purge=self._all_purge)
         self.admin = AdminServer(admin.listen, token, handlers)
         try:
             await self.admin.start()
@@ -158,9 +172,65 @@ class ProxyServer:
             await self.shutdown()
             raise
 
+    # What the admin listener answers: this worker's view, or with several
+    # workers the view of all of them, asked through their peer sockets.
+
+    async def _own_status(self, _argument: str = "") -> dict[str, Any]:
+        return observe.status(self)
+
+    async def _own_metrics(self) -> list[Metric]:
+        return observe.metrics(self)
+
+    async def _own_purge(self, prefix: str) -> int:
+        return self.cache.purge(prefix.encode(), prefix=True)
+
+    async def _peer_drop(self, key: str) -> dict[str, int]:
+        return {"purged": self.cache.store.purge(bytes.fromhex(key))}
+
+    def _tell_peers_to_drop(self, key: bytes) -> None:
+        """An unsafe request changed a page: every other worker drops its copy."""
+        task = self.loop.create_task(self._drop_elsewhere(key))
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
+
+    async def _drop_elsewhere(self, key: bytes) -> None:
+        settings = self.settings
+        assert settings.peer_dir is not None
+        command = f"drop {key.hex()}"
+        await asyncio.gather(*(ask(settings.peer_dir, index, command, 1.0)
+                               for index in range(settings.workers)
+                               if index != settings.worker))
+
+    async def _peer_purge(self, prefix: str) -> dict[str, int]:
+        return {"purged": await self._own_purge(prefix)}
+
+    async def _all_status(self) -> dict[str, Any]:
+        assert self.settings.peer_dir is not None
+        return merge_status(await ask_all(self.settings.peer_dir, self.settings.workers,
+                                          "status"))
+
+    async def _all_metrics(self) -> list[Metric]:
+        assert self.settings.peer_dir is not None
+        return observe.metrics_of_workers(
+            await ask_all(self.settings.peer_dir, self.settings.workers, "status"))
+
+    async def _all_purge(self, prefix: str) -> int:
+        assert self.settings.peer_dir is not None
+        answers = await ask_all(self.settings.peer_dir, self.settings.workers,
+                                f"purge {prefix}")
+        missing = [str(i) for i, a in enumerate(answers) if a is None]
+        if missing:
+            # A worker that cannot be reached may still hold the page: say so.
+            raise ProxyError(f"workers {', '.join(missing)} did not answer; "
+                             "their caches may still hold the pages")
+        return sum(int(a["purged"]) for a in answers)
+
     def _new_cache(self, settings: ProxySettings) -> PageCache:
-        return PageCache(settings.policy.cache, fetch=self._cache_fetch,
-                         wait_timeout=settings.read_timeout)
+        cache = PageCache(settings.policy.cache, fetch=self._cache_fetch,
+                          wait_timeout=settings.read_timeout)
+        if settings.peer_dir is not None and settings.workers > 1:
+            cache.on_invalidate = self._tell_peers_to_drop
+        return cache
 
     def reload(self, settings: ProxySettings) -> None:
         """Apply new routes, pools, limits, cache settings and timeouts while running.
@@ -177,6 +247,8 @@ class ProxyServer:
         abuse = self.abuse if policy.abuse == old.policy.abuse else Abuse.compile(policy.abuse)
         static_roots = _static_roots(settings)
         pools = Pools(policy.pools, settings.upstream_settings())
+        # The workers' sockets stay where the master put them.
+        settings = replace(settings, peer_dir=old.peer_dir)
         if settings.listen != old.listen or policy.admin != old.policy.admin:
             log.warning("listen and admin addresses change only with a restart")
             settings = replace(settings, listen=old.listen,
@@ -282,5 +354,7 @@ class ProxyServer:
         await self.pools.close()
         if self.admin is not None:
             await self.admin.close()
+        if self.peers is not None:
+            await self.peers.close()
         if self.access_log is not None:
             self.access_log.close()

@@ -7,14 +7,17 @@ relays signals and keeps the count:
 
     SIGTERM / SIGINT   passed on; the master exits once every worker has
                        finished its requests in flight (status 0)
-    SIGHUP             passed on: each worker reloads its configuration
-    a worker dies      it is started again after a short pause; a worker that
+    SIGHUP             passed on: each worker reloads its configuration (a
+                       worker still starting holds it until it can)
+    a worker dies      it is started again after a short pause, with the
+                       configuration the file holds then; a worker that
                        dies this way ``_MAX_QUICK_DEATHS`` times in a row within
                        a second of starting stops the proxy (status 1)
 
 Each worker gets SIGTERM if the master dies (even by SIGKILL), so none is
-left behind. Only worker 0 runs the admin listener: its status and metrics
-describe that worker (they say which), not the sum of all.
+left behind. Only worker 0 runs the admin listener; it asks every worker
+through its peer socket (``tiers.proxy.peers``, in a private directory the
+master makes and removes), so status, metrics and purges cover them all.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -31,6 +35,7 @@ from dataclasses import replace
 
 from tiers.config.address import Address
 from tiers.config.proxy import AdminConfig
+from tiers.proxy.peers import make_directory
 from tiers.proxy.settings import ProxySettings
 
 log = logging.getLogger("tiers.proxy")
@@ -66,6 +71,14 @@ class Master:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._note)
         reserved = self._fix_port()
+        peer_dir = make_directory()
+        self.settings = replace(self.settings, peer_dir=peer_dir)
+        try:
+            return self._run(reserved)
+        finally:
+            shutil.rmtree(peer_dir, ignore_errors=True)
+
+    def _run(self, reserved: socket.socket | None) -> int:
         for index in range(self.settings.workers):
             self._spawn(index)
         log.info("master %d: %d workers", os.getpid(), self.settings.workers)
@@ -139,6 +152,9 @@ class Master:
             try:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(signum, signal.SIG_DFL)
+                # SIGHUP would kill a worker that has not set up its handler
+                # yet: it waits, blocked, until the worker can reload.
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
                 ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
                 code = self.run_worker(worker_settings(self.settings, index), index)
             finally:
