@@ -219,6 +219,21 @@ def test_keys_spread_over_three_nodes_come_back_in_one_call(memcacheds: list[Nod
         assert sum(state(cluster, spec)["misses"] for spec in specs) == 1
 
 
+def test_an_invalid_key_raises_before_any_node_is_asked(memcacheds: list[Node]) -> None:
+    specs = [spec_of(n.port) for n in memcacheds]
+    keys = [key for spec in specs for key in spread(specs, 3)[spec]]
+    with CacheCluster(specs, memcached_factory, failure=FAILURE) as cluster:
+        for key in keys:
+            cluster.set(key, key)
+        before = [state(cluster, spec)["latency"]["count"] for spec in specs]
+        with pytest.raises(CacheKeyError):
+            cluster.get_many([*keys, "has space"])
+        with pytest.raises(CacheKeyError):
+            cluster.set("x" * 251, 1, copies=replicated(3))
+        assert [state(cluster, spec)["latency"]["count"] for spec in specs] == before
+        assert cluster.get_many(keys) == {key: key for key in keys}
+
+
 def test_a_killed_node_is_a_miss_for_its_keys_only_and_is_ejected(memcacheds: list[Node]) -> None:
     specs = [spec_of(n.port) for n in memcacheds]
     owned = spread(specs, 5)

@@ -30,7 +30,9 @@ Errors (``tiers.cache.errors``):
 After ``NodeError`` or ``ProtocolError``, and after any exception raised
 while a request was in flight (``KeyboardInterrupt`` included), the
 connection is dropped, so a half-read reply is never taken as the answer to
-the next command.
+the next command. So is a connection on which more bytes arrived than the
+reply (``ProtocolError``): they answer nothing that was asked, and nothing is
+ever left buffered between two exchanges.
 
 ``noreply``: the storage, delete, incr/decr and touch methods can send
 without waiting. Nothing is then known about the outcome: storage, delete
@@ -50,6 +52,18 @@ written at once) and reads one reply: one round trip. The whole request is
 written before anything is read, so a batch whose keys and answers overflow
 both sides' socket buffers (hundreds of thousands of keys) ends in a
 timeout: split such batches.
+
+Pipelined rounds: ``exchange_all`` runs one exchange on each of several
+clients (the cluster's multi-node reads and writes to copies) in the calling
+thread. ``client.prepare(operation, *args)`` builds each one (``get_many``,
+``set``, ``add``, ``replace``, ``delete``, ``incr``, ``decr``, ``touch``;
+invalid keys and values raise there, before anything is sent). Every request
+is written before any reply is read, then the replies are read as ``poll()``
+reports them ready, so the round costs one round trip of latency across the
+nodes, not one per node. Each exchange ends with the result, or with the
+error, the blocking method would have given, its connection dropped or kept
+by the same rules; a node that sends no byte for ``timeout`` seconds fails
+alone while the others are read.
 """
 
 from __future__ import annotations

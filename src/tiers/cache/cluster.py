@@ -39,10 +39,23 @@ the caller's mistakes and always raise. ``NodeError`` and ``ProtocolError``
 (and an ``OSError`` a client failed to translate) count towards ejection;
 ``ServerError`` is an answer from a healthy node and only counts as an error.
 
-Batching. ``get_many`` asks each node once for all of its keys, the nodes in
-parallel on a small thread pool; with a single node it runs in the calling
-thread. Replicated keys read ``"first"`` that miss take one more round per
-copy.
+Batching. ``get_many`` asks each node once for all of its keys, in one
+pipelined round as libmemcached does: every node's request is written before
+any reply is read, then the replies are read as they arrive (``poll`` on the
+connections; ``tiers.cache.client.exchange_all``), so a multi-get costs one
+round trip of latency whatever the number of nodes, in the calling thread
+and without helper threads. Each node's reply is bounded by the per-socket
+``timeout``: a node that sends nothing for that long fails alone, its keys
+are misses (by default), the failure counts towards its ejection, and its
+connection, whatever half reply it held, is closed, never pooled. A write to
+several copies is one such round too. Replicated keys read ``"first"`` that
+miss take one more round per copy. Nodes that are not tiers' own ``Client``
+(the in-memory ``tiers.cache.fake`` ones) are called one after another.
+
+Threads. Each call takes its connections from the node's idle pool (at most
+``max_idle`` kept per node) and gives them back when done, so threads never
+share a connection; the pool, counters and failure policy are behind one
+lock, held only between requests.
 
 Metrics. ``stats()`` gives per-node hits, misses, errors, ejections, state
 and latency (count, sum, histogram) as plain data for ``/metrics``.
@@ -492,7 +505,7 @@ class CacheCluster:
             member.counters.misses += misses
 
     def _each(self, jobs: Sequence[_Job], captured: tuple[type[CacheError], ...]) -> list[Any]:
-        """Run one request on each of several members (at most one job per member).
+        """Run one request on each of several members (one job per member).
 
         The results in order, or for a job that failed its ``captured`` error.
         Jobs on tiers ``Client`` nodes make one pipelined round
@@ -550,15 +563,19 @@ class CacheCluster:
             else:
                 raised = raised or error
         done = {position for position, _ in exchanges}
-        for position, (member, operation, args) in enumerate(jobs):
-            if position in done:
-                continue
+        rest = [position for position in range(len(jobs)) if position not in done]
+        for index, position in enumerate(rest):
+            member, operation, args = jobs[position]
             try:
                 results[position] = self._run(member, clients[position], _method(operation, args))
             except captured as exc:
                 results[position] = exc
-            except BaseException as exc:
+            except Exception as exc:
                 raised = raised or exc
+            except BaseException:
+                for later in rest[index + 1 :]:
+                    self._release(jobs[later][0], clients[later])
+                raise
         if raised is not None:
             raise raised
         return results
@@ -607,7 +624,7 @@ class CacheCluster:
         return value if hit else None
 
     def get_many(self, keys: Iterable[str], *, copies: CopyRule | None = None) -> dict[str, object]:
-        """The values of the keys that hit; one request per node, nodes in parallel.
+        """The values of the keys that hit; one request per node, all in one round trip.
 
         ``copies`` applies to every key; without it each key's prefix rule does.
         """
