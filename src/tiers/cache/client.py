@@ -776,15 +776,16 @@ def _round(exchanges: Sequence[Exchange]) -> None:
         for fd in waiting:
             poller.register(fd, select.POLLIN)
         while waiting:
-            deadline = min(x.deadline for x in waiting.values())
-            left = deadline - time.perf_counter()
+            now = time.perf_counter()
+            left = min(x.deadline for x in waiting.values()) - now
             if left <= 0:
                 for fd, x in list(waiting.items()):
-                    if x.deadline <= deadline:
+                    if x.deadline <= now:
                         _timed_out(x)
                         poller.unregister(fd)
                         del waiting[fd]
                 continue
+            # poll() counts whole milliseconds: round up, never wake before the deadline.
             for fd, _ in poller.poll(math.ceil(left * 1000)):
                 x = waiting[fd]
                 if x.client._advance(x):
@@ -803,9 +804,10 @@ def _await_one(x: Exchange) -> None:
 
 
 def _timed_out(x: Exchange) -> None:
-    client = x.client
-    error = client._node_error(TimeoutError())
-    error.__cause__ = TimeoutError(f"no byte of the reply within {client.timeout}s")
+    # As a blocking receive that timed out: the connection goes, its reply unread.
+    timeout = TimeoutError(f"no byte of the reply within {x.client.timeout}s")
+    error = x.client._node_error(timeout)
+    error.__cause__ = timeout
     x.error = error
     x.done = time.perf_counter()
 
