@@ -843,7 +843,8 @@ def print_header(args: argparse.Namespace, ports: Sequence[int]) -> None:
     print(f"nodes: {NODES} x {' '.join(memcached_argv(ports[0], args.memory_mb))}")
     print(
         "clients: tiers CacheCluster (blocking tiers Client per node, idle pool of 8, ketama "
-        "as libmemcached, get_many fans out to nodes on a thread pool); pymemcache HashClient "
+        "as libmemcached, get_many writes every node's request before reading the replies as "
+        "poll() reports them); pymemcache HashClient "
         "(use_pooling=False with 1 thread, True with more; default_noreply=False; "
         "'ketama': hasher uhashring.HashRing(hash_fn='ketama'), same placement as tiers; "
         "'rendezvous': its default RendezvousHash, pure-Python murmur3); both with connect "

@@ -9,7 +9,7 @@ memcached-compatible server for machines without memcached). Errors are in
 Above it: ``ring`` (ketama consistent hashing, as libmemcached does it),
 ``policy`` (ejecting a failing node and taking it back; copies of replicated
 and hot keys), ``cluster`` (the client applications use: one ring, a pool of
-connections per node, multi-get batched per node in parallel) and
+connections per node, multi-get batched per node in one pipelined round) and
 ``stampede`` (``get_or_compute`` with a lease and early recomputation).
 ``fake`` holds in-memory nodes for tests, and ``env`` builds the process's
 cluster from the environment an app server is given (``cluster_from_env``).

@@ -39,10 +39,23 @@ the caller's mistakes and always raise. ``NodeError`` and ``ProtocolError``
 (and an ``OSError`` a client failed to translate) count towards ejection;
 ``ServerError`` is an answer from a healthy node and only counts as an error.
 
-Batching. ``get_many`` asks each node once for all of its keys, the nodes in
-parallel on a small thread pool; with a single node it runs in the calling
-thread. Replicated keys read ``"first"`` that miss take one more round per
-copy.
+Batching. ``get_many`` asks each node once for all of its keys, in one
+pipelined round as libmemcached does: every node's request is written before
+any reply is read, then the replies are read as they arrive (``poll`` on the
+connections; ``tiers.cache.client.exchange_all``), so a multi-get costs one
+round trip of latency whatever the number of nodes, in the calling thread
+and without helper threads. Each node's reply is bounded by the per-socket
+``timeout``: a node that sends nothing for that long fails alone, its keys
+are misses (by default), the failure counts towards its ejection, and its
+connection, whatever half reply it held, is closed, never pooled. A write to
+several copies is one such round too. Replicated keys read ``"first"`` that
+miss take one more round per copy. Nodes that are not tiers' own ``Client``
+(the in-memory ``tiers.cache.fake`` ones) are called one after another.
+
+Threads. Each call takes its connections from the node's idle pool (at most
+``max_idle`` kept per node) and gives them back when done, so threads never
+share a connection; the pool, counters and failure policy are behind one
+lock, held only between requests.
 
 Metrics. ``stats()`` gives per-node hits, misses, errors, ejections, state
 and latency (count, sum, histogram) as plain data for ``/metrics``.
@@ -50,16 +63,16 @@ and latency (count, sum, histogram) as plain data for ``/metrics``.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol, TypeVar
 
-from tiers.cache.client import Client
+from tiers.cache.client import Client, Exchange, exchange_all
 from tiers.cache.errors import (
     CacheError,
     CacheKeyError,
@@ -236,6 +249,13 @@ class _Target(NamedTuple):
 
 # Which members a routing pass found up (True) or must skip (False); see ``_admitted``.
 _Admitted = dict[_Member, bool]
+# One request of a round (``_each``): the member, the ``CacheNode`` method, its arguments.
+_Job = tuple[_Member, str, tuple[Any, ...]]
+
+
+def _method(operation: str, args: tuple[Any, ...]) -> Callable[[CacheNode], Any]:
+    """A call of the ``CacheNode`` method ``operation`` with ``args``."""
+    return lambda client: getattr(client, operation)(*args)
 
 
 def _cap(ttl: int, cap: int | None) -> int:
@@ -259,7 +279,6 @@ class CacheCluster:
         rules: Iterable[tuple[str, CopyRule]] = (),
         write_quorum: Quorum = Quorum.ALL,
         max_idle: int = 8,
-        max_workers: int | None = None,
         names: PointNames = PointNames.LIBMEMCACHED,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -278,8 +297,6 @@ class CacheCluster:
         # Longest prefix first, so the most specific rule wins.
         self._rules = sorted(rules, key=lambda rule: len(rule[0]), reverse=True)
         self._max_idle = max_idle
-        self._max_workers = max_workers or min(16, len(nodes) + len(gutter))
-        self._executor: ThreadPoolExecutor | None = None
         self._clock = clock
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
@@ -289,15 +306,12 @@ class CacheCluster:
     # ---- lifecycle ---------------------------------------------------------------
 
     def close(self) -> None:
-        """Close idle connections and stop the worker threads; the cluster is unusable after."""
+        """Close idle connections; connections in use are closed when their calls end."""
         with self._lock:
             self._closed = True
-            executor, self._executor = self._executor, None
             clients = [c for m in self._members() for c in m.idle]
             for m in self._members():
                 m.idle.clear()
-        if executor is not None:
-            executor.shutdown(wait=True)
         for client in clients:
             client.close()
 
@@ -413,46 +427,68 @@ class CacheCluster:
         """Run ``op`` on a pooled client of ``member``, recording outcome and latency."""
         with self._lock:
             client = member.idle.pop() if member.idle else None
+        return self._run(member, client, op)
+
+    def _run(self, member: _Member, client: CacheNode | None, op: Callable[[CacheNode], R]) -> R:
+        """``_call`` with the client already taken from the pool (None: make one)."""
         start = time.perf_counter()
         try:
             if client is None:
-                client = self._factory(
-                    member.spec,
-                    connect_timeout=self.settings.connect_timeout,
-                    timeout=self.settings.timeout,
-                )
+                client = self._new_client(member)
             result = op(client)
         except (NodeError, ProtocolError, OSError) as exc:
-            if client is not None:
-                client.close()  # the connection is in an unknown state
-            self._record(member, start, ok=False, error=True)
+            # The connection is in an unknown state: closed, not pooled.
+            self._settle(member, client, time.perf_counter() - start, exc)
             if isinstance(exc, OSError):
                 raise NodeError(member.spec.address, str(exc) or type(exc).__name__) from exc
             raise
-        except (CacheKeyError, SerdeError):
-            self._release(member, client)
-            raise
-        except CacheError:
-            # An answer (ServerError): the node is fine and the connection in step.
-            self._release(member, client)
-            self._record(member, start, ok=True, error=True)
+        except CacheError as exc:
+            # The caller's mistake, or an answer (ServerError): the connection is in step.
+            self._settle(member, client, time.perf_counter() - start, exc)
             raise
         except BaseException:
             if client is not None:
                 client.close()
             raise
-        # Success, the common case: pool the client and record it in one locked step.
-        elapsed = time.perf_counter() - start
-        now = self._clock()
-        with self._lock:
-            pooled = not self._closed and len(member.idle) < self._max_idle
-            if pooled:
-                member.idle.append(client)
-            member.counters.observe(elapsed)
-            member.policy.succeeded(member.index, now)
-        if not pooled:
-            client.close()
+        self._settle(member, client, time.perf_counter() - start, None)
         return result
+
+    def _new_client(self, member: _Member) -> CacheNode:
+        return self._factory(
+            member.spec,
+            connect_timeout=self.settings.connect_timeout,
+            timeout=self.settings.timeout,
+        )
+
+    def _settle(
+        self, member: _Member, client: CacheNode | None, elapsed: float, error: BaseException | None
+    ) -> None:
+        """Record how a request to ``member`` ended and pool its client again.
+
+        ``error`` None is a success. A node failure (``NodeError``,
+        ``ProtocolError``, an ``OSError``) closes the client and counts towards
+        ejection; an answer (``ServerError``) counts as an error of a healthy
+        node; the caller's own mistakes (``CacheKeyError``, ``SerdeError``)
+        are not recorded at all.
+        """
+        failed = isinstance(error, NodeError | ProtocolError | OSError)
+        counted = error is None or failed or not isinstance(error, CacheKeyError | SerdeError)
+        now = self._clock() if counted else 0.0
+        with self._lock:
+            pooled = not failed and not self._closed and len(member.idle) < self._max_idle
+            if pooled and client is not None:
+                member.idle.append(client)
+            if counted:
+                counters = member.counters
+                counters.observe(elapsed)
+                if error is not None:
+                    counters.errors += 1
+                if failed:
+                    member.policy.failed(member.index, now)
+                else:
+                    member.policy.succeeded(member.index, now)
+        if not pooled and client is not None:
+            client.close()
 
     def _release(self, member: _Member, client: CacheNode | None) -> None:
         if client is None:
@@ -463,57 +499,86 @@ class CacheCluster:
                 return
         client.close()
 
-    def _record(self, member: _Member, start: float, *, ok: bool, error: bool) -> None:
-        elapsed = time.perf_counter() - start
-        now = self._clock()
-        with self._lock:
-            member.counters.observe(elapsed)
-            if error:
-                member.counters.errors += 1
-            if ok:
-                member.policy.succeeded(member.index, now)
-            else:
-                member.policy.failed(member.index, now)
-
     def _count(self, member: _Member, hits: int, misses: int) -> None:
         with self._lock:
             member.counters.hits += hits
             member.counters.misses += misses
 
-    def _fan_out(
-        self, calls: Sequence[Callable[[], R]], captured: tuple[type[CacheError], ...]
-    ) -> list[R | CacheError]:
-        """Run ``calls`` in parallel (the first in this thread); ``captured`` errors are returned.
+    def _each(self, jobs: Sequence[_Job], captured: tuple[type[CacheError], ...]) -> list[Any]:
+        """Run one request on each of several members (one job per member).
 
-        Any other exception (an invalid key, a bug) is raised once all calls are done.
+        The results in order, or for a job that failed its ``captured`` error.
+        Jobs on tiers ``Client`` nodes make one pipelined round
+        (``tiers.cache.client.exchange_all``): every request is sent before any
+        reply is read, so the round costs one round trip of latency across the
+        nodes, in this thread. Jobs on other nodes (the in-memory fakes) run
+        one after another. Invalid keys and values that cannot be encoded are
+        raised before any request of the round is sent; any other exception
+        (a bug) is raised once the round is over.
         """
-        futures: list[Future[R]] = []
-        if len(calls) > 1:
-            executor = self._pool_executor()
-            futures = [executor.submit(call) for call in calls[1:]]
-        results: list[R | CacheError] = []
-        raised: BaseException | None = None
-        for position, call in enumerate(calls):
+        if len(jobs) == 1:
+            member, operation, args = jobs[0]
             try:
-                results.append(call() if position == 0 else futures[position - 1].result())
+                return [self._call(member, _method(operation, args))]
             except captured as exc:
-                results.append(exc)
-            except BaseException as exc:
+                return [exc]
+        clients: list[CacheNode | None] = []
+        with self._lock:
+            for member, _, _ in jobs:
+                clients.append(member.idle.pop() if member.idle else None)
+        results: list[Any] = [None] * len(jobs)
+        exchanges: list[tuple[int, Exchange]] = []
+        try:
+            for position, (member, operation, args) in enumerate(jobs):
+                client = clients[position]
+                if client is None:
+                    # A factory that fails is left to _run, which records the failure.
+                    with contextlib.suppress(NodeError, ProtocolError, OSError):
+                        client = clients[position] = self._new_client(member)
+                if isinstance(client, Client):
+                    exchanges.append((position, client.prepare(operation, *args)))
+        except BaseException:
+            # Nothing was sent: the clients go back as they were.
+            for (member, _, _), client in zip(jobs, clients, strict=True):
+                self._release(member, client)
+            raise
+        start = time.perf_counter()
+        if exchanges:
+            try:
+                exchange_all([exchange for _, exchange in exchanges])
+            except BaseException:
+                for client in clients:
+                    if client is not None:
+                        client.close()
+                raise
+        raised: BaseException | None = None
+        for position, exchange in exchanges:
+            member = jobs[position][0]
+            error = exchange.error
+            self._settle(member, exchange.client, exchange.done - start, error)
+            if error is None:
+                results[position] = exchange.result
+            elif isinstance(error, captured):
+                results[position] = error
+            else:
+                raised = raised or error
+        done = {position for position, _ in exchanges}
+        rest = [position for position in range(len(jobs)) if position not in done]
+        for index, position in enumerate(rest):
+            member, operation, args = jobs[position]
+            try:
+                results[position] = self._run(member, clients[position], _method(operation, args))
+            except captured as exc:
+                results[position] = exc
+            except Exception as exc:
                 raised = raised or exc
-                results.append(CacheError(str(exc)))
+            except BaseException:
+                for later in rest[index + 1 :]:
+                    self._release(jobs[later][0], clients[later])
+                raise
         if raised is not None:
             raise raised
         return results
-
-    def _pool_executor(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._closed:
-                raise CacheError("the cache cluster is closed")
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=self._max_workers, thread_name_prefix="tiers-cache"
-                )
-            return self._executor
 
     def _read_failed(self, errors: Sequence[CacheError]) -> None:
         """Raise the last read error unless errors are misses."""
@@ -559,7 +624,7 @@ class CacheCluster:
         return value if hit else None
 
     def get_many(self, keys: Iterable[str], *, copies: CopyRule | None = None) -> dict[str, object]:
-        """The values of the keys that hit; one request per node, nodes in parallel.
+        """The values of the keys that hit; one request per node, all in one round trip.
 
         ``copies`` applies to every key; without it each key's prefix rule does.
         """
@@ -604,8 +669,8 @@ class CacheCluster:
         errors: list[CacheError] = []
         if batches:
             asked = list(batches.items())
-            calls = [self._batch_call(member, wire_keys) for member, wire_keys in asked]
-            results = self._fan_out(calls, _READ_ERRORS)
+            jobs = [(member, "get_many", (wire_keys,)) for member, wire_keys in asked]
+            results = self._each(jobs, _READ_ERRORS)
             counts: list[tuple[_Member, int, int]] = []
             for (member, wire_keys), result in zip(asked, results, strict=True):
                 if isinstance(result, CacheError):
@@ -644,8 +709,8 @@ class CacheCluster:
             if not batches:
                 break
             members = list(batches)
-            calls = [self._batch_call(member, list(batches[member])) for member in members]
-            for member, result in zip(members, self._fan_out(calls, _READ_ERRORS), strict=True):
+            jobs = [(member, "get_many", (list(batches[member]),)) for member in members]
+            for member, result in zip(members, self._each(jobs, _READ_ERRORS), strict=True):
                 asked = batches[member]
                 if isinstance(result, CacheError):
                     errors.append(result)
@@ -678,11 +743,6 @@ class CacheCluster:
             self._rng.shuffle(targets)
         return ReadPlan.for_rule(rule, targets, len(self._main.members))
 
-    def _batch_call(
-        self, member: _Member, wire_keys: list[str]
-    ) -> Callable[[], Mapping[str | bytes, Any]]:
-        return lambda: self._call(member, lambda client: client.get_many(wire_keys))
-
     # ---- writes ----------------------------------------------------------------------
 
     def _targets(self, key: str, copies: CopyRule | None) -> tuple[list[_Target], int]:
@@ -698,18 +758,20 @@ class CacheCluster:
         key: str,
         copies: CopyRule | None,
         confirm: bool,
-        op: Callable[[CacheNode, _Target], R],
-    ) -> tuple[list[R], int]:
-        """Apply ``op`` to every live copy: the answers and the copies required.
+        args: Callable[[_Target], tuple[Any, ...]],
+    ) -> tuple[list[Any], int]:
+        """``operation`` (a ``CacheNode`` method) on every live copy, with ``args(copy)``.
 
-        Raises ``UnconfirmedWrite`` if ``confirm`` and fewer than required answered.
+        The answers and the copies required; raises ``UnconfirmedWrite`` if
+        ``confirm`` and fewer than required answered. Several copies are
+        written in one round (``_each``).
         """
         targets, required = self._targets(key, copies)
         if len(targets) == 1:
-            # One copy, the common case: in this thread, without the fan-out's lists.
+            # One copy, the common case: without the round's lists.
             target = targets[0]
             try:
-                answers = [self._call(target.member, lambda client: op(client, target))]
+                answers = [self._call(target.member, _method(operation, args(target)))]
             except _WRITE_ERRORS as exc:
                 if confirm and required:
                     raise UnconfirmedWrite(operation, key, 0, required) from exc
@@ -717,8 +779,8 @@ class CacheCluster:
             if confirm and required > 1:
                 raise UnconfirmedWrite(operation, key, 1, required)
             return answers, required
-        calls = [self._write_call(target, op) for target in targets]
-        results = self._fan_out(calls, _WRITE_ERRORS) if calls else []
+        jobs = [(target.member, operation, args(target)) for target in targets]
+        results = self._each(jobs, _WRITE_ERRORS) if jobs else []
         answers = [r for r in results if not isinstance(r, CacheError)]
         failures = [r for r in results if isinstance(r, CacheError)]
         if confirm and len(answers) < required:
@@ -726,11 +788,6 @@ class CacheCluster:
                 failures[-1] if failures else None
             )
         return answers, required
-
-    def _write_call(
-        self, target: _Target, op: Callable[[CacheNode, _Target], R]
-    ) -> Callable[[], R]:
-        return lambda: self._call(target.member, lambda client: op(client, target))
 
     def set(
         self,
@@ -745,10 +802,25 @@ class CacheCluster:
 
         True when at least the required copies stored it.
         """
+        if copies is None and not self._rules:
+            main = self._main
+            owner = main.ring.index_for(key)
+            if main.policy.up(owner):
+                # A key without copies on a node that is up, the common case: _write's
+                # single-copy path without its routing and lists.
+                try:
+                    stored: bool = self._call(
+                        main.members[owner], lambda client: client.set(key, value, ttl)
+                    )
+                except _WRITE_ERRORS as exc:
+                    if confirm:
+                        raise UnconfirmedWrite("set", key, 0, 1) from exc
+                    return False
+                return stored
         answers, required = self._write(
-            "set", key, copies, confirm, lambda c, t: c.set(t.key, value, _cap(ttl, t.ttl_cap))
+            "set", key, copies, confirm, lambda t: (t.key, value, _cap(ttl, t.ttl_cap))
         )
-        return sum(answers) >= required
+        return bool(sum(answers) >= required)
 
     def add(
         self,
@@ -764,13 +836,13 @@ class CacheCluster:
         False when the key exists (or, without ``confirm``, when nodes failed).
         """
         answers, required = self._write(
-            "add", key, copies, confirm, lambda c, t: c.add(t.key, value, _cap(ttl, t.ttl_cap))
+            "add", key, copies, confirm, lambda t: (t.key, value, _cap(ttl, t.ttl_cap))
         )
-        return sum(answers) >= required
+        return bool(sum(answers) >= required)
 
     def delete(self, key: str, *, confirm: bool = False, copies: CopyRule | None = None) -> bool:
         """Remove ``key`` from every live copy; True when some copy held it."""
-        answers, _ = self._write("delete", key, copies, confirm, lambda c, t: c.delete(t.key))
+        answers, _ = self._write("delete", key, copies, confirm, lambda t: (t.key,))
         return any(answers)
 
     def incr(
@@ -780,7 +852,7 @@ class CacheCluster:
 
         Copies of a counter may drift apart after an outage: each counts on its own.
         """
-        answers, _ = self._write("incr", key, copies, confirm, lambda c, t: c.incr(t.key, delta))
+        answers, _ = self._write("incr", key, copies, confirm, lambda t: (t.key, delta))
         return next((value for value in answers if value is not None), None)
 
     def touch(
@@ -788,7 +860,7 @@ class CacheCluster:
     ) -> bool:
         """Give ``key`` a new TTL on every live copy; True when some copy held it."""
         answers, _ = self._write(
-            "touch", key, copies, confirm, lambda c, t: c.touch(t.key, _cap(ttl, t.ttl_cap))
+            "touch", key, copies, confirm, lambda t: (t.key, _cap(ttl, t.ttl_cap))
         )
         return any(answers)
 

@@ -16,8 +16,8 @@ built on first use and then shared by every thread of the process; None when
 cache. A malformed entry or setting raises ``ConfigError`` naming the
 variable, on every call, so a mistake is never mistaken for "no cache".
 
-Processes. A cluster's worker threads and pooled connections belong to the
-process that made them, and a forked child has neither. The cluster is
+Processes. A cluster's pooled connections belong to the process that made
+them, and a forked child must not use them. The cluster is
 therefore built lazily, in the process that uses it, and built anew when the
 pid has changed: an app imported by the gunicorn master before the fork gets
 a cluster of its own in each worker. Nothing connects until the first

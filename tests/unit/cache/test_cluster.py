@@ -97,18 +97,25 @@ def test_get_many_asks_each_node_once_for_its_keys(cluster: CacheCluster, fake: 
         assert asked == wanted
 
 
-def test_get_many_asks_the_nodes_in_parallel(cluster: CacheCluster, fake: FakeNodes) -> None:
+def test_nodes_that_are_not_tiers_clients_are_asked_in_turn_in_this_thread(
+    cluster: CacheCluster, fake: FakeNodes
+) -> None:
+    # Only tiers' socket client takes part in a pipelined round; other nodes
+    # (these in-memory ones) are called one after another, and no thread is used.
     keys = [f"p:{i}" for i in range(60)]
     assert {owner(k) for k in keys} == set(specs(3))
-    # Each node's call waits until all three are in flight at once: asked one
-    # after another, the barrier would break and the reads would fail.
-    barrier = threading.Barrier(3, timeout=10)
+    seen: list[tuple[threading.Thread, str]] = []
     for spec in specs(3):
-        fake.server(spec).hook = lambda op, _keys: barrier.wait() if op == "get_many" else None
+        fake.server(spec).hook = lambda op, _keys, a=spec.address: seen.append(
+            (threading.current_thread(), a)
+        )
     cluster.read_errors_as_misses = False
     for key in keys:
         cluster.set(key, 1)
+    seen.clear()
     assert len(cluster.get_many(keys)) == len(keys)
+    assert sorted(address for _, address in seen) == sorted(s.address for s in specs(3))
+    assert all(thread is threading.current_thread() for thread, _ in seen)
 
 
 def test_one_node_runs_in_the_calling_thread(fake: FakeNodes) -> None:
@@ -118,7 +125,6 @@ def test_one_node_runs_in_the_calling_thread(fake: FakeNodes) -> None:
     with CacheCluster([only], fake) as cluster:
         cluster.set("a", 1)
         assert cluster.get_many(["a", "b", "c"]) == {"a": 1}
-        assert cluster._executor is None
     assert seen and all(t is threading.current_thread() for t in seen)
 
 
