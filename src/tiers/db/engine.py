@@ -82,7 +82,8 @@ follows:
   seconds limits the read pool.
 * ``probe``: one round trip, ``SELECT @@read_only, @@gtid_current_pos`` and
   the lag in seconds: ``Seconds_Behind_Master`` of ``SHOW SLAVE STATUS`` (a
-  second statement, as a multi-statement query), or on MySQL 8
+  second statement, as a multi-statement query; ``Seconds_Behind_Source``
+  of ``SHOW REPLICA STATUS`` on MySQL 8), or on MySQL 8
   ``now() - LAST_APPLIED_TRANSACTION_ORIGINAL_COMMIT_TIMESTAMP`` from
   ``performance_schema.replication_applier_status_by_worker``; received
   position ``Gtid_IO_Pos``. In recovery means ``read_only`` (tiers keeps
@@ -112,6 +113,12 @@ follows:
 * ``resync``: MariaDB has no ``pg_rewind``: what diverged goes with a new copy
   of the primary (``mariadb-backup --backup`` and ``--prepare``, with
   ``gtid_slave_pos`` set from the copy's binlog position).
+
+Outside this interface, a MariaDB stack would also need its own counterparts
+of what is PostgreSQL's alone: the embedded servers (:mod:`tiers.db.embedded`:
+binaries, first data directory, base backups, server command line), the
+migration lock (:mod:`tiers.db.migrate` takes a PostgreSQL advisory lock)
+and the DDL of ``tiers_next_id`` (:func:`tiers.db.ids.next_id_ddl`, PL/pgSQL).
 
 Errors: :class:`UnsupportedEngine` (ValueError) for an engine without an
 adapter; every member documents its own.

@@ -1,7 +1,7 @@
 """Read/write routing for application code: :class:`Cluster` hands out connections by intent.
 
     write()            a transaction on the primary; commits on a clean exit and
-                       records the causal token (the primary's WAL position after it)
+                       records the causal token (the primary's position after it)
     read(token, max_staleness=...)
                        a replica that satisfies the consistency asked for, else the primary
     read_primary()     the primary, for reads that must see everything committed
@@ -11,10 +11,9 @@ Consistency of ``read`` (the rules are pure functions in
 :mod:`tiers.db.consistency`): with a causal token, a replica that has replayed
 it; one is waited for up to ``causal_wait`` seconds by polling its replayed
 position (PostgreSQL: ``pg_last_wal_replay_lsn()``), then the primary serves
-the read. A replica
-the monitor last measured lagging by more than ``causal_wait`` is asked
-once but not waited for. Without a
-token argument the current request scope's token *for this cluster* is used
+the read. A replica the monitor last measured lagging by more than
+``causal_wait`` is asked once but not waited for. Without a token argument
+the current request scope's token *for this cluster* is used
 (:func:`tiers.db.tokens.current_token` with the cluster's :attr:`Cluster.name`,
 set by the WSGI middleware :mod:`tiers.app.causal`), or none if the scope has
 no entry for it; ``token=None`` asks for no consistency at all, any healthy
@@ -43,17 +42,18 @@ raise :class:`~tiers.db.errors.NodeUnavailable` at once. Without a monitor
 the topology is fixed: every node but the primary may serve reads.
 
 Failures. A node that fails under the router is handled by what the error
-says (:func:`tiers.db.errors.classify`, by the engine's table): *gone* drops the connection, marks
-the node down for reads (for ``retry_after`` seconds, or until the monitor
-sees it answer again) and raises NodeUnavailable; the router's own steps
-(connecting, checking a position) send nothing of the caller's work, so
-there it tries the next node instead, and ``query`` retries its statement
-once. *Not the primary* on a write drops the connection, makes the monitor
-check every node at once, and raises NodeUnavailable: a write whose outcome
-is unknown is never replayed. A commit that fails because the node is gone
-raises NodeUnavailable saying the outcome is unknown. Other errors raised by
-the caller's statements propagate unchanged (the app may catch
-``psycopg.errors.UniqueViolation``), and the transaction is rolled back.
+says (:func:`tiers.db.errors.classify`, by the engine's table): *gone*
+drops the connection, marks the node down for reads (for ``retry_after``
+seconds, or until the monitor sees it answer again) and raises
+NodeUnavailable; the router's own steps (connecting, checking a position)
+send nothing of the caller's work, so there it tries the next node instead,
+and ``query`` retries its statement once. *Not the primary* on a write
+drops the connection, makes the monitor check every node at once, and raises
+NodeUnavailable: a write whose outcome is unknown is never replayed. A
+commit that fails because the node is gone raises NodeUnavailable saying the
+outcome is unknown. Other errors raised by the caller's statements propagate
+unchanged (the app may catch ``psycopg.errors.UniqueViolation``), and the
+transaction is rolled back.
 
 Round trips. A read block is a transaction: psycopg sends BEGIN before its
 first statement (a round trip of its own; a block that sends nothing costs
@@ -137,8 +137,7 @@ from tiers.db.nodes import (
 from tiers.db.tokens import is_token
 from tiers.errors import DatabaseError
 
-# Re-exported: tiers.db.health, monitor, failover, promote and migrate import
-# these from here, and applications may too.
+# Re-exported: applications may import these from here.
 
 __all__ = [
     "CAUSAL_WAIT_ENV",
