@@ -68,9 +68,9 @@ try:
     from tiers.db.monitor import HealthMonitor
     from tiers.db.nodes import DEFAULT_CAUSAL_WAIT, DEFAULT_MONITOR_INTERVAL, Connection
     from tiers.db.pinning import PinnedReads
+    from tiers.db.postgres import parse_lsn
     from tiers.db.promote import FENCE_MARKER, Executor, is_fenced
     from tiers.db.router import Cluster
-    from tiers.db.tokens import parse_lsn
     from tiers.errors import DatabaseError
 except ImportError as exc:
     print(f"error: {exc}; install the project first "

@@ -53,7 +53,7 @@ from typing import Any
 from bookmarks.store import Entry
 from tiers.cache import CacheCluster, get_or_compute
 from tiers.cache.errors import CacheError
-from tiers.db.tokens import current_tokens, parse_lsn
+from tiers.db.tokens import current_tokens, reached
 
 log = logging.getLogger("bookmarks")
 
@@ -86,7 +86,7 @@ ENTRIES = EntriesCodec()
 def covers(tag: Mapping[str, str], needed: Mapping[str, str]) -> bool:
     """True if a fragment read with the tokens ``tag`` has every write in ``needed``."""
     try:
-        return all(cluster in tag and parse_lsn(tag[cluster]) >= parse_lsn(token)
+        return all(cluster in tag and reached(tag[cluster], token)
                    for cluster, token in needed.items())
     except (TypeError, ValueError):
         return False

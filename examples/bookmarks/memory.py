@@ -41,8 +41,9 @@ from bookmarks.store import (
     StarsPage,
 )
 from tiers.db.ids import IdGenerator
+from tiers.db.postgres import format_lsn, parse_lsn
 from tiers.db.sharding import DEFAULT_VIRTUAL_SHARDS, ShardMap
-from tiers.db.tokens import current_token, format_lsn, note_write, parse_lsn
+from tiers.db.tokens import current_token, note_write
 
 HOT_WINDOW = timedelta(hours=24)
 

@@ -17,8 +17,8 @@ from tests.integration.pgcluster import Cluster as PgCluster
 from tiers.db import embedded
 from tiers.db.health import HealthPolicy
 from tiers.db.monitor import HealthMonitor
+from tiers.db.postgres import parse_lsn
 from tiers.db.router import Cluster
-from tiers.db.tokens import parse_lsn
 from tiers.errors import DatabaseError
 
 P, R1, R2 = "db-primary", "db-replica1", "db-replica2"

@@ -32,8 +32,9 @@ from tests.integration.routerkit import (
     replayed,
 )
 from tiers.app.causal import COOKIE_NAME, CausalMiddleware, verify
+from tiers.db.postgres import parse_lsn
 from tiers.db.router import Cluster, Intent
-from tiers.db.tokens import causal_scope, parse_lsn
+from tiers.db.tokens import causal_scope
 
 NAMES = ("main", "social")
 KEY = "a key shared by every app server."

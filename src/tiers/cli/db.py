@@ -10,9 +10,8 @@ import click
 
 from tiers.cli.context import EXIT_FAILURE, Context, handles_errors
 from tiers.db import embedded
-from tiers.db.health import NodeObservation, probe
+from tiers.db.health import NodeObservation
 from tiers.db.promote import is_fenced
-from tiers.db.tokens import format_lsn
 from tiers.errors import StateError
 from tiers.supervisor.control import send_request
 from tiers.supervisor.database import DatabaseNodes
@@ -26,8 +25,9 @@ def _stack(ctx: Context) -> Stack:
 
 
 def node_report(nodes: DatabaseNodes, timeout: float = 1.0) -> list[dict[str, Any]]:
-    """One live probe of every node: role, WAL position, lag behind the primary."""
-    seen = {name: probe(embedded.conninfo(port, "postgres"), timeout, name=name)
+    """One live probe of every node: role, position, lag behind the primary."""
+    engine = nodes.engine
+    seen = {name: engine.probe(engine.local_dsn(port), timeout, name=name)
             for name, port in nodes.ports.items()}
     primaries = [o for o in seen.values() if o.reachable and o.in_recovery is False]
     head = primaries[0].position if len(primaries) == 1 else None
@@ -40,8 +40,8 @@ def node_report(nodes: DatabaseNodes, timeout: float = 1.0) -> list[dict[str, An
             "role": _role(obs),
             "recorded_role": "primary" if name == recorded else "replica",
             "address": f"{nodes.db.host}:{nodes.ports[name]}",
-            "position": None if obs.position is None else format_lsn(obs.position),
-            "lag_bytes": (max(head - obs.position, 0)
+            "position": None if obs.position is None else engine.format_token(obs.position),
+            "lag_bytes": (engine.lag_bytes(head, obs.position)
                           if head is not None and obs.position is not None and obs.in_recovery
                           else None),
             "replay_lag_seconds": obs.replay_lag_seconds,

@@ -15,6 +15,7 @@ key and the reason, before anything starts. Example::
     pythonpath = ["examples"]
 
     [db]
+    engine = "postgresql" # the only engine with an adapter so far
     replicas = 1
     port = 15432         # the primary; replicas count up (or: ports = [..])
     data_dir = "db"      # relative to the state directory
@@ -63,6 +64,7 @@ from tiers.config.proxy import ProxyPolicy
 from tiers.config.proxy_loader import build_policy, policy_keys
 from tiers.config.sections import Section as _Section
 from tiers.config.sections import parse_address as _parse_address
+from tiers.db.engine import UnsupportedEngine, engine_named
 from tiers.db.sharding import DEFAULT_VIRTUAL_SHARDS, ShardMap, TableGroup, TableGroups
 from tiers.db.tokens import is_cluster_name
 from tiers.errors import ConfigError
@@ -248,7 +250,12 @@ def _build_db(s: _Section, base: Path) -> DbConfig:
     user = s.get("system_user", str, d.system_user)
     if not user or not all(c.isalnum() or c in "_-" for c in user):
         raise s.fail("system_user", f"not a valid user name: {user!r}")
+    try:
+        engine = engine_named(s.get("engine", str, d.engine)).name
+    except UnsupportedEngine as exc:
+        raise s.fail("engine", str(exc)) from None
     main = DbConfig(
+        engine=engine,
         replicas=replicas,
         host=s.get("host", str, d.host),
         ports=s.ports(replicas + 1, d.ports[0]),

@@ -83,7 +83,7 @@ class ShardingConfig:
 
 @dataclass(frozen=True)
 class DbConfig:
-    """A PostgreSQL primary and ``replicas`` streaming replicas, embedded.
+    """A primary and ``replicas`` streaming replicas of ``engine``, embedded (PostgreSQL).
 
     This is the cluster named ``main``; ``clusters`` holds further ones, each
     a DbConfig of its own (``name``, ports, replicas; the rest as main's).
@@ -92,6 +92,9 @@ class DbConfig:
     """
 
     name: str = "main"
+    # The database engine (tiers.db.engine.engine_named); PostgreSQL is the only one
+    # with an adapter so far.
+    engine: str = "postgresql"
     replicas: int = 1
     host: str = "127.0.0.1"
     # The primary's port first, then one per replica.

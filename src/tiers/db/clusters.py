@@ -39,7 +39,7 @@ two sharing one make equal ids). The price is one round trip, saved
 altogether when the function is called inside the INSERT; uniqueness holds
 while a cluster makes fewer than 1024 ids in one millisecond.
 
-Causal tokens. A causal token is one WAL position of one cluster, and the
+Causal tokens. A causal token is one commit position of one cluster, and the
 positions of two clusters are unrelated numbers. Each Cluster here is named
 as its cluster is (``main``, ``social``...), and a request scope (and the
 client's cookie, :mod:`tiers.app.causal`) keeps one token per cluster name:
@@ -66,8 +66,6 @@ from collections.abc import Collection, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-import psycopg
-
 from tiers.db.ids import MAX_SHARDS
 from tiers.db.nodes import (
     CAUSAL_WAIT_ENV,
@@ -87,7 +85,7 @@ from tiers.db.sharding import (
     TableGroups,
 )
 from tiers.db.tokens import DEFAULT_CLUSTER, MAX_CLUSTER_NAME, is_cluster_name
-from tiers.errors import ConfigError, DatabaseError
+from tiers.errors import ConfigError
 
 __all__ = [
     "CLUSTERS_ENV",
@@ -104,7 +102,6 @@ SHARDS_ENV = "TIERS_DB_SHARDS"
 
 MAIN = DEFAULT_CLUSTER
 _SOURCE = "environment"
-_NEXT_ID_SQL = "SELECT tiers_next_id(%s)"
 
 
 class Databases:
@@ -277,10 +274,11 @@ class Databases:
         answers nothing, NodeUnavailable if the primary cannot be reached.
         """
         shard = self.shard_for(key)
+        cluster = self.for_key(key)
         if conn is not None:
-            return _made_id(conn, shard)
-        with self.for_key(key).read_primary() as own:
-            return _made_id(own, shard)
+            return cluster.engine.next_id(conn, shard)
+        with cluster.read_primary() as own:
+            return cluster.engine.next_id(own, shard)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -293,17 +291,6 @@ class Databases:
         """Close this thread's connections and stop every cluster's monitor in this process."""
         for cluster in self.clusters.values():
             cluster.stop()
-
-
-def _made_id(conn: Connection, shard: int) -> int:
-    try:
-        row = conn.execute(_NEXT_ID_SQL, (shard,)).fetchone()
-    except psycopg.errors.UndefinedFunction as exc:
-        raise DatabaseError("tiers_next_id(shard) is not installed on this cluster: apply "
-                            "tiers.db.ids.next_id_ddl() there (e.g. as a migration)") from exc
-    if row is None or not isinstance(row[0], int):
-        raise DatabaseError(f"tiers_next_id({shard}) returned no id")
-    return row[0]
 
 
 # -- reading the environment ---------------------------------------------------

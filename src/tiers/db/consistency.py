@@ -43,6 +43,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from tiers.db.engine import Position
+
 # Polling a replica's replay position while a causal read waits: start fast,
 # since on a healthy replica the wait is usually below a millisecond, and
 # back off so that a long wait costs a few dozen queries, not thousands.
@@ -54,13 +56,13 @@ MAX_POLL_DELAY = 0.02
 class ReplicaView:
     """What the router knows about one replica in the read pool.
 
-    ``position`` (replayed WAL position) and ``lag_seconds`` come from the
+    ``position`` (replayed position) and ``lag_seconds`` come from the
     monitor's last observation, taken at ``observed_at`` on the router's
     clock; all three are None when there is no monitor or no observation.
     """
 
     name: str
-    position: int | None = None
+    position: Position | None = None
     lag_seconds: float | None = None
     observed_at: float | None = None
 
@@ -91,7 +93,7 @@ class ReadPlan:
         return not self.ready and not self.poll
 
 
-def replica_qualifies(position: int | None, token: int | None) -> bool:
+def replica_qualifies(position: Position | None, token: Position | None) -> bool:
     """True if a replica that has replayed up to ``position`` may serve a read needing ``token``.
 
     Without a token any replica will do. A replica that reports no position
@@ -127,13 +129,13 @@ def rotation(count: int, start: int) -> list[int]:
 def plan_read(
     pool: Sequence[ReplicaView],
     *,
-    token: int | None,
+    token: Position | None,
     max_staleness: float | None,
     start: int,
     now: float,
     down: Mapping[str, DownMark],
     wait_lag: float | None = None,
-    remembered: Mapping[str, int] | None = None,
+    remembered: Mapping[str, Position] | None = None,
 ) -> ReadPlan:
     """The replicas one read may use; see the module docstring for the rules.
 
@@ -160,7 +162,7 @@ def plan_read(
             continue
         if replica_qualifies(view.position, token):
             ready.append(name)
-        elif remembered and token is not None and remembered.get(name, -1) >= token:
+        elif remembered and token is not None and replica_qualifies(remembered.get(name), token):
             first.append(name)
         elif (wait_lag is None or view.lag_seconds is None
               or view.lag_seconds <= wait_lag):

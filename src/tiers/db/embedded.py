@@ -20,15 +20,19 @@ import grp
 import hashlib
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from tiers.errors import DatabaseError
 
 SUPERUSER = "tiers"
+_CONTROL_LINE = re.compile(r"^([^:]+):\s*(.*)$", re.MULTILINE)
 # Where data goes when the state directory is unreachable for the system user.
 SYSTEM_DATA_ROOT = Path("/var/lib/tiers")
 
@@ -308,3 +312,63 @@ def server_argv(layout: Layout, name: str, port: int) -> list[str]:
 def conninfo(port: int, database: str, host: str = "127.0.0.1") -> str:
     """A libpq URI for ``database`` on a node of this stack."""
     return f"postgresql://{SUPERUSER}@{host}:{port}/{database}"
+
+
+def pg_ctl(layout: Layout, run_as: RunAs, name: str, command: str, *args: str,
+           timeout: float = 30.0) -> None:
+    """``pg_ctl COMMAND -D <node dir> ARGS``; a ``stop`` waits up to ``timeout`` seconds.
+
+    DatabaseError with pg_ctl's output if it fails.
+    """
+    wait = ["-w", "-t", str(max(1, int(timeout)))] if command == "stop" else []
+    run_tool(layout, run_as, "pg_ctl",
+             [command, "-D", str(layout.node_dir(name)), *wait, *args], timeout=timeout + 5)
+
+
+def control_data(layout: Layout, run_as: RunAs, name: str) -> dict[str, str]:
+    """What ``pg_controldata`` says of a node's data directory, by its labels."""
+    output = run_tool(layout, run_as, "pg_controldata", ["-D", str(layout.node_dir(name))])
+    return {key.strip(): value.strip() for key, value in _CONTROL_LINE.findall(output)}
+
+
+def server_processes(data: Path) -> list[psutil.Process]:
+    """The live processes working in ``data``: a PostgreSQL server and all its children
+    make their data directory their working directory, and nothing else of tiers does."""
+    target = os.path.realpath(data)
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.cwd() == target and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue  # gone meanwhile, a zombie, or another user's
+    return found
+
+
+def kill_all(processes: list[psutil.Process]) -> bool:
+    """SIGKILL ``processes``; True if there were none left to kill."""
+    for proc in processes:
+        try:
+            proc.kill()
+        except psutil.Error:
+            continue
+    return not processes
+
+
+def rebuild_replica(layout: Layout, run_as: RunAs, name: str, primary_port: int,
+                    why: DatabaseError) -> None:
+    """Replace a stopped node's data directory by a base backup of the primary at
+    ``primary_port``; ``why`` says why it must go. The old directory comes back if the
+    backup fails, and DatabaseError says both reasons."""
+    data = layout.node_dir(name)
+    discarded = data.with_name(data.name + ".discarded")
+    shutil.rmtree(discarded, ignore_errors=True)
+    data.rename(discarded)
+    try:
+        init_replica(layout, run_as, name, primary_port)
+    except DatabaseError as exc:
+        if not data.exists():
+            discarded.rename(data)
+        raise DatabaseError(f"pg_rewind failed ({why}) and so did a fresh "
+                            f"base backup ({exc})") from exc
+    shutil.rmtree(discarded, ignore_errors=True)

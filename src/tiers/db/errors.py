@@ -2,22 +2,24 @@
 
 :func:`classify` sorts any exception into one :class:`Failure`:
 
-* ``NODE_GONE``: the node, or the connection to it, is gone. Connection
-  refused, reset or closed; a ``psycopg.OperationalError`` with no SQLSTATE
-  (libpq's own connection failures, "the connection is closed", connect
-  timeouts); SQLSTATE class 08 (connection exception); 57P01
-  admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now (starting
-  up, shutting down, or in recovery without hot standby); 53300
-  too_many_connections (it takes no connection now: send the work elsewhere).
-* ``NOT_PRIMARY``: 25006 read_only_sql_transaction. A write reached a node
-  that is (now) a replica: the primary moved, or the DSN is wrong.
+* ``NODE_GONE``: the node, or the connection to it, is gone: it refused or
+  dropped the connection, is shutting down, starting up, or takes no more
+  connections (send the work elsewhere).
+* ``NOT_PRIMARY``: a write reached a node that is (now) a replica: the
+  primary moved, or the DSN is wrong.
 * ``OTHER``: everything else, including the caller's own SQL errors,
-  constraint violations, statement timeouts, serialization failures and an
-  aborted pipeline. These say nothing about the node's health.
+  constraint violations, statement timeouts and serialization failures.
+  These say nothing about the node's health.
 
-A tiers error raised ``from`` another exception is classified by that cause
-(a :class:`NodeUnavailable` by its own ``failure``), so a router's
-translated errors keep their meaning.
+Which driver error is which is the engine's knowledge
+(:meth:`tiers.db.engine.Engine.classify_error`; PostgreSQL's table is in
+:mod:`tiers.db.postgres`). ``classify`` asks the engine it is given, or
+each known engine in turn (their drivers' errors are of different
+classes). Connection refused, reset or aborted and broken pipes
+(``ConnectionError``, raised by socket code below any driver) are
+``NODE_GONE`` whatever the engine. A tiers error raised ``from`` another
+exception is classified by that cause (a :class:`NodeUnavailable` by its
+own ``failure``), so a router's translated errors keep their meaning.
 
 :func:`retry_safe` answers the one question a router may ask before trying
 again elsewhere: could the failed work have had an effect that a retry would
@@ -36,15 +38,8 @@ from __future__ import annotations
 
 import enum
 
-import psycopg
-import psycopg.errors
-
+from tiers.db.engine import Engine, known_engines
 from tiers.errors import DatabaseError, TiersError
-
-_NOT_PRIMARY_STATES = frozenset({"25006"})
-_GONE_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
-# Raised without SQLSTATE by psycopg for reasons that leave the connection usable.
-_NOT_GONE_WITHOUT_STATE = (psycopg.errors.PipelineAborted,)
 
 
 class Failure(enum.Enum):
@@ -74,8 +69,12 @@ class NodeUnavailable(DatabaseError):
         super().__init__(f"{node}: {what}" + (f": {detail}" if detail else ""))
 
 
-def classify(exc: BaseException) -> Failure:
-    """The failure kind of ``exc``; never raises. See the module docstring for the rules."""
+def classify(exc: BaseException, engine: Engine | None = None) -> Failure:
+    """The failure kind of ``exc``; never raises. See the module docstring for the rules.
+
+    ``engine`` is the engine whose driver raised ``exc``; None asks every
+    known engine.
+    """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -85,26 +84,20 @@ def classify(exc: BaseException) -> Failure:
         if isinstance(current, TiersError):
             current = current.__cause__
             continue
-        return _classify_foreign(current)
+        return _classify_foreign(current, engine)
     return Failure.OTHER
 
 
-def _classify_foreign(exc: BaseException) -> Failure:
-    if isinstance(exc, psycopg.Error):
-        state = exc.sqlstate
-        if state is None:
-            if isinstance(exc, psycopg.OperationalError) and not isinstance(
-                    exc, _NOT_GONE_WITHOUT_STATE):
-                return Failure.NODE_GONE
-            return Failure.OTHER
-        if state in _NOT_PRIMARY_STATES:
-            return Failure.NOT_PRIMARY
-        if state in _GONE_STATES or state.startswith("08"):
-            return Failure.NODE_GONE
-        return Failure.OTHER
+def _classify_foreign(exc: BaseException, engine: Engine | None) -> Failure:
     if isinstance(exc, ConnectionError):
         # Refused, reset, aborted, broken pipe: raised by socket code below a driver.
         return Failure.NODE_GONE
+    if engine is not None:
+        return engine.classify_error(exc)
+    for known in known_engines():
+        failure = known.classify_error(exc)
+        if failure is not Failure.OTHER:
+            return failure
     return Failure.OTHER
 
 

@@ -14,8 +14,11 @@ Rules of an unplanned failover (:func:`plan_failover`):
   failed ``policy.failed_checks`` consecutive checks.
 * The new primary is the reachable, unfenced replica holding the most WAL
   (received or replayed, whichever is further: promotion replays everything
-  received); equal positions go to the first name, so two planners given
-  the same facts choose the same node.
+  received): the first by name whose position has reached every other
+  candidate's (:func:`most_advanced`), so two planners given the same facts
+  choose the same node. Positions are compared only with ``>=``, so an
+  engine whose positions are partly ordered (GTID sets) works too: when no
+  candidate holds all that the others hold, nothing is promoted.
 * Never two writable primaries: :class:`Fence` (stop the old primary and
   mark it so it can only come back as a replica) is ordered before
   :class:`Promote`, and routers hear of the new primary (:class:`Announce`)
@@ -35,21 +38,22 @@ old primary had not yet sent to the promoted replica; the switchover does not.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from tiers.db.tokens import format_lsn
+from tiers.db.engine import Engine, Position, default_engine
 
 
 @dataclass(frozen=True)
 class NodeFacts:
     """What one health check learnt about a node.
 
-    ``position`` is the furthest WAL position the node holds, as an int
-    (see :func:`tiers.db.router.parse_lsn`): on a replica the greater of
-    received and replayed, on a primary its current write position; None
-    when unknown. ``failed_checks`` counts consecutive failed checks (0 once
-    it answers). ``fenced`` means the node carries the fence marker.
+    ``position`` is the furthest position the node holds (an engine's
+    :class:`~tiers.db.engine.Position`; PostgreSQL's WAL position, an int):
+    on a replica the further of received and replayed, on a primary its
+    current write position; None when unknown. ``failed_checks`` counts
+    consecutive failed checks (0 once it answers). ``fenced`` means the node
+    carries the fence marker.
     ``upstream`` is the node a replica is configured to stream from: ``""``
     when that is none of the known nodes, None when unknown (or not a replica).
     """
@@ -57,7 +61,7 @@ class NodeFacts:
     name: str
     reachable: bool
     in_recovery: bool | None = None
-    position: int | None = None
+    position: Position | None = None
     failed_checks: int = 0
     fenced: bool = False
     upstream: str | None = None
@@ -140,14 +144,34 @@ class Decision:
     reason: str
 
 
+def most_advanced(nodes: Iterable[NodeFacts]) -> NodeFacts | None:
+    """The first of ``nodes`` whose position has reached every other's, or None.
+
+    A node without a position has reached nothing (and is reached by any).
+    None for no nodes, or when no node holds everything the others hold
+    (possible only with partly ordered positions).
+    """
+    listed = list(nodes)
+
+    def holds(node: NodeFacts, other: NodeFacts) -> bool:
+        if other.position is None:
+            return True
+        return node.position is not None and node.position >= other.position
+
+    return next((node for node in listed if all(holds(node, other) for other in listed)),
+                None)
+
+
 def plan_failover(nodes: Sequence[NodeFacts], primary: str,
-                  policy: FailoverPolicy | None = None) -> Decision:
+                  policy: FailoverPolicy | None = None, *,
+                  engine: Engine | None = None) -> Decision:
     """What to do given the facts and the believed ``primary``; see the module rules.
 
     With a healthy primary the plan only tidies up: a fenced node, or a
     second writable one that came back, is fenced and rejoined under the
-    primary; a replica streaming from another node is repointed. Raises
-    ValueError if ``primary`` is not among ``nodes`` or names repeat.
+    primary; a replica streaming from another node is repointed. ``engine``
+    (the nodes', default PostgreSQL's) prints positions in the reasons.
+    Raises ValueError if ``primary`` is not among ``nodes`` or names repeat.
     """
     policy = policy or FailoverPolicy()
     by_name = _index(nodes)
@@ -184,11 +208,16 @@ def plan_failover(nodes: Sequence[NodeFacts], primary: str,
     if not candidates:
         return Decision((), f"{down}, but no replica can be promoted: "
                             f"{_why_not(others)}")
-    best = min(candidates, key=lambda n: (-(n.position or 0), n.name))
+    best = most_advanced(sorted(candidates, key=lambda n: n.name))
+    if best is None or best.position is None:
+        names = ", ".join(n.name for n in candidates)
+        return Decision((), f"{down}, and no replica holds everything the others hold "
+                            f"({names}); choose the primary by hand")
     actions = [Fence(primary), Promote(best.name), Announce(best.name)]
     actions += _follow(others, best.name)
+    shown = (engine if engine is not None else default_engine()).format_token(best.position)
     return Decision(tuple(actions), f"{down}; promoting {best.name}, the replica "
-                                    f"with the most WAL ({format_lsn(best.position or 0)})")
+                                    f"with the most WAL ({shown})")
 
 
 def plan_switchover(nodes: Sequence[NodeFacts], primary: str, target: str) -> Decision:

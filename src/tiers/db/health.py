@@ -1,12 +1,12 @@
 """Replica health: one cheap probe per node, and a pure decision over the probes.
 
-The probe (:func:`probe`) opens a fresh connection to one node and runs one
-SELECT that returns ``pg_is_in_recovery()``, the node's WAL position (replay
-LSN on a replica, current WAL LSN on a primary) and its replay lag in
-seconds. Connect and answer share one deadline, enforced through libpq's
-non-blocking API, so a node that is dead, unroutable or frozen (SIGSTOP)
-costs at most ``timeout`` seconds. The probe never raises for a failed node:
-it returns an observation with ``reachable=False`` and the error text.
+The probe (:func:`probe`) is the node's engine's
+(:meth:`tiers.db.engine.Engine.probe`; PostgreSQL's runs one SELECT for
+recovery state, position, replay lag and received position): a fresh
+connection, connect and answer within one deadline, so a node that is
+dead, unroutable or frozen (SIGSTOP) costs at most ``timeout`` seconds. It
+never raises for a failed node: it returns an observation with
+``reachable=False`` and the error text.
 
 The decision (:func:`update`) is a plain function from the previous
 :class:`ClusterHealth` and one round of observations to the next one; it
@@ -32,11 +32,13 @@ The read pool is the replicas whose standing is IN. When it is empty (no
 replica, all lagging or dead), callers read from the primary: that is the
 router's fallback, not something this module does.
 
-Caveats. Byte lag compares two probes taken at about the same time, not one
-snapshot, so a replica can look a few writes behind under heavy writes; the
-``fall`` hysteresis absorbs such blips. Seconds lag is
-``now() - pg_last_xact_replay_timestamp()``, reported as 0 when the replica
-has replayed all WAL it received, because on an idle primary that timestamp
+Caveats. Byte lag (where the engine measures it,
+:meth:`tiers.db.engine.Engine.lag_bytes`) compares two probes taken at about
+the same time, not one snapshot, so a replica can look a few writes behind
+under heavy writes; the ``fall`` hysteresis absorbs such blips. Seconds lag
+is what the engine reports; PostgreSQL's is ``now() -
+pg_last_xact_replay_timestamp()``, reported as 0 when the replica has
+replayed all WAL it received, because on an idle primary that timestamp
 grows old while nothing is behind; the first write after a long idle spell
 makes a replica look that old until it replays it, which ``fall`` absorbs too.
 """
@@ -44,141 +46,39 @@ makes a replica look that old until it replays it, which ``fall`` absorbs too.
 from __future__ import annotations
 
 import enum
-import selectors
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Final
 
-import psycopg
-from psycopg import pq
+from tiers.db.engine import Engine, NodeObservation, default_engine, engine_for_dsn
 
-from tiers.db.nodes import describe_dsn
-from tiers.db.tokens import parse_lsn
-
-# One round trip. "r" is evaluated once; the CASEs keep pg_current_wal_lsn(),
-# which fails during recovery, away from replicas.
-_PROBE_SQL: Final = b"""\
-SELECT r,
-  (CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
-  CASE WHEN NOT r THEN NULL
-       WHEN pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0::float8
-       ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
-  END,
-  (CASE WHEN r THEN pg_last_wal_receive_lsn() END)::text
-FROM pg_is_in_recovery() AS r"""
+__all__ = [
+    "Check",
+    "ClusterHealth",
+    "HealthPolicy",
+    "NodeHealth",
+    "NodeObservation",
+    "Role",
+    "Standing",
+    "next_standing",
+    "probe",
+    "update",
+]
 
 
-@dataclass(frozen=True, slots=True)
-class NodeObservation:
-    """What one probe of one node saw.
-
-    ``reachable`` means the node accepted a connection and answered the probe
-    query; when it is false only ``name``, ``target`` (``host:port/dbname``),
-    ``error`` and ``checked_at`` are set. ``position`` is the replay LSN on a
-    replica and the current WAL LSN on a primary; ``received_position`` is a
-    replica's last received LSN (None on a primary, or before streaming
-    starts). ``lag_bytes`` is filled in by :func:`update` from the primary's
-    position in the same round. ``checked_at`` is ``time.monotonic()`` when
-    the probe finished.
-    """
-
-    name: str
-    target: str
-    reachable: bool
-    in_recovery: bool | None = None
-    position: int | None = None
-    replay_lag_seconds: float | None = None
-    lag_bytes: int | None = None
-    error: str | None = None
-    checked_at: float = 0.0
-    received_position: int | None = None
-
-
-class _ProbeFailed(Exception):
-    pass
-
-
-def probe(dsn: str, timeout: float = 0.5, *, name: str | None = None) -> NodeObservation:
+def probe(dsn: str, timeout: float = 0.5, *, name: str | None = None,
+          engine: Engine | None = None) -> NodeObservation:
     """Probe one node within ``timeout`` seconds (connect and answer together).
 
-    Opens a new connection each time, so it also proves that the node accepts
-    connections, which is what a read needs. Never raises for a dead or
-    misbehaving node: returns ``reachable=False`` with the reason in ``error``.
-    ``name`` defaults to the ``host:port/dbname`` of ``dsn``. A
-    ``connect_timeout`` in ``dsn`` is ignored in favour of ``timeout``; a host
-    *name* is resolved by libpq before the deadline applies, so give addresses.
+    ``engine`` defaults to the DSN's (by its scheme). Opens a new connection
+    each time, so it also proves that the node accepts connections, which
+    is what a read needs. Never raises for a dead or misbehaving node:
+    returns ``reachable=False`` with the reason in ``error``. ``name``
+    defaults to the ``host:port/dbname`` of ``dsn``. UnsupportedEngine (a
+    ValueError) for a DSN of an engine tiers has no adapter for.
     """
-    target = describe_dsn(dsn)
-    label = name if name is not None else target
-    deadline = time.monotonic() + timeout
-    pgconn: pq.abc.PGconn | None = None
-    stage = "cannot connect"
-    try:
-        pgconn = pq.PGconn.connect_start(dsn.encode())
-        _connect(pgconn, deadline, timeout)
-        stage = "probe query failed"
-        return replace(_ask(pgconn, deadline, timeout), name=label, target=target,
-                       checked_at=time.monotonic())
-    except _ProbeFailed as exc:
-        error = f"{stage}: {exc}"
-    except (psycopg.Error, OSError, ValueError) as exc:
-        error = f"{stage}: {_one_line(str(exc))}"
-    finally:
-        if pgconn is not None:
-            pgconn.finish()
-    return NodeObservation(label, target, reachable=False, error=error,
-                           checked_at=time.monotonic())
-
-
-def _one_line(text: str) -> str:
-    return "; ".join(part.strip() for part in text.splitlines() if part.strip()) or "no detail"
-
-
-def _wait(fd: int, events: int, deadline: float, timeout: float) -> None:
-    remaining = deadline - time.monotonic()
-    if remaining > 0:
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, events)
-            if selector.select(remaining):
-                return
-    raise _ProbeFailed(f"timed out after {timeout:g} s")
-
-
-def _connect(pgconn: pq.abc.PGconn, deadline: float, timeout: float) -> None:
-    # libpq's contract for PQconnectStart: poll as if the first answer were WRITING.
-    status = pq.PollingStatus.FAILED if pgconn.status == pq.ConnStatus.BAD \
-        else pq.PollingStatus.WRITING
-    while status != pq.PollingStatus.OK:
-        if status == pq.PollingStatus.FAILED:
-            raise _ProbeFailed(_one_line(pq.error_message(pgconn)))
-        events = selectors.EVENT_READ if status == pq.PollingStatus.READING \
-            else selectors.EVENT_WRITE
-        # The socket may change between polls (another address, SSL fallback).
-        _wait(pgconn.socket, events, deadline, timeout)
-        status = pq.PollingStatus(pgconn.connect_poll())
-
-
-def _ask(pgconn: pq.abc.PGconn, deadline: float, timeout: float) -> NodeObservation:
-    pgconn.nonblocking = 1
-    pgconn.send_query(_PROBE_SQL)
-    while pgconn.flush() != 0:
-        _wait(pgconn.socket, selectors.EVENT_WRITE, deadline, timeout)
-    while pgconn.is_busy():
-        _wait(pgconn.socket, selectors.EVENT_READ, deadline, timeout)
-        pgconn.consume_input()
-    result = pgconn.get_result()
-    if result is None or result.status != pq.ExecStatus.TUPLES_OK or result.ntuples != 1:
-        raise _ProbeFailed(_one_line(pq.error_message(result if result is not None else pgconn)))
-    recovery, position, lag, received = (result.get_value(0, col) for col in range(4))
-    try:
-        return NodeObservation(
-            "", "", reachable=True, in_recovery=recovery == b"t",
-            position=None if position is None else parse_lsn(position.decode()),
-            replay_lag_seconds=None if lag is None else max(0.0, float(lag.decode())),
-            received_position=None if received is None else parse_lsn(received.decode()))
-    except ValueError as exc:
-        raise _ProbeFailed(f"unexpected answer: {exc}") from exc
+    chosen = engine if engine is not None else engine_for_dsn(dsn)
+    return chosen.probe(dsn, timeout, name=name)
 
 
 # ---- the decision ---------------------------------------------------------------------
@@ -356,15 +256,18 @@ def _role(name: str, obs: NodeObservation, primary: str | None, before: NodeHeal
 
 
 def update(state: ClusterHealth, observations: Iterable[NodeObservation],
-           policy: HealthPolicy) -> ClusterHealth:
+           policy: HealthPolicy, engine: Engine | None = None) -> ClusterHealth:
     """The cluster's health after one round of observations.
 
     Nodes are keyed by ``NodeObservation.name``; a name not in ``state`` is
     added (standing NEW), a node without an observation this round keeps its
     health unchanged. Each observation is stored with ``lag_bytes`` filled in
-    against the primary's position of the same round (None if the primary
-    was not reached or the node reported no position).
+    against the primary's position of the same round by ``engine`` (the
+    engine whose positions these are; default PostgreSQL's): None if the
+    primary was not reached, the node reported no position or the engine
+    cannot measure bytes.
     """
+    lag_bytes = (engine if engine is not None else default_engine()).lag_bytes
     seen = {obs.name: obs for obs in observations}
     before = {n.name: n for n in state.nodes}
     order = [n.name for n in state.nodes] + [name for name in seen if name not in before]
@@ -384,7 +287,7 @@ def update(state: ClusterHealth, observations: Iterable[NodeObservation],
             nodes.append(old)
             continue
         if obs.reachable and obs.in_recovery and top is not None and obs.position is not None:
-            obs = replace(obs, lag_bytes=max(0, top - obs.position))
+            obs = replace(obs, lag_bytes=lag_bytes(top, obs.position))
         check, why = _judge(obs, name == primary, policy)
         good = check is Check.GOOD
         ok_streak = old.ok_streak + 1 if good else 0

@@ -39,13 +39,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType, TracebackType
 
+from tiers.db.engine import Engine, engine_for_dsns
 from tiers.db.health import (
     Check,
     ClusterHealth,
     HealthPolicy,
     NodeHealth,
     NodeObservation,
-    probe,
     update,
 )
 from tiers.db.nodes import describe_dsn
@@ -85,14 +85,16 @@ class _Job:
 
 
 class HealthMonitor:
-    """Probe ``nodes`` (name -> libpq DSN) every ``interval`` seconds and keep their health.
+    """Probe ``nodes`` (name -> DSN) every ``interval`` seconds and keep their health.
 
     ``policy`` decides lag limits and the fall/rise hysteresis; ``timeout``
     bounds each probe; ``primary`` names the node expected to be the primary,
     which settles the role if two nodes claim it from the first round on.
-    ``probe`` is replaceable for tests. Raises ValueError for an empty node
-    map, a ``primary`` that is not one of the nodes or a non-positive interval
-    or timeout.
+    ``engine`` is the nodes' engine (default: by the DSNs' scheme); its
+    probe is used unless ``probe`` replaces it (for tests). Raises
+    ValueError for an empty node map, a ``primary`` that is not one of the
+    nodes, a non-positive interval or timeout, or DSNs of an engine tiers
+    has no adapter for (UnsupportedEngine) or of several engines.
     """
 
     def __init__(
@@ -100,10 +102,11 @@ class HealthMonitor:
         nodes: Mapping[str, str],
         policy: HealthPolicy | None = None,
         interval: float = 0.25,
-        probe: Probe = probe,
+        probe: Probe | None = None,
         *,
         timeout: float = 0.5,
         primary: str | None = None,
+        engine: Engine | None = None,
     ) -> None:
         if not nodes:
             raise ValueError("no nodes to monitor")
@@ -112,10 +115,11 @@ class HealthMonitor:
         if interval <= 0 or timeout <= 0:
             raise ValueError("interval and timeout must be positive")
         self.nodes: Mapping[str, str] = MappingProxyType(dict(nodes))
+        self.engine = engine if engine is not None else engine_for_dsns(self.nodes.values())
         self.policy = policy if policy is not None else HealthPolicy()
         self.interval = interval
         self.timeout = timeout
-        self._probe = probe
+        self._probe: Probe = probe if probe is not None else self.engine.probe
         self._snapshot = ClusterHealth.initial(self.nodes, primary)
         self._pid = os.getpid()
         self._fresh_process_state()
@@ -226,7 +230,7 @@ class HealthMonitor:
     def _round(self) -> ClusterHealth:
         with self._round_lock:
             before = self._snapshot
-            after = update(before, self._observe_all(), self.policy)
+            after = update(before, self._observe_all(), self.policy, self.engine)
             with self._changed:
                 self._snapshot = after
                 self._changed.notify_all()

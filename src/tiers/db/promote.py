@@ -1,22 +1,25 @@
-"""Carry out the actions of :mod:`tiers.db.failover` against the embedded servers.
+"""Carry out the actions of :mod:`tiers.db.failover` against the servers of this stack.
 
-:class:`Executor` runs each action's I/O: it connects to nodes over TCP,
-runs the PostgreSQL programs through :func:`tiers.db.embedded.run_tool` (so
-as the unprivileged system user when tiers runs as root) and edits data
-directories. :meth:`Executor.execute` carries out a plan in order and stops
-at the first failure: the remaining steps are not attempted, because each
-depends on the ones before (above all, nothing is promoted unless the old
-primary was fenced). Every step is idempotent, so planning again from fresh
-facts and executing the new plan finishes an interrupted one.
+:class:`Executor` runs each action's I/O through the nodes' engine
+(:class:`tiers.db.engine.Engine`: connections, promotion, stopping a
+server, following another primary, resynchronising an old primary; for
+PostgreSQL its programs run through :func:`tiers.db.embedded.run_tool`, so
+as the unprivileged system user when tiers runs as root) and keeps the
+fencing markers itself. :meth:`Executor.execute` carries out a plan in order
+and stops at the first failure: the remaining steps are not attempted,
+because each depends on the ones before (above all, nothing is promoted
+unless the old primary was fenced). Every step is idempotent, so planning
+again from fresh facts and executing the new plan finishes an interrupted
+one.
 
 Fencing. A fenced node carries the marker file ``tiers.fenced`` in its data
 directory and is stopped. Whatever starts servers must check
 :func:`is_fenced` first and start a fenced node only through
-:meth:`Executor.rejoin`, which rewinds it and turns it into a replica before
-removing the marker. pg_rewind deletes files the source lacks, the marker
-among them, so while a rejoin runs a second marker next to the data
-directory (``<name>.rejoining``) keeps the node fenced; it goes only once
-``standby.signal`` is in place.
+:meth:`Executor.rejoin`, which resynchronises it and turns it into a
+replica before removing the marker. A resync may delete files the primary
+lacks (pg_rewind does), the marker among them, so while a rejoin runs a
+second marker next to the data directory (``<name>.rejoining``) keeps the
+node fenced; it goes only once the node is configured as a replica.
 
 The believed primary is recorded in the file ``tiers-primary`` of the data
 root (:func:`read_primary`, :func:`write_primary`), written by
@@ -24,7 +27,7 @@ root (:func:`read_primary`, :func:`write_primary`), written by
 
 Errors: every failed step raises :class:`FailoverStepError`, a
 :class:`tiers.errors.DatabaseError` naming the step and the node, with the
-foreign error (psycopg, OSError, a tool's output) as its cause::
+foreign error (the driver's, OSError, a tool's output) as its cause::
 
     DatabaseError
      +-- FailoverStepError   .step ("fence", "promote", ...) and .node
@@ -33,21 +36,15 @@ foreign error (psycopg, OSError, a tool's output) as its cause::
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import assert_never
 
-import psutil
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import TupleRow
-
-from tiers.db import embedded
 from tiers.db.embedded import Layout, RunAs
+from tiers.db.engine import Connection, Engine, LocalServer, default_engine
+from tiers.db.errors import Failure, classify
 from tiers.db.failover import (
     Action,
     Announce,
@@ -58,22 +55,12 @@ from tiers.db.failover import (
     Repoint,
     WaitForReplay,
 )
-from tiers.db.tokens import format_lsn, parse_lsn
 from tiers.errors import DatabaseError
 
 FENCE_MARKER = "tiers.fenced"
 PRIMARY_RECORD = "tiers-primary"
 _REJOINING = ".rejoining"
 _POLL = 0.05
-
-_FACTS_SQL = (
-    "SELECT pg_is_in_recovery(),"
-    " (CASE WHEN pg_is_in_recovery()"
-    "  THEN greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())"
-    "  ELSE pg_current_wal_lsn() END)::text,"
-    " current_setting('primary_conninfo')"
-)
-_CONTROL_LINE = re.compile(r"^([^:]+):\s*(.*)$", re.MULTILINE)
 
 
 class FailoverStepError(DatabaseError):
@@ -116,11 +103,12 @@ def write_primary(layout: Layout, name: str) -> None:
 class Executor:
     """Carries out failover actions on the nodes named in ``ports`` (name -> TCP port).
 
-    ``start(name)`` starts a node's server on its data directory as it is
-    (the supervisor or a test harness owns the processes); without it a
-    rejoined node is left ready to start. ``announce(name)`` tells routers
-    about a new primary. ``timeout`` bounds each step's waits; a health
-    check's connect is bounded by ``check_timeout``.
+    ``engine`` is the nodes' engine (default PostgreSQL's). ``start(name)``
+    starts a node's server on its data directory as it is (the supervisor
+    or a test harness owns the processes); without it a rejoined node is
+    left ready to start. ``announce(name)`` tells routers about a new
+    primary. ``timeout`` bounds each step's waits; a health check's connect
+    is bounded by ``check_timeout``.
     """
 
     def __init__(
@@ -133,14 +121,19 @@ class Executor:
         announce: Callable[[str], None] | None = None,
         timeout: float = 30.0,
         check_timeout: float = 1.0,
+        engine: Engine | None = None,
     ) -> None:
         self.layout = layout
         self.run_as = run_as
         self.ports = dict(ports)
+        self.engine = engine if engine is not None else default_engine()
         self._start = start
         self._announce = announce
         self.timeout = timeout
         self.check_timeout = check_timeout
+        self._failures: tuple[type[BaseException], ...] = (
+            DatabaseError, OSError, *self.engine.errors)
+        self._unanswered: tuple[type[BaseException], ...] = (DatabaseError, *self.engine.errors)
 
     # ---- facts ----------------------------------------------------------------
 
@@ -154,29 +147,20 @@ class Executor:
         return [self.probe(name, previous.get(name, 0)) for name in self.ports]
 
     def probe(self, name: str, failed_before: int = 0) -> NodeFacts:
-        """Ask one node for its role, WAL position and upstream; never raises for a dead node."""
+        """Ask one node for its role, position and upstream; never raises for a dead node."""
         fenced = is_fenced(self.layout, name)
         try:
             with self._connect(name, self.check_timeout) as conn:
-                row = conn.execute(_FACTS_SQL).fetchone()
-        except (psycopg.Error, DatabaseError):
+                facts = self.engine.server_facts(conn)
+        except self._unanswered:
             return NodeFacts(name, reachable=False, failed_checks=failed_before + 1,
                              fenced=fenced)
-        assert row is not None
-        in_recovery, position, primary_conninfo = bool(row[0]), row[1], str(row[2] or "")
-        return NodeFacts(
-            name, reachable=True, in_recovery=in_recovery,
-            position=None if position is None else parse_lsn(str(position)),
-            fenced=fenced, upstream=self._upstream(primary_conninfo) if in_recovery else None,
-        )
-
-    def _upstream(self, primary_conninfo: str) -> str:
-        """The node a replica's primary_conninfo names; '' for none or a stranger."""
-        try:
-            port = conninfo_to_dict(primary_conninfo).get("port") if primary_conninfo else None
-        except psycopg.Error:
-            return ""
-        return next((n for n, p in self.ports.items() if str(p) == str(port)), "")
+        upstream = None
+        if facts.in_recovery:
+            # '' for none configured, or a server that is none of ours.
+            upstream = next((n for n, p in self.ports.items() if p == facts.upstream_port), "")
+        return NodeFacts(name, reachable=True, in_recovery=facts.in_recovery,
+                         position=facts.position, fenced=fenced, upstream=upstream)
 
     # ---- the plan -------------------------------------------------------------
 
@@ -205,26 +189,19 @@ class Executor:
         """Mark ``node`` fenced, then stop it; returns once none of its processes is left.
 
         The marker comes first so that a supervisor restarting the exited
-        server already finds it. ``clean`` uses a fast shutdown and fails
-        rather than kill (a switchover needs the WAL sent); otherwise an
-        immediate shutdown, then SIGKILL of whatever still runs in the data
-        directory (a hung or half-dead postmaster, orphaned backends).
+        server already finds it. ``clean`` stops it so that it first sends
+        all of its history to the replicas, failing rather than killing (a
+        switchover needs that; PostgreSQL: a fast shutdown); otherwise as
+        fast as possible, killing whatever is left (a hung or half-dead
+        server, orphaned backends).
         """
         with self._step("fence", node):
-            data = self._dir(node)
-            marker = data / FENCE_MARKER
+            server = self._server(node)
+            marker = server.data_dir / FENCE_MARKER
             marker.write_text("fenced by tiers: start only as a replica after a rejoin\n",
                               encoding="utf-8")
             self._own(marker)
-            if not _server_processes(data):
-                return
-            if clean:
-                self._pg_ctl(node, "stop", "-m", "fast")
-                return
-            # A dead postmaster cannot be signalled; its orphans are killed below.
-            with suppress(DatabaseError):
-                self._pg_ctl(node, "stop", "-m", "immediate")
-            self._wait(lambda: _kill_all(_server_processes(data)), "its processes to exit")
+            self.engine.stop(server, clean=clean, timeout=self.timeout)
 
     def unfence(self, node: str) -> None:
         """Remove the fence marker, e.g. to start a cleanly stopped old primary again
@@ -235,24 +212,19 @@ class Executor:
     def wait_for_replay(self, node: str, source: str) -> None:
         """Wait until ``node`` has replayed everything the cleanly stopped ``source`` wrote.
 
-        The final record of a clean shutdown is its checkpoint; the replica
-        has it once its replay position lies past the checkpoint's start.
         Fails if ``source`` was not shut down cleanly (its end is unknown).
         """
         with self._step("wait for replay", node):
-            control = self._control_data(source)
-            state = control.get("Database cluster state", "")
-            if state != "shut down":
-                raise DatabaseError(f"{source} is not cleanly shut down ({state or 'unknown'})")
-            final = parse_lsn(control["Latest checkpoint location"])
+            self._port(node)
+            final = self.engine.end_of_history(self._server(source))
 
             def replayed() -> bool:
                 with self._connect(node, self.check_timeout) as conn:
-                    row = conn.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()
-                return row is not None and row[0] is not None and parse_lsn(row[0]) > final
+                    position = self.engine.replayed_position(conn)
+                return position is not None and position >= final
 
-            self._wait(replayed, f"a replay past {format_lsn(final)}, the end of {source}",
-                       tolerate=psycopg.OperationalError)
+            self._wait(replayed, f"a replay that reaches {self.engine.format_token(final)}, "
+                                 f"the end of {source}", tolerate_gone=True)
 
     def promote(self, node: str) -> None:
         """End recovery on ``node``; returns once it accepts writes."""
@@ -260,13 +232,7 @@ class Executor:
             if is_fenced(self.layout, node):
                 raise DatabaseError("it is fenced; a fenced node may only rejoin as a replica")
             with self._connect(node, self.timeout) as conn:
-                if _in_recovery(conn):
-                    row = conn.execute("SELECT pg_promote(true, %s)",
-                                       (max(1, int(self.timeout)),)).fetchone()
-                    if row is None or not row[0]:
-                        raise DatabaseError(f"not promoted within {self.timeout:g}s")
-                if _in_recovery(conn):
-                    raise DatabaseError("still in recovery after promotion")
+                self.engine.promote(conn, self.timeout)
 
     def announce(self, primary: str) -> None:
         """Record ``primary`` and pass it to the ``announce`` callback."""
@@ -276,11 +242,8 @@ class Executor:
                 self._announce(primary)
 
     def repoint(self, replica: str, new_primary: str) -> None:
-        """Make ``replica`` stream from ``new_primary``.
+        """Make ``replica`` stream from ``new_primary`` (following its new history).
 
-        primary_conninfo is rewritten and the server reloaded (PostgreSQL
-        restarts its WAL receiver when that setting changes, and follows the
-        new timeline since recovery_target_timeline defaults to latest).
         Returns once it streams from the new primary; a stopped replica only
         gets the new setting.
         """
@@ -290,52 +253,38 @@ class Executor:
             if is_fenced(self.layout, replica):
                 raise DatabaseError("it is fenced; rejoin it instead")
             primary_port = self._port(new_primary)
-            embedded.point_replica_at(self.layout, self.run_as, replica, primary_port)
-            if not _server_processes(self._dir(replica)):
+            server = self._server(replica)
+            self.engine.follow(server, primary_port)
+            if not self.engine.running(server):
                 return
-            self._pg_ctl(replica, "reload")
 
             def streaming() -> bool:
                 with self._connect(replica, self.check_timeout) as conn:
-                    if not _in_recovery(conn):
-                        raise DatabaseError("it is not a replica")
-                    row = conn.execute(
-                        "SELECT status, sender_port FROM pg_stat_wal_receiver").fetchone()
-                return row is not None and row[0] == "streaming" and row[1] == primary_port
+                    return self.engine.streaming_from(conn) == primary_port
 
-            self._wait(streaming, f"it to stream from {new_primary}",
-                       tolerate=psycopg.OperationalError)
+            self._wait(streaming, f"it to stream from {new_primary}", tolerate_gone=True)
 
     def rejoin(self, node: str, new_primary: str) -> None:
         """Turn the stopped ``node`` into a replica of ``new_primary`` and start it.
 
-        pg_rewind first (cheap: only what diverged is copied back); if it
-        fails, a fresh base backup replaces the data directory. The marker
-        goes once standby.signal is written; then ``start`` (if given) runs
-        and this returns when the node answers as a replica.
+        The engine resynchronises its data with the new primary's history
+        (PostgreSQL: pg_rewind, cheap since only what diverged is copied
+        back; if it fails, a fresh base backup), then configures it as a
+        replica. The marker goes once that is done; then ``start`` (if
+        given) runs and this returns when the node answers as a replica.
         """
         with self._step("rejoin", node):
             if node == new_primary:
                 raise DatabaseError("a node cannot rejoin under itself")
-            data = self._dir(node)
-            if _server_processes(data):
+            server = self._server(node)
+            if self.engine.running(server):
                 raise DatabaseError("it is running; fence it first")
             primary_port = self._port(new_primary)
             guard = _rejoin_guard(self.layout, node)
             guard.touch()
-            with self._connect(new_primary, self.timeout) as conn:
-                # A freshly promoted server's control file shows its new timeline
-                # only after a checkpoint, and pg_rewind reads the timeline there.
-                conn.execute("CHECKPOINT")
-            try:
-                embedded.run_tool(self.layout, self.run_as, "pg_rewind", [
-                    "--target-pgdata", str(data),
-                    "--source-server", embedded.conninfo(primary_port, "postgres"),
-                ], timeout=self.timeout)
-            except DatabaseError as rewind_failed:
-                self._rebuild(node, primary_port, rewind_failed)
-            embedded.point_replica_at(self.layout, self.run_as, node, primary_port)
-            (data / FENCE_MARKER).unlink(missing_ok=True)
+            self.engine.resync(server, primary_port, self.timeout)
+            self.engine.follow(server, primary_port)
+            (server.data_dir / FENCE_MARKER).unlink(missing_ok=True)
             guard.unlink()
             if self._start is None:
                 return
@@ -343,24 +292,9 @@ class Executor:
 
             def replica() -> bool:
                 with self._connect(node, self.check_timeout) as conn:
-                    return _in_recovery(conn)
+                    return self.engine.server_facts(conn).in_recovery
 
-            self._wait(replica, "it to answer as a replica", tolerate=psycopg.OperationalError)
-
-    def _rebuild(self, node: str, primary_port: int, rewind_failed: DatabaseError) -> None:
-        """Replace the data directory by a base backup of the primary at ``primary_port``."""
-        data = self._dir(node)
-        discarded = data.with_name(data.name + ".discarded")
-        shutil.rmtree(discarded, ignore_errors=True)
-        data.rename(discarded)
-        try:
-            embedded.init_replica(self.layout, self.run_as, node, primary_port)
-        except DatabaseError as exc:
-            if not data.exists():
-                discarded.rename(data)
-            raise DatabaseError(f"pg_rewind failed ({rewind_failed}) and so did a fresh "
-                                f"base backup ({exc})") from exc
-        shutil.rmtree(discarded, ignore_errors=True)
+            self._wait(replica, "it to answer as a replica", tolerate_gone=True)
 
     # ---- helpers --------------------------------------------------------------
 
@@ -370,7 +304,7 @@ class Executor:
             yield
         except FailoverStepError:
             raise
-        except (DatabaseError, OSError, psycopg.Error) as exc:
+        except self._failures as exc:
             raise FailoverStepError(step, node, str(exc)) from exc
 
     def _port(self, node: str) -> int:
@@ -383,28 +317,21 @@ class Executor:
         self._port(node)  # an unknown name is an error, not a new directory
         return self.layout.node_dir(node)
 
-    def _connect(self, node: str, timeout: float) -> psycopg.Connection[TupleRow]:
-        return psycopg.connect(embedded.conninfo(self._port(node), "postgres"),
-                               autocommit=True, connect_timeout=max(1, round(timeout)))
+    def _server(self, node: str) -> LocalServer:
+        return LocalServer(self.layout, self.run_as, node, self._port(node))
 
-    def _pg_ctl(self, node: str, command: str, *args: str) -> None:
-        wait = ["-w", "-t", str(max(1, int(self.timeout)))] if command == "stop" else []
-        embedded.run_tool(self.layout, self.run_as, "pg_ctl",
-                          [command, "-D", str(self._dir(node)), *wait, *args],
-                          timeout=self.timeout + 5)
-
-    def _control_data(self, node: str) -> dict[str, str]:
-        output = embedded.run_tool(self.layout, self.run_as, "pg_controldata",
-                                   ["-D", str(self._dir(node))])
-        return {key.strip(): value.strip() for key, value in _CONTROL_LINE.findall(output)}
+    def _connect(self, node: str, timeout: float) -> closing[Connection]:
+        engine = self.engine
+        return closing(engine.connect(engine.local_dsn(self._port(node)), timeout,
+                                      autocommit=True))
 
     def _own(self, path: Path) -> None:
         if self.run_as.uid is not None and self.run_as.gid is not None:
             os.chown(path, self.run_as.uid, self.run_as.gid)
 
-    def _wait(self, done: Callable[[], bool], what: str,
-              tolerate: type[Exception] | None = None) -> None:
-        """Poll ``done`` until true; ``tolerate`` errors count as "not yet"."""
+    def _wait(self, done: Callable[[], bool], what: str, *, tolerate_gone: bool = False) -> None:
+        """Poll ``done`` until true; with ``tolerate_gone`` an error that says the node is
+        gone (not up yet, restarting) counts as "not yet"."""
         deadline = time.monotonic() + self.timeout
         last: Exception | None = None
         while True:
@@ -412,7 +339,7 @@ class Executor:
                 if done():
                     return
             except Exception as exc:
-                if tolerate is None or not isinstance(exc, tolerate):
+                if not tolerate_gone or classify(exc, self.engine) is not Failure.NODE_GONE:
                     raise
                 last = exc
             if time.monotonic() >= deadline:
@@ -424,31 +351,3 @@ class Executor:
 def _rejoin_guard(layout: Layout, name: str) -> Path:
     return layout.root / (name + _REJOINING)
 
-
-def _in_recovery(conn: psycopg.Connection[TupleRow]) -> bool:
-    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-    return row is not None and bool(row[0])
-
-
-def _server_processes(data: Path) -> list[psutil.Process]:
-    """The live processes working in ``data``: a PostgreSQL server and all its children
-    make their data directory their working directory, and nothing else of tiers does."""
-    target = os.path.realpath(data)
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.cwd() == target and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
-            continue  # gone meanwhile, a zombie, or another user's
-    return found
-
-
-def _kill_all(processes: list[psutil.Process]) -> bool:
-    """SIGKILL ``processes``; True if there were none left to kill."""
-    for proc in processes:
-        try:
-            proc.kill()
-        except psutil.Error:
-            continue
-    return not processes

@@ -1,7 +1,7 @@
 """Read/write routing for application code: :class:`Cluster` hands out connections by intent.
 
     write()            a transaction on the primary; commits on a clean exit and
-                       records the causal token (the primary's WAL position after it)
+                       records the causal token (the primary's position after it)
     read(token, max_staleness=...)
                        a replica that satisfies the consistency asked for, else the primary
     read_primary()     the primary, for reads that must see everything committed
@@ -9,11 +9,11 @@
 
 Consistency of ``read`` (the rules are pure functions in
 :mod:`tiers.db.consistency`): with a causal token, a replica that has replayed
-it; one is waited for up to ``causal_wait`` seconds by polling
-``pg_last_wal_replay_lsn()``, then the primary serves the read. A replica
-the monitor last measured lagging by more than ``causal_wait`` is asked
-once but not waited for. Without a
-token argument the current request scope's token *for this cluster* is used
+it; one is waited for up to ``causal_wait`` seconds by polling its replayed
+position (PostgreSQL: ``pg_last_wal_replay_lsn()``), then the primary serves
+the read. A replica the monitor last measured lagging by more than
+``causal_wait`` is asked once but not waited for. Without a token argument
+the current request scope's token *for this cluster* is used
 (:func:`tiers.db.tokens.current_token` with the cluster's :attr:`Cluster.name`,
 set by the WSGI middleware :mod:`tiers.app.causal`), or none if the scope has
 no entry for it; ``token=None`` asks for no consistency at all, any healthy
@@ -25,6 +25,13 @@ whose replay lag, as the monitor measured it, is under that many seconds.
 :mod:`tiers.db.pinning` has the common alternative recipe (after a write,
 read from the primary for a fixed time), for comparison.
 
+Engines. Everything engine-specific (connecting, positions and tokens,
+error classification, ending a read transaction) goes through the cluster's
+:class:`tiers.db.engine.Engine`, chosen from the nodes' DSNs unless given;
+PostgreSQL's is :mod:`tiers.db.postgres`. The router binds what it uses on
+every read once, when it is built. The texts below name PostgreSQL's
+behaviour where an engine decides it.
+
 Topology. The cluster knows every node by name; the primary given to the
 constructor is a first guess. With a health monitor
 (:class:`tiers.db.monitor.HealthMonitor`), writes go to the monitor's
@@ -35,17 +42,18 @@ raise :class:`~tiers.db.errors.NodeUnavailable` at once. Without a monitor
 the topology is fixed: every node but the primary may serve reads.
 
 Failures. A node that fails under the router is handled by what the error
-says (:func:`tiers.db.errors.classify`): *gone* drops the connection, marks
-the node down for reads (for ``retry_after`` seconds, or until the monitor
-sees it answer again) and raises NodeUnavailable; the router's own steps
-(connecting, checking a position) send nothing of the caller's work, so
-there it tries the next node instead, and ``query`` retries its statement
-once. *Not the primary* on a write drops the connection, makes the monitor
-check every node at once, and raises NodeUnavailable: a write whose outcome
-is unknown is never replayed. A commit that fails because the node is gone
-raises NodeUnavailable saying the outcome is unknown. Other errors raised by
-the caller's statements propagate unchanged (the app may catch
-``psycopg.errors.UniqueViolation``), and the transaction is rolled back.
+says (:func:`tiers.db.errors.classify`, by the engine's table): *gone*
+drops the connection, marks the node down for reads (for ``retry_after``
+seconds, or until the monitor sees it answer again) and raises
+NodeUnavailable; the router's own steps (connecting, checking a position)
+send nothing of the caller's work, so there it tries the next node instead,
+and ``query`` retries its statement once. *Not the primary* on a write
+drops the connection, makes the monitor check every node at once, and raises
+NodeUnavailable: a write whose outcome is unknown is never replayed. A
+commit that fails because the node is gone raises NodeUnavailable saying the
+outcome is unknown. Other errors raised by the caller's statements propagate
+unchanged (the app may catch ``psycopg.errors.UniqueViolation``), and the
+transaction is rolled back.
 
 Round trips. A read block is a transaction: psycopg sends BEGIN before its
 first statement (a round trip of its own; a block that sends nothing costs
@@ -102,11 +110,6 @@ from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Protocol
 
-import psycopg
-import psycopg.errors
-from psycopg.pq import TransactionStatus
-from psycopg.rows import TupleRow
-
 from tiers.db import tokens
 from tiers.db.consistency import (
     DownMark,
@@ -115,6 +118,7 @@ from tiers.db.consistency import (
     poll_delay,
     replica_qualifies,
 )
+from tiers.db.engine import Connection, ConnectionWatch, Engine, Position, engine_for_dsns
 from tiers.db.errors import Failure, NodeUnavailable, classify, retry_safe
 from tiers.db.health import ClusterHealth
 from tiers.db.monitor import HealthMonitor
@@ -124,22 +128,16 @@ from tiers.db.nodes import (
     MONITOR_INTERVAL_ENV,
     PRIMARY_ENV,
     REPLICAS_ENV,
-    Connection,
     Connector,
-    InputWatch,
-    connect,
-    connection_is_stale,
     describe_dsn,
-    end_read_transaction,
     node_names,
     one_line,
     settings_from_env,
 )
-from tiers.db.tokens import format_lsn, is_token, parse_lsn
+from tiers.db.tokens import is_token
 from tiers.errors import DatabaseError
 
-# Re-exported: tiers.db.health, monitor, failover, promote and migrate import
-# these from here, and applications may too.
+# Re-exported: applications may import these from here.
 
 __all__ = [
     "CAUSAL_WAIT_ENV",
@@ -148,30 +146,15 @@ __all__ = [
     "PRIMARY_ENV",
     "REPLICAS_ENV",
     "Cluster",
+    "Connection",
     "HealthSource",
     "Intent",
     "Router",
     "WriteTransaction",
-    "connect",
-    "connection_is_stale",
     "describe_dsn",
-    "format_lsn",
     "is_token",
     "node_names",
-    "parse_lsn",
 ]
-
-# On a replica how far it has replayed; on a node not in recovery (a
-# "replica" that is really the primary) how far it has written, which is what
-# a read from it would see.
-_POSITION_SQL = (
-    "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-    " ELSE pg_current_wal_lsn() END)::text"
-)
-# NULL on a node in recovery: it is no primary, and pg_current_wal_lsn() would fail there.
-_WRITE_POSITION_SQL = (
-    "SELECT (CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END)::text"
-)
 
 
 class Intent(enum.StrEnum):
@@ -276,9 +259,10 @@ class _Link:
 
     ``replayed`` is the highest position the node reported on this very
     session, valid while ``epoch`` is the current one (see the module
-    docstring). ``watch`` is set for a real psycopg connection, whose read
-    transactions the router ends by itself; ``stale`` is its staleness check
-    when the router uses its own (None: ask the cluster's ``is_stale``).
+    docstring). ``watch`` is set for a connection of the engine's own driver
+    (:meth:`tiers.db.engine.Engine.watch`), whose read transactions the
+    router ends through it; ``stale`` is its staleness check when the router
+    uses its own (None: ask the cluster's ``is_stale``).
     ``autocommit`` mirrors the connection's mode as the router last set it:
     statements that run alone (``query`` on a replica, position checks)
     leave it on, and whatever needs a transaction turns it off again, so a
@@ -288,12 +272,12 @@ class _Link:
 
     __slots__ = ("autocommit", "conn", "epoch", "replayed", "stale", "watch")
 
-    def __init__(self, conn: Connection, watch: InputWatch | None,
+    def __init__(self, conn: Connection, watch: ConnectionWatch | None,
                  stale: Callable[[], bool] | None) -> None:
         self.conn = conn
         self.watch = watch
         self.stale = stale
-        self.replayed: int | None = None
+        self.replayed: Position | None = None
         self.epoch = -1
         self.autocommit = False  # as every Connector hands connections out
 
@@ -302,14 +286,14 @@ class _Link:
             self.conn.autocommit = on
             self.autocommit = on
 
-    def remember(self, position: int | None, epoch: int) -> None:
+    def remember(self, position: Position | None, epoch: int) -> None:
         if position is None:
             return
-        if self.epoch != epoch or self.replayed is None or position > self.replayed:
+        if self.epoch != epoch or self.replayed is None or not self.replayed >= position:
             self.replayed = position
             self.epoch = epoch
 
-    def has_replayed(self, wanted: int, epoch: int) -> bool:
+    def has_replayed(self, wanted: Position, epoch: int) -> bool:
         return self.epoch == epoch and self.replayed is not None and self.replayed >= wanted
 
 
@@ -411,10 +395,12 @@ class WriteTransaction:
 
 
 class Cluster:
-    """Route one process's queries over a PostgreSQL primary and its replicas.
+    """Route one process's queries over a primary and its replicas.
 
-    ``nodes`` maps node names to libpq conninfo strings or URIs; ``primary``
-    names the node believed to be the primary (required without a monitor).
+    ``nodes`` maps node names to DSNs (for PostgreSQL libpq conninfo strings
+    or URIs); ``primary`` names the node believed to be the primary
+    (required without a monitor). ``engine`` is the nodes' engine (default:
+    by the DSNs' scheme, :func:`tiers.db.engine.engine_for_dsns`).
     ``name`` is the cluster's name (``main`` by default), under which its
     causal tokens are kept in the request scope and the client's cookie
     (see the module docstring); two clusters of one app need two names.
@@ -423,13 +409,16 @@ class Cluster:
     causal read waits for a replica before reading from the primary (0: do
     not wait). ``connect_timeout`` bounds each connect (libpq counts whole
     seconds). A node that failed is skipped by reads for ``retry_after``
-    seconds unless the monitor sees it answer sooner. ``connector``,
-    ``clock``, ``sleep`` and ``is_stale`` are for tests.
+    seconds unless the monitor sees it answer sooner. ``connector`` (default:
+    the engine's ``connect``), ``clock``, ``sleep`` and ``is_stale``
+    (default: the engine's) are for tests.
 
     Raises ValueError for no nodes, an unknown ``primary``, no ``primary``
-    without a monitor, a negative ``causal_wait``, or a ``name`` that is not
+    without a monitor, a negative ``causal_wait``, a ``name`` that is not
     a lower-case ASCII identifier of at most 63 characters
-    (:func:`tiers.db.tokens.is_cluster_name`). Safe to share between threads.
+    (:func:`tiers.db.tokens.is_cluster_name`), or DSNs of an engine tiers has
+    no adapter for or of several engines (UnsupportedEngine). Safe to share
+    between threads.
     """
 
     def __init__(
@@ -441,11 +430,12 @@ class Cluster:
         causal_wait: float = DEFAULT_CAUSAL_WAIT,
         connect_timeout: float = 2.0,
         retry_after: float = 5.0,
-        connector: Connector = connect,
+        connector: Connector | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
-        is_stale: Callable[[Connection], bool] = connection_is_stale,
+        is_stale: Callable[[Connection], bool] | None = None,
         name: str = tokens.DEFAULT_CLUSTER,
+        engine: Engine | None = None,
     ) -> None:
         tokens.check_cluster_name(name)
         if not nodes:
@@ -458,17 +448,27 @@ class Cluster:
             raise ValueError("causal_wait must not be negative")
         self.name = name
         self.nodes: Mapping[str, str] = MappingProxyType(dict(nodes))
+        self.engine = engine if engine is not None else engine_for_dsns(self.nodes.values())
         self.primary_hint = primary
         self.monitor = monitor
         self.causal_wait = causal_wait
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
-        self._connector = connector
+        db = self.engine
+        self._connector: Connector = connector if connector is not None else db.connect
         self._clock = clock
         self._sleep = sleep
-        self._is_stale = is_stale
-        self._own_stale_check = is_stale is connection_is_stale
-        self._last_token: tuple[str | None, int | None] = (None, None)
+        self._is_stale: Callable[[Connection], bool] = (
+            is_stale if is_stale is not None else db.is_stale)
+        self._own_stale_check = is_stale is None
+        # What reads and commits use, bound once (an attribute lookup per use, no more).
+        self._parse_token = db.parse_token
+        self._watch = db.watch
+        self._errors = db.errors
+        self._position_errors: tuple[type[BaseException], ...] = (
+            NodeUnavailable, *db.errors, ValueError)
+        self._answer_errors: tuple[type[BaseException], ...] = (*db.errors, ValueError)
+        self._last_token: tuple[str | None, Position | None] = (None, None)
         # Shared by all threads: a node found dead by one thread is skipped by
         # the others too. Races only cost an extra connect attempt.
         self._down: dict[str, DownMark] = {}
@@ -509,17 +509,19 @@ class Cluster:
         rounds, default 0.25) are optional. With ``monitor`` (the default) a
         HealthMonitor watches every node, so the primary is found again
         after a failover. ``name`` is the cluster's (``main`` unless
-        :class:`tiers.db.clusters.Databases` builds it). Raises ConfigError
-        naming the variable for a missing primary, a value that does not
-        parse, or a bad number; ValueError for a bad ``name``.
+        :class:`tiers.db.clusters.Databases` builds it). The DSNs' scheme
+        chooses the engine. Raises ConfigError naming the variable for a
+        missing primary, a value that does not parse, a DSN of an engine
+        tiers has no adapter for, or a bad number; ValueError for a bad
+        ``name``.
         """
         settings = settings_from_env(os.environ if environ is None else environ)
         health: HealthSource | None = None
         if monitor:
             health = HealthMonitor(settings.nodes, interval=settings.monitor_interval,
-                                   primary=settings.primary)
+                                   primary=settings.primary, engine=settings.engine)
         return cls(settings.nodes, settings.primary, monitor=health,
-                   causal_wait=settings.causal_wait, name=name)
+                   causal_wait=settings.causal_wait, name=name, engine=settings.engine)
 
     # -- topology ------------------------------------------------------------
 
@@ -584,7 +586,7 @@ class Cluster:
 
     def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None, *,
               token: Token = FROM_CONTEXT,
-              max_staleness: float | None = None) -> list[TupleRow]:
+              max_staleness: float | None = None) -> list[Any]:
         """Run one read statement as ``read`` would and return its rows.
 
         On a replica the statement runs in autocommit (one round trip; a hot
@@ -608,7 +610,7 @@ class Cluster:
                 rows = conn.execute(sql, params).fetchall()
             except BaseException as exc:
                 replacement = self._failed(name, conn, exc, writing=False)
-                if attempt == 0 and retry_safe(classify(exc), in_transaction=False,
+                if attempt == 0 and retry_safe(classify(exc, self.engine), in_transaction=False,
                                                statement_sent_is_read_only=True):
                     continue
                 if replacement is not None:
@@ -654,13 +656,13 @@ class Cluster:
     def note_commit(self, token: str) -> None:
         """Record a commit's token for this thread and, under this cluster's name, in the
         current request scope."""
-        tokens.note_write(token, self.name)
+        tokens.note_write(token, self.name, self.engine)
         self._state().token = token
 
     def report_failure(self, node: str, exc: BaseException, *, writing: bool) -> Failure:
         """Act on a failure an integration saw on ``node`` (mark it down, look for the
         primary) as the router does for its own connections; returns the failure kind."""
-        failure = classify(exc)
+        failure = classify(exc, self.engine)
         if failure is Failure.NODE_GONE:
             self._mark_down(node)
         elif failure is Failure.NOT_PRIMARY and writing:
@@ -672,7 +674,7 @@ class Cluster:
         state = self._state()
         links, state.links = state.links, {}
         for link in links.values():
-            with suppress(psycopg.Error):
+            with suppress(*self._errors):
                 link.conn.close()
 
     def stop(self) -> None:
@@ -758,7 +760,7 @@ class Cluster:
         return _Pool(snapshot, tuple(views), tuple(view.name for view in views),
                      snapshot.primary, before.epoch + moved)
 
-    def _wanted(self, token: Token) -> int | None:
+    def _wanted(self, token: Token) -> Position | None:
         if token is FROM_CONTEXT:
             token = tokens.current_token(self.name)
         if token is None:
@@ -767,7 +769,7 @@ class Cluster:
         last = self._last_token
         if last[0] == token:
             return last[1]
-        wanted = parse_lsn(token)
+        wanted = self._parse_token(token)
         self._last_token = (token, wanted)
         return wanted
 
@@ -788,11 +790,11 @@ class Cluster:
             self._discard(name)
         try:
             conn = self._connector(self.nodes[name], self.connect_timeout)
-        except psycopg.Error as exc:
+        except self._errors as exc:
             self._mark_down(name)
             raise NodeUnavailable(name, Failure.NODE_GONE,
                                   f"cannot connect: {one_line(exc)}") from exc
-        watch = InputWatch(conn) if isinstance(conn, psycopg.Connection) else None
+        watch = self._watch(conn)
         link = _Link(conn, watch,
                      watch.stale if watch is not None and self._own_stale_check else None)
         state.links[name] = link
@@ -824,7 +826,7 @@ class Cluster:
     def _discard(self, name: str) -> None:
         link = self._state().links.pop(name, None)
         if link is not None:
-            with suppress(psycopg.Error):
+            with suppress(*self._errors):
                 link.conn.close()
 
     def _mark_down(self, name: str) -> None:
@@ -838,13 +840,10 @@ class Cluster:
             if now >= mark.until and self._down.get(name) is mark:
                 self._down.pop(name, None)
 
-    def _position(self, link: _Link) -> int | None:
-        """A node's replayed WAL position: one query, run outside any transaction."""
+    def _position(self, link: _Link) -> Position | None:
+        """A node's replayed position: one query, run outside any transaction."""
         link.use_autocommit(True)
-        row = link.conn.execute(_POSITION_SQL).fetchone()
-        if row is None or row[0] is None:
-            return None
-        return parse_lsn(str(row[0]))
+        return self.engine.replayed_position(link.conn)
 
     def _choose_any(self) -> tuple[str, _Link, bool]:
         """A read without a token or a bound: the next replica in turn, else the primary."""
@@ -862,7 +861,7 @@ class Cluster:
                 return name, link, True
         return self._choose_read(None, None, Intent.READ)
 
-    def _choose_read(self, wanted: int | None, max_staleness: float | None, intent: Intent,
+    def _choose_read(self, wanted: Position | None, max_staleness: float | None, intent: Intent,
                      *, use_memory: bool = True) -> tuple[str, _Link, bool]:
         """The node for a read, its connection, and whether it is a replica of the pool."""
         pool = self._pool()
@@ -901,7 +900,7 @@ class Cluster:
         name, link = self._checkout_primary(intent)
         return name, link, False
 
-    def _wait_for(self, state: _ThreadState, epoch: int, names: Sequence[str], wanted: int,
+    def _wait_for(self, state: _ThreadState, epoch: int, names: Sequence[str], wanted: Position,
                   *, use_memory: bool, patience: float) -> tuple[str, _Link] | None:
         """Poll the replicas' replayed positions until one has ``wanted``, up to ``patience``
         seconds (0: ask each once)."""
@@ -914,7 +913,7 @@ class Cluster:
                     if use_memory and link.has_replayed(wanted, epoch):
                         return name, link
                     position = self._position(link)
-                except (NodeUnavailable, psycopg.Error, ValueError):
+                except self._position_errors:
                     # Nothing of the caller's work was sent: skip it, try the others.
                     self._mark_down(name)
                     pending.remove(name)
@@ -931,23 +930,19 @@ class Cluster:
     def _finish(self, name: str, link: _Link, *, replica: bool) -> None:
         """End a block's transaction by rolling back; drop the connection if it broke.
 
-        On a replica's real connection the router sends the ROLLBACK itself,
-        keeping psycopg's prepared statements (see the module docstring);
-        after a failed statement, and on the primary, where the block could
-        have changed the schema, ``conn.rollback()`` resets them as psycopg
-        means to.
+        On a replica's connection of the engine's driver the watch ends it,
+        keeping the session's prepared statements (PostgreSQL: the router
+        sends the ROLLBACK itself, see the module docstring); on the primary,
+        where the block could have changed the schema, ``conn.rollback()``
+        resets them as the driver means to.
         """
         conn, watch = link.conn, link.watch
         try:
             if replica and watch is not None:
-                status = conn.pgconn.transaction_status
-                if status == TransactionStatus.INTRANS:
-                    end_read_transaction(conn, watch)
-                elif status != TransactionStatus.IDLE:
-                    conn.rollback()
+                watch.end_read()
             elif not conn.closed:
                 conn.rollback()
-        except psycopg.Error:
+        except self._errors:
             pass
         if conn.closed:
             self._discard(name)
@@ -955,7 +950,7 @@ class Cluster:
     def _failed(self, name: str, conn: Connection, exc: BaseException, *,
                 writing: bool) -> NodeUnavailable | None:
         """Clean up after ``exc`` ended a block on ``name``; the error to raise instead, if any."""
-        failure = classify(exc)
+        failure = classify(exc, self.engine)
         if failure is Failure.NODE_GONE:
             self._mark_down(name)
             detail = "the transaction was not committed: " if writing else ""
@@ -965,48 +960,47 @@ class Cluster:
             self._rediscover()
             return NodeUnavailable(name, failure, "the write was refused; nothing was committed")
         if not conn.closed:
-            with suppress(psycopg.Error):
+            with suppress(*self._errors):
                 conn.rollback()
-        if conn.closed or _plan_went_stale(exc):
-            # A statement prepared before a schema change that altered its
+        if conn.closed or self.engine.needs_new_session(exc):
+            # E.g. a statement prepared before a schema change that altered its
             # result fails on every use of this session: start a new one.
             self._discard(name)
         return None
 
     def _commit(self, name: str, conn: Connection) -> str:
-        if conn.info.transaction_status == TransactionStatus.INERROR:
+        engine = self.engine
+        if engine.transaction_failed(conn):
             # A statement failed and the block swallowed the error; COMMIT
             # would silently roll back, so say so instead.
             self._rollback(name, conn)
             raise DatabaseError("a statement in the write block failed; transaction rolled back")
         try:
             conn.commit()
-        except psycopg.Error as exc:
-            if classify(exc) is Failure.NODE_GONE:
+        except self._errors as exc:
+            if classify(exc, engine) is Failure.NODE_GONE:
                 self._mark_down(name)
                 raise NodeUnavailable(name, Failure.NODE_GONE,
                                       f"commit outcome unknown: {one_line(exc)}") from exc
             self._rollback(name, conn)
             raise DatabaseError(f"commit on {name} failed: {one_line(exc)}") from exc
         try:
-            # Outside a transaction, so no BEGIN/ROLLBACK round trips. With
-            # synchronous_commit on (the default) the commit record is written
-            # before COMMIT returns, so this position is at or after it.
+            # Outside a transaction, so no BEGIN/ROLLBACK round trips; the
+            # position is at or after the commit (Engine.commit_position).
             conn.autocommit = True
             try:
-                row = conn.execute(_WRITE_POSITION_SQL).fetchone()
+                position = engine.commit_position(conn)
             finally:
                 if not conn.closed:
                     conn.autocommit = False
-            text = None if row is None else row[0]
-            token = None if text is None else format_lsn(parse_lsn(str(text)))
-        except (psycopg.Error, ValueError) as exc:
-            if classify(exc) is Failure.NODE_GONE:
+            token = None if position is None else engine.format_token(position)
+        except self._answer_errors as exc:
+            if classify(exc, engine) is Failure.NODE_GONE:
                 self._mark_down(name)
             else:
                 self._rollback(name, conn)
             raise DatabaseError(
-                f"committed, but cannot read the WAL position of {name}: {one_line(exc)}"
+                f"committed, but cannot read the commit position of {name}: {one_line(exc)}"
             ) from exc
         if token is None:
             # In recovery: a demoted node. Whatever the block sent was refused
@@ -1019,15 +1013,10 @@ class Cluster:
 
     def _rollback(self, name: str, conn: Connection) -> None:
         if not conn.closed:
-            with suppress(psycopg.Error):
+            with suppress(*self._errors):
                 conn.rollback()
         if conn.closed:
             self._discard(name)
-
-
-def _plan_went_stale(exc: BaseException) -> bool:
-    return (isinstance(exc, psycopg.errors.FeatureNotSupported)
-            and "cached plan must not change result type" in str(exc))
 
 
 # The name the demo and earlier code use.

@@ -30,9 +30,9 @@ How a :class:`RoutingSession` picks the engine for each statement
   the session's cluster (set by :mod:`tiers.app.causal`). A replica that
   has replayed it, one waited for briefly, else the primary. The choice
   holds for the rest of the transaction, so its reads share one connection.
-* After a transaction that wrote commits, the session reads
-  ``pg_current_wal_lsn()`` on the primary's connection before that
-  connection goes back to the pool, and records it as
+* After a transaction that wrote commits, the session reads the primary's
+  commit position (PostgreSQL: ``pg_current_wal_lsn()``) on the primary's
+  connection before that connection goes back to the pool, and records it as
   :attr:`RoutingSession.causal_token`, as the cluster's
   ``last_write_token`` of this thread and in the request scope under the
   cluster's name (so the middleware hands it to the client). If that
@@ -58,7 +58,9 @@ Caveats, which follow from routing per statement:
   as :class:`tiers.db.errors.NodeUnavailable` (with the driver's error as
   its cause); roll the session back as after any error. Nothing is retried.
   Other errors are SQLAlchemy's as usual.
-* Engines use ``pool_pre_ping`` so a connection the server closed while it
+* Engines (made by the cluster's database engine,
+  :meth:`tiers.db.engine.Engine.sqlalchemy_engine`: ``postgresql+psycopg``
+  for PostgreSQL) use ``pool_pre_ping`` so a connection the server closed while it
   sat in the pool is replaced at checkout. In a forked child (gunicorn
   workers) each engine drops the connections inherited from the parent
   without closing them (``Engine.dispose(close=False)``), so the parent's
@@ -73,44 +75,43 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
-import psycopg
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from sqlalchemy.sql import ClauseElement, Select
 from sqlalchemy.sql.dml import UpdateBase
 
+from tiers.db import engine as db_engines
 from tiers.db import tokens
 from tiers.db.errors import Failure, NodeUnavailable
 from tiers.db.router import Cluster, Intent
 
 log = logging.getLogger("tiers.db")
 
-_WRITE_POSITION_SQL = (
-    "SELECT (CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END)::text"
-)
-
-# The primary's raw DBAPI connection, idle after a commit -> its WAL position, or None.
+# The primary's raw DBAPI connection, idle after a commit -> its commit position's token,
+# or None.
 TokenReader = Callable[[Any], str | None]
 
 
-def read_write_position(dbapi_connection: Any) -> str | None:
-    """``pg_current_wal_lsn()`` on an idle psycopg connection, outside any transaction.
+def read_write_position(dbapi_connection: Any,
+                        engine: db_engines.Engine | None = None) -> str | None:
+    """The commit position's token on an idle driver connection, outside any transaction.
 
-    None if the node is in recovery (no primary). Raises psycopg.Error if
-    the query fails.
+    ``engine`` is the connection's (default PostgreSQL's: ``pg_current_wal_lsn()``
+    on a psycopg connection). None if the node is in recovery (no primary).
+    Raises the driver's error if the query fails, ValueError for an answer
+    the engine cannot read.
     """
-    conn: psycopg.Connection[Any] = dbapi_connection
+    chosen = engine if engine is not None else db_engines.default_engine()
+    conn = dbapi_connection
     before = conn.autocommit
     conn.autocommit = True
     try:
-        row = conn.execute(_WRITE_POSITION_SQL).fetchone()
+        position = chosen.commit_position(conn)
     finally:
         if not conn.closed:
             conn.autocommit = before
-    if row is None or row[0] is None:
-        return None
-    return tokens.format_lsn(tokens.parse_lsn(str(row[0])))
+    return None if position is None else chosen.format_token(position)
 
 
 def _translate(cluster: Cluster, node: str, context: ExceptionContext) -> BaseException | None:
@@ -125,7 +126,8 @@ def _translate(cluster: Cluster, node: str, context: ExceptionContext) -> BaseEx
 
 
 def node_engines(cluster: Cluster, **engine_options: Any) -> dict[str, Engine]:
-    """One Engine per node of ``cluster``, connecting with its DSN through psycopg.
+    """One Engine per node of ``cluster``, connecting with its DSN through the cluster's
+    database engine's driver (psycopg for PostgreSQL).
 
     ``engine_options`` go to :func:`sqlalchemy.create_engine` (pool sizes,
     ``echo``...); ``pool_pre_ping`` defaults to True.
@@ -133,8 +135,7 @@ def node_engines(cluster: Cluster, **engine_options: Any) -> dict[str, Engine]:
     engine_options.setdefault("pool_pre_ping", True)
     engines = {}
     for name, dsn in cluster.nodes.items():
-        engine = create_engine("postgresql+psycopg://",
-                               creator=partial(psycopg.connect, dsn), **engine_options)
+        engine = cluster.engine.sqlalchemy_engine(dsn, engine_options)
         event.listen(engine, "handle_error", partial(_translate, cluster, name))
         os.register_at_fork(after_in_child=partial(engine.dispose, close=False))
         engines[name] = engine
@@ -152,16 +153,20 @@ class RoutingSession(Session):
 
     ``cluster`` chooses the nodes, ``engines`` (node name -> Engine, as
     :func:`node_engines` makes them) connects to them. ``token_reader`` is
-    for tests.
+    for tests (default: :func:`read_write_position` with the cluster's
+    database engine).
     """
 
     def __init__(self, *args: Any, cluster: Cluster, engines: Mapping[str, Engine],
-                 token_reader: TokenReader = read_write_position, **kwargs: Any) -> None:
+                 token_reader: TokenReader | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cluster = cluster
         self.engines = dict(engines)
         self.causal_token: str | None = None
-        self._token_reader = token_reader
+        self._token_reader = token_reader if token_reader is not None else partial(
+            read_write_position, engine=cluster.engine)
+        self._token_errors: tuple[type[BaseException], ...] = (
+            *db_engines.driver_errors(), ValueError)
         self._reads_on_primary = False
         self._reset_route()
 
@@ -215,7 +220,7 @@ class RoutingSession(Session):
             return
         try:
             token = self._token_reader(conn.connection.dbapi_connection)
-        except (psycopg.Error, ValueError) as exc:
+        except self._token_errors as exc:
             token = None
             log.warning("committed on %s, but cannot read its WAL position: %s",
                         self._write_node, exc)

@@ -1,15 +1,18 @@
-"""Causal tokens: PostgreSQL WAL positions per cluster, and those of the request being served.
+"""Causal tokens: commit positions per cluster, and those of the request being served.
 
-A *causal token* is one cluster's primary WAL position
-(``pg_current_wal_lsn()``) read right after a commit, in PostgreSQL's
-``X/Y`` text form. Any node of that cluster whose replayed position has
+A *causal token* is one cluster's primary position read right after a
+commit, as text (:meth:`tiers.db.engine.Engine.commit_position` and
+``format_token``; PostgreSQL's is the WAL position ``pg_current_wal_lsn()``
+in its ``X/Y`` form). Any node of that cluster whose replayed position has
 reached the token has that commit (and every earlier one), so a read that
 presents the token may be served there. Positions only grow on one server
-history, and the positions of two clusters are unrelated numbers: a token is
-only ever compared with positions of the cluster that made it, and never
-trusted beyond that meaning. A malformed one is refused (:func:`parse_lsn`
-raises ValueError, :func:`is_token` says False), and one from the future only
-sends reads to the primary.
+history, and the positions of two clusters are unrelated: a token is only
+ever compared with positions of the cluster that made it, and never trusted
+beyond that meaning. A malformed one is refused (:func:`is_token` says
+False, the functions that take tokens raise ValueError), and one from the
+future only sends reads to the primary. Functions that check a token take
+the engine whose token it is; given none, they accept the token syntax of
+any known engine (:func:`tiers.db.engine.engine_for_token`).
 
 Tokens are therefore kept *by cluster name* (:class:`tiers.db.router.Cluster`
 has a ``name``, ``main`` unless given another; :class:`tiers.db.clusters.Databases`
@@ -42,55 +45,61 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
+from tiers.db.engine import Engine, Position, engine_for_token
+
 DEFAULT_CLUSTER: Final = "main"
 """The name of a cluster given none, and the cluster of a bare token (the one-cluster form)."""
 
 MAX_CLUSTER_NAME: Final = 63
 """The longest cluster name a token may be kept under (PostgreSQL's identifier limit)."""
 
-_LSN_RE = re.compile(r"\A([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\Z")
 _NAME_RE = re.compile(rf"\A[a-z_][a-z0-9_]{{0,{MAX_CLUSTER_NAME - 1}}}\Z")
 
 TokenMap = Mapping[str, str]
 """Cluster name -> causal token of that cluster."""
 
 
-def parse_lsn(text: str) -> int:
-    """Parse PostgreSQL's ``X/Y`` LSN text (two hex numbers of up to 32 bits) into an int.
-
-    Raises ValueError for anything else.
-    """
-    match = _LSN_RE.match(text)
-    if match is None:
-        raise ValueError(f"not an LSN: {text!r}")
-    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
+def _parse(text: str, engine: Engine | None) -> tuple[Engine, Position]:
+    if engine is None:
+        found = engine_for_token(text)
+        if found is None:
+            raise ValueError(f"not a causal token: {text!r}")
+        engine = found
+    return engine, engine.parse_token(text)
 
 
-def format_lsn(value: int) -> str:
-    """The ``X/Y`` text form of an LSN, as PostgreSQL prints it; ValueError outside 64 bits."""
-    if not 0 <= value < 1 << 64:
-        raise ValueError(f"LSN out of range: {value}")
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
-
-
-def is_token(text: str | None) -> bool:
+def is_token(text: str | None, engine: Engine | None = None) -> bool:
     """True if ``text`` is a well-formed causal token (so it may be passed to a read)."""
     if text is None:
         return False
     try:
-        parse_lsn(text)
+        _parse(text, engine)
     except ValueError:
         return False
     return True
 
 
-def later(first: str | None, second: str | None) -> str | None:
-    """The later of two well-formed tokens (either may be None); ValueError if one is malformed."""
+def later(first: str | None, second: str | None, engine: Engine | None = None) -> str | None:
+    """The later of two well-formed tokens of one cluster (either may be None); ValueError
+    if one is malformed.
+
+    The first when it has reached the second, else the second (for an engine
+    whose positions are only partly ordered, also when neither has reached
+    the other).
+    """
     if first is None:
         return second
     if second is None:
         return first
-    return first if parse_lsn(first) >= parse_lsn(second) else second
+    engine, position = _parse(first, engine)
+    return first if position >= engine.parse_token(second) else second
+
+
+def reached(have: str, wanted: str, engine: Engine | None = None) -> bool:
+    """True if whatever was read at token ``have`` includes the commit of token ``wanted``
+    (two tokens of one cluster); ValueError if one is malformed."""
+    engine, position = _parse(have, engine)
+    return position >= engine.parse_token(wanted)
 
 
 def is_cluster_name(text: object) -> bool:
@@ -115,13 +124,13 @@ def token_map(tokens: TokenMap | str | None) -> dict[str, str]:
     if tokens is None:
         return {}
     if isinstance(tokens, str):
-        parse_lsn(tokens)
+        _parse(tokens, None)
         return {DEFAULT_CLUSTER: tokens}
     made = {}
     for name, token in tokens.items():
         check_cluster_name(name)
         if not isinstance(token, str) or not is_token(token):
-            raise ValueError(f"not an LSN for cluster {name!r}: {token!r}")
+            raise ValueError(f"not a causal token for cluster {name!r}: {token!r}")
         made[name] = token
     return made
 
@@ -204,16 +213,17 @@ def current_tokens() -> dict[str, str]:
     return {} if scope is None else dict(scope.tokens)
 
 
-def note_write(token: str, cluster: str = DEFAULT_CLUSTER) -> None:
+def note_write(token: str, cluster: str = DEFAULT_CLUSTER, engine: Engine | None = None) -> None:
     """Record a commit's token under its cluster in the current scope (if any).
 
-    ValueError if the token or the cluster name is malformed. Other
+    ValueError if the token (of ``engine``, if given) or the cluster name is
+    malformed. Other
     clusters' entries are kept. Within one cluster the latest commit wins
     rather than the highest position: after a failover the new primary's
     positions may lie below tokens of commits the old one never shipped, and
     only the latest commit is known to exist.
     """
-    parse_lsn(token)
+    _parse(token, engine)
     check_cluster_name(cluster)
     scope = _scope.get()
     if scope is not None:

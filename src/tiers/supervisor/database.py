@@ -26,6 +26,11 @@ switchover``) runs in the supervisor process for the same reason: one lock
 orders it with the restarts it causes, so a node stopped by the switchover is
 started again only once the new roles are recorded.
 
+The nodes speak to the engine the topology names (``[db] engine``,
+:class:`tiers.db.engine.Engine`) for probes, DSNs and the failover steps;
+the servers themselves are the embedded PostgreSQL ones
+(:mod:`tiers.db.embedded`), PostgreSQL being the only engine with an adapter.
+
 Every failure of these steps raises :class:`tiers.errors.DatabaseError`; in
 ``prepare`` that is a failed start, which the supervisor retries with backoff.
 """
@@ -40,14 +45,11 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-import psycopg
-import psycopg.sql
-
 from tiers.config.model import DbConfig
-from tiers.db import embedded
+from tiers.db import embedded, postgres
 from tiers.db.embedded import Layout, RunAs
-from tiers.db.failover import FailoverPolicy, plan_failover, plan_switchover
-from tiers.db.health import probe as probe_node
+from tiers.db.engine import NodeObservation, engine_named
+from tiers.db.failover import FailoverPolicy, most_advanced, plan_failover, plan_switchover
 from tiers.db.promote import Executor, is_fenced, read_primary
 from tiers.errors import DatabaseError
 from tiers.supervisor.runner import Command, ServiceSpec
@@ -75,6 +77,7 @@ class DatabaseNodes:
         self.data_dir = data_dir
         self.migrations = migrations
         self.say = say
+        self.engine = engine_named(db.engine)
         self.ports = dict(zip(node_names(db), db.ports, strict=True))
         # The node made primary when the cluster was created; the record names the current one.
         self.first_primary = next(iter(self.ports))
@@ -106,7 +109,7 @@ class DatabaseNodes:
         return read_primary(Layout(root=self.data_dir, bin_dir=Path()), self.first_primary)
 
     def dsn(self, name: str) -> str:
-        return embedded.conninfo(self.ports[name], self.db.database)
+        return self.engine.local_dsn(self.ports[name], self.db.database)
 
     def primary_dsn(self) -> str:
         return self.dsn(self.primary())
@@ -117,7 +120,8 @@ class DatabaseNodes:
 
     def executor(self) -> Executor:
         layout, run_as = self.layout()
-        return Executor(layout, run_as, self.ports, check_timeout=self.db.check_interval * 2)
+        return Executor(layout, run_as, self.ports, check_timeout=self.db.check_interval * 2,
+                        engine=self.engine)
 
     # ---- services --------------------------------------------------------------
 
@@ -184,7 +188,7 @@ class DatabaseNodes:
     def _wait_for(self, name: str) -> None:
         deadline = time.monotonic() + PRIMARY_WAIT
         while True:
-            seen = probe_node(embedded.conninfo(self.ports[name], "postgres"), 1.0, name=name)
+            seen = self.look(name, 1.0)
             if seen.reachable and seen.in_recovery is False:
                 return
             if time.monotonic() > deadline:
@@ -199,7 +203,7 @@ class DatabaseNodes:
                  for f in executor.observe()]
         if any(f.name == dead and f.reachable for f in facts):
             return None  # it is up after all (started outside the supervisor?)
-        decision = plan_failover(facts, dead, self.policy)
+        decision = plan_failover(facts, dead, self.policy, engine=self.engine)
         if not decision.actions:
             self.say(f"{dead}: restarting in place; no failover: {decision.reason}")
             return None
@@ -226,8 +230,11 @@ class DatabaseNodes:
                               and f.in_recovery and not f.fenced]
                 if not candidates:
                     raise DatabaseError("no replica is reachable to take over")
-                target = max(candidates, key=lambda f: (f.position or 0, -self.names.index(
-                    f.name))).name
+                best = most_advanced(candidates)  # in node order: ties go to the first
+                if best is None:
+                    raise DatabaseError("no replica holds everything the others hold; "
+                                        "name the target")
+                target = best.name
             if target not in self.ports:
                 raise DatabaseError(f"no database node named {target!r} "
                                     f"(nodes: {', '.join(self.ports)})")
@@ -242,20 +249,25 @@ class DatabaseNodes:
 
     # ---- readiness ----------------------------------------------------------------
 
+    def look(self, name: str, timeout: float) -> NodeObservation:
+        """One probe of ``name`` through the engine, on its administrative database."""
+        return self.engine.probe(self.engine.local_dsn(self.ports[name]), timeout, name=name)
+
     def _probe(self, name: str) -> None:
         """Ready when it answers a query in the role the record gives it."""
         want_recovery = name != self.primary()
-        with psycopg.connect(embedded.conninfo(self.ports[name], "postgres"), connect_timeout=1,
-                             autocommit=True) as conn:
-            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-        if row is None or bool(row[0]) is not want_recovery:
+        seen = self.look(name, 1.0)
+        if not seen.reachable:
+            raise DatabaseError(f"{name} is not answering yet: {seen.error}")
+        if seen.in_recovery is not want_recovery:
             role = "replica" if want_recovery else "primary"
             raise DatabaseError(f"{name} is not answering as a {role} yet")
 
     def _after_ready(self, name: str) -> None:
         if name != self.primary():
             return
-        _ensure_database(self.ports[name], self.db.database)
+        # The servers are the embedded PostgreSQL ones (see the module docstring).
+        postgres.ensure_database(self.engine.local_dsn(self.ports[name]), self.db.database)
         if self.migrations is not None:
             from tiers.db.migrate import apply_migrations
             apply_migrations(self.dsn(name), self.migrations)
@@ -295,8 +307,7 @@ class PrimaryWatch:
             if not self._is_ready(name):
                 failed = 0
                 continue
-            seen = probe_node(embedded.conninfo(self._nodes.ports[name], "postgres"),
-                              interval * 2, name=name)
+            seen = self._nodes.look(name, interval * 2)
             if seen.reachable and seen.in_recovery is False:
                 failed = 0
                 continue
@@ -305,14 +316,3 @@ class PrimaryWatch:
                 failed = 0
                 self._kill(name, f"failed {self._nodes.db.failover_checks} health checks "
                                  f"in a row ({seen.error or 'not answering as a primary'})")
-
-
-def _ensure_database(port: int, database: str) -> None:
-    with psycopg.connect(embedded.conninfo(port, "postgres"), connect_timeout=2,
-                         autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                              (database,)).fetchone()
-        if exists is None:
-            # The name is validated as an identifier when the config is loaded.
-            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(
-                psycopg.sql.Identifier(database)))

@@ -25,13 +25,12 @@ from tiers.db.health import (
 )
 from tiers.db.monitor import HealthMonitor
 from tiers.db.pinning import PinnedReads
+from tiers.db.postgres import connection_is_stale, format_lsn
 from tiers.db.router import (
     Cluster,
     Intent,
     Router,
-    connection_is_stale,
     describe_dsn,
-    format_lsn,
     node_names,
 )
 from tiers.db.tokens import causal_scope, current_scope

@@ -18,18 +18,17 @@ from tiers.db.consistency import (
     usable,
     within_staleness,
 )
+from tiers.db.postgres import format_lsn, parse_lsn
 from tiers.db.tokens import (
     causal_scope,
     check_cluster_name,
     current_scope,
     current_token,
     current_tokens,
-    format_lsn,
     is_cluster_name,
     is_token,
     later,
     note_write,
-    parse_lsn,
 )
 
 # -- LSNs ----------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import pytest
 from tests.unit.db.test_router import FakeConn, FakeCursor, Nodes, served_by, write
 from tiers.db.health import ClusterHealth, HealthPolicy, NodeObservation
 from tiers.db.monitor import HealthMonitor
-from tiers.db.nodes import InputWatch, end_read_transaction
-from tiers.db.router import Cluster, Intent, format_lsn
+from tiers.db.postgres import InputWatch, end_read_transaction, format_lsn
+from tiers.db.router import Cluster, Intent
 
 # -- the read pool, built once per health snapshot ---------------------------------------------
 
