@@ -50,8 +50,8 @@ send nothing of the caller's work, so there it tries the next node instead,
 and ``query`` retries its statement once. *Not the primary* on a write
 drops the connection, makes the monitor check every node at once, and raises
 NodeUnavailable: a write whose outcome is unknown is never replayed. A
-commit that fails because the node is gone raises NodeUnavailable saying the
-outcome is unknown. Other errors raised by the caller's statements propagate
+commit that fails because the node is gone, or whose node is gone before its
+position could be read, raises NodeUnavailable saying the outcome is unknown. Other errors raised by the caller's statements propagate
 unchanged (the app may catch ``psycopg.errors.UniqueViolation``), and the
 transaction is rolled back.
 
@@ -996,9 +996,15 @@ class Cluster:
             token = None if position is None else engine.format_token(position)
         except self._answer_errors as exc:
             if classify(exc, engine) is Failure.NODE_GONE:
+                # Gone right after the commit (fenced, say): whether the write
+                # survives depends on whether it reached a replica before, so
+                # its outcome is as unknown as that of a commit that failed.
                 self._mark_down(name)
-            else:
-                self._rollback(name, conn)
+                raise NodeUnavailable(
+                    name, Failure.NODE_GONE,
+                    f"committed, then gone before its position was read; outcome unknown: "
+                    f"{one_line(exc)}") from exc
+            self._rollback(name, conn)
             raise DatabaseError(
                 f"committed, but cannot read the commit position of {name}: {one_line(exc)}"
             ) from exc

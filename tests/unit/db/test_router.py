@@ -50,6 +50,7 @@ class FakeNode:
         self.up = True
         self.incarnation = 0  # a restart ends every session of the one before
         self.die_on_commit = False
+        self.die_after_commit = False  # gone between COMMIT and the position query
         self.connects = 0
         self.commits = 0
         self.rollbacks = 0
@@ -133,6 +134,8 @@ class FakeConn:
             raise psycopg.OperationalError("server closed the connection unexpectedly")
         self.node.commits += 1
         self.info.transaction_status = TransactionStatus.IDLE
+        if self.node.die_after_commit:
+            self.node.up = False
 
     def rollback(self) -> None:
         self._check()
@@ -620,6 +623,20 @@ def test_a_commit_that_loses_the_node_says_the_outcome_is_unknown() -> None:
             cluster.write() as conn:
         conn.execute("INSERT 1")
     assert nodes.primary.writes == ["INSERT 1"]
+
+
+def test_a_node_gone_right_after_its_commit_leaves_the_outcome_unknown() -> None:
+    # Fenced between COMMIT and the position query: the commit may not have
+    # reached a replica, so it is reported like a commit that failed.
+    nodes = Nodes()
+    cluster = nodes.cluster()
+    nodes.primary.die_after_commit = True
+    with pytest.raises(NodeUnavailable, match="outcome unknown") as caught, \
+            cluster.write() as conn:
+        conn.execute("INSERT 1")
+    assert caught.value.failure is Failure.NODE_GONE
+    assert nodes.primary.commits == 1
+    assert cluster.last_write_token is None
 
 
 # -- failure handling on reads ---------------------------------------------------------------
