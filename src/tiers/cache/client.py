@@ -262,11 +262,13 @@ class Client:
         # The parser holds nothing between exchanges (a connection with bytes
         # left over is dropped), so the reply's first bytes are still to come.
         parser = self._parser
+        size = _RECV_SIZE  # what an empty parser wants
         while True:
-            self._receive(sock)
+            self._receive(sock, size)
             event = parser.next_event()
             if event is not None:
                 return event
+            size = 0  # as much as the event being parsed still needs
 
     def _answer(self, event: Event, accept: Callable[[Event], T]) -> T:
         """The result of the one-event reply ``event``, mapped by ``accept``."""
