@@ -20,11 +20,12 @@ import pytest
 
 from tests.conftest import require
 from tests.integration.cachekit import Node, ScriptedServer, memcached_binary
-from tiers.cache.client import Client, exchange_all
+from tiers.cache.client import Client
 from tiers.cache.cluster import CacheCluster, memcached_factory, replicated
 from tiers.cache.errors import CacheKeyError, NodeError, ProtocolError, ServerError
 from tiers.cache.policy import FailureSettings
 from tiers.cache.ring import KetamaRing, NodeSpec
+from tiers.cache.rounds import exchange_all
 
 FAILURE = FailureSettings(failure_limit=2, dead_timeout=60.0, connect_timeout=0.5, timeout=0.5)
 

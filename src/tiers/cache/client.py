@@ -53,31 +53,25 @@ written before anything is read, so a batch whose keys and answers overflow
 both sides' socket buffers (hundreds of thousands of keys) ends in a
 timeout: split such batches.
 
-Pipelined rounds: ``exchange_all`` runs one exchange on each of several
-clients (the cluster's multi-node reads and writes to copies) in the calling
-thread. ``client.prepare(operation, *args)`` builds each one (``get_many``,
-``set``, ``add``, ``replace``, ``delete``, ``incr``, ``decr``, ``touch``;
-invalid keys and values raise there, before anything is sent). Every request
-is written before any reply is read, then the replies are read as ``poll()``
-reports them ready, so the round costs one round trip of latency across the
-nodes, not one per node. Each exchange ends with the result, or with the
-error, the blocking method would have given, its connection dropped or kept
-by the same rules; a node that sends no byte for ``timeout`` seconds fails
-alone while the others are read.
+Pipelined rounds: ``client.prepare(operation, *args)`` builds the exchange
+``operation`` would make (``get_many``, ``set``, ``add``, ``replace``,
+``delete``, ``incr``, ``decr``, ``touch``; invalid keys and values raise
+there, before anything is sent), and ``tiers.cache.rounds.exchange_all``
+(also importable from here) runs one such exchange on each of several
+clients in one round trip of latency. It drives the clients' own steps of
+an exchange, so each exchange ends as the blocking call would, by the rules
+above.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import select
 import socket
 import struct
 import threading
-import time
 import weakref
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable
 from typing import Any, TypeVar
 
 from tiers.cache.codec import (
@@ -112,8 +106,11 @@ from tiers.cache.codec import (
     version_request,
     version_result,
 )
-from tiers.cache.errors import CacheError, NodeError, ProtocolError, SerdeError, ServerError
+from tiers.cache.errors import NodeError, ProtocolError, ServerError
+from tiers.cache.rounds import Exchange, exchange_all, prepare_exchange
 from tiers.cache.serde import DEFAULT_SERDE, Serde
+
+__all__ = ["Client", "Exchange", "exchange_all", "node_name"]
 
 T = TypeVar("T")
 
@@ -239,18 +236,77 @@ class Client:
             self._drop()
         return ServerError(event.kind, event.text, self.node)
 
+    # The steps of an exchange, shared by the blocking calls below and by the
+    # pipelined rounds of tiers.cache.rounds; the caller holds the lock.
+
+    def _request(self, sock: socket.socket, request: bytes) -> None:
+        """Send a command that wants a reply."""
+        if self._quiet:
+            # After noreply commands (see _send): pushes anything Nagle still holds.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(request)
+
+    def _receive(self, sock: socket.socket, size: int = 0) -> None:
+        """Wait for bytes of the reply and give them to the parser.
+
+        At most ``size`` bytes; by default as many as the event being parsed
+        still needs, and at least ``_RECV_SIZE``.
+        """
+        parser = self._parser
+        data = sock.recv(size or max(_RECV_SIZE, parser.wanted))
+        if not data:
+            raise _closed(parser)
+        parser.feed(data)
+
     def _next(self, sock: socket.socket) -> Event:
         # The parser holds nothing between exchanges (a connection with bytes
         # left over is dropped), so the reply's first bytes are still to come.
         parser = self._parser
+        size = _RECV_SIZE  # what an empty parser wants
         while True:
-            data = sock.recv(max(_RECV_SIZE, parser.wanted))
-            if not data:
-                raise _closed(parser)
-            parser.feed(data)
+            self._receive(sock, size)
             event = parser.next_event()
             if event is not None:
                 return event
+            size = 0  # as much as the event being parsed still needs
+
+    def _answer(self, event: Event, accept: Callable[[Event], T]) -> T:
+        """The result of the one-event reply ``event``, mapped by ``accept``."""
+        if type(event) is ErrorReply:
+            raise self._server_error(event, False)
+        if self._parser.pending:
+            raise _out_of_step(self._parser)
+        self._quiet = False
+        return accept(event)
+
+    def _take_values(self, values: list[Value], lines: int, keys: Container[bytes]) -> int:
+        """Move the parsed part of a retrieval reply into ``values``.
+
+        ``lines`` END lines are still to come (one per request line); returns
+        how many are still to come after what the parser holds. At 0 the reply
+        is complete and checked: nothing follows it, and every value is for a
+        key in ``keys``.
+        """
+        parser = self._parser
+        while True:
+            event = parser.take_values(values)
+            if event is None:
+                return lines
+            if event is END:
+                lines -= 1
+                if not lines:
+                    break
+            elif type(event) is ErrorReply:
+                raise self._server_error(event, lines > 1)
+            else:
+                raise unexpected(event, "get")
+        if parser.pending:
+            raise _out_of_step(parser)
+        for value in values:
+            if value.key not in keys:
+                raise ProtocolError(f"reply has a value for {value.key!r}, not asked for")
+        self._quiet = False
+        return 0
 
     # --- exchanges ------------------------------------------------------------
 
@@ -259,16 +315,8 @@ class Client:
         with self._lock:
             sock = self._sock or self._connect()
             try:
-                if self._quiet:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(request)
-                event = self._next(sock)
-                if type(event) is ErrorReply:
-                    raise self._server_error(event, False)
-                if self._parser.pending:
-                    raise _out_of_step(self._parser)
-                self._quiet = False
-                return accept(event)
+                self._request(sock, request)
+                return self._answer(self._next(sock), accept)
             except OSError as exc:
                 raise self._node_error(exc) from exc
             except ProtocolError as exc:
@@ -299,55 +347,22 @@ class Client:
                 raise
 
     def _collect(self, request: bytes, lines: int, keys: Container[bytes] | None) -> list[Any]:
-        """Send; read events up to the ``lines``-th END.
+        """Send; read the reply up to its ``lines``-th END.
 
         With ``keys``: the Value events, each for a key in ``keys``. Without:
-        the Stat events of a stats reply.
+        the Stat events of a stats reply (``lines`` is 1).
         """
         with self._lock:
             sock = self._sock or self._connect()
             try:
-                if self._quiet:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(request)
-                parser = self._parser
-                values: list[Value] = []
-                stats: list[Stat] = []
-                # Nothing is buffered between exchanges (see _next): wait for bytes first.
-                data = sock.recv(_RECV_SIZE)
-                if not data:
-                    raise _closed(parser)
-                parser.feed(data)
-                while True:
-                    event = parser.take_values(values)
-                    if event is None:
-                        data = sock.recv(max(_RECV_SIZE, parser.wanted))
-                        if not data:
-                            raise _closed(parser)
-                        parser.feed(data)
-                    elif event is END:
-                        lines -= 1
-                        if not lines:
-                            break
-                    elif type(event) is Stat and keys is None:
-                        stats.append(event)
-                    elif (event is RESET or event is OK) and keys is None and not stats:
-                        break  # "stats reset", "stats detail on": one word, no END
-                    elif type(event) is ErrorReply:
-                        raise self._server_error(event, lines > 1)
-                    else:
-                        raise unexpected(event, "get" if keys is not None else "stats")
-                if parser.pending:
-                    raise _out_of_step(parser)
+                self._request(sock, request)
                 if keys is None:
-                    if values:
-                        raise unexpected(values[0], "stats")
-                    self._quiet = False
-                    return stats
-                for value in values:
-                    if value.key not in keys:
-                        raise ProtocolError(f"reply has a value for {value.key!r}, not asked for")
-                self._quiet = False
+                    return self._read_stats(sock)
+                values: list[Value] = []
+                # Nothing is buffered between exchanges (see _next): wait for bytes first.
+                self._receive(sock, _RECV_SIZE)
+                while lines := self._take_values(values, lines, keys):
+                    self._receive(sock)
                 return values
             except OSError as exc:
                 raise self._node_error(exc) from exc
@@ -359,137 +374,41 @@ class Client:
                 self._drop()
                 raise
 
-    # --- pipelined rounds (exchange_all) ---------------------------------------
+    def _read_stats(self, sock: socket.socket) -> list[Stat]:
+        """The Stat events of a stats reply, read up to its END."""
+        parser = self._parser
+        stats: list[Stat] = []
+        while True:
+            event = parser.next_event()
+            if event is None:
+                self._receive(sock)
+            elif type(event) is Stat:
+                stats.append(event)
+            elif event is END:
+                break
+            elif (event is RESET or event is OK) and not stats:
+                break  # "stats reset", "stats detail on": one word, no END
+            elif type(event) is ErrorReply:
+                raise self._server_error(event, False)
+            else:
+                raise unexpected(event, "stats")
+        if parser.pending:
+            raise _out_of_step(parser)
+        self._quiet = False
+        return stats
+
+    # --- pipelined rounds (tiers.cache.rounds) --------------------------------
 
     def prepare(self, operation: str, *args: Any) -> Exchange:
-        """The exchange ``operation(*args)`` would make, to be run by ``exchange_all``.
+        """The exchange ``operation(*args)`` would make, to be run by ``exchange_all``
+        (``tiers.cache.rounds``).
 
         ``operation`` is ``get_many``, ``set``, ``add``, ``replace``, ``delete``,
         ``incr``, ``decr`` or ``touch``, with that method's positional arguments
         (no ``noreply``). Nothing is sent; bad keys and values raise here, as
         the method would raise them.
         """
-        build = _PREPARE.get(operation)
-        if build is None:
-            raise ValueError(f"cannot prepare {operation!r}")
-        try:
-            return build(self, *args)
-        except TypeError as exc:
-            raise TypeError(f"prepare({operation!r}, ...): {exc}") from None
-
-    def _prepare_get_many(self, keys: Iterable[Key]) -> Exchange:
-        wanted = {encode_key(k): k for k in keys}
-        encoded = list(wanted)
-        request = retrieval_request(b"get", encoded) if encoded else b""
-        return Exchange(self, request, None, wanted, line_count(len(encoded)))
-
-    def _prepare_store(self, command: str, key: Key, value: Any, expire: int = 0) -> Exchange:
-        data, flags = self.serde.dumps(value)
-        request = store_request(
-            command, key, data, flags=flags, exptime=expire, max_value=self.max_value
-        )
-        return Exchange(self, request, storage_result)
-
-    def _begin(self, exchange: Exchange) -> bool:
-        """Connect if need be and send; False when that failed (``exchange.error`` set).
-
-        The caller holds the lock.
-        """
-        try:
-            sock = self._sock or self._connect()
-        except NodeError as exc:
-            exchange.error = exc
-            exchange.done = time.perf_counter()
-            return False
-        try:
-            if self._quiet:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(exchange.request)
-        except OSError as exc:
-            error = self._node_error(exc)
-            error.__cause__ = exc
-            exchange.error = error
-            exchange.done = time.perf_counter()
-            return False
-        except BaseException:
-            self._drop()
-            raise
-        exchange.sock = sock
-        exchange.deadline = time.perf_counter() + self.timeout
-        return True
-
-    def _advance(self, exchange: Exchange) -> bool:
-        """Read what the socket holds and parse it; True once the exchange is settled.
-
-        Called when the socket is readable, with the lock held.
-        """
-        parser = self._parser
-        sock = exchange.sock
-        assert sock is not None
-        try:
-            data = sock.recv(max(_RECV_SIZE, parser.wanted))
-            if not data:
-                raise _closed(parser)
-            parser.feed(data)
-            wanted = exchange.wanted
-            if wanted is None:
-                event = parser.next_event()
-                if event is None:
-                    exchange.deadline = time.perf_counter() + self.timeout
-                    return False
-                if type(event) is ErrorReply:
-                    raise self._server_error(event, False)
-                if parser.pending:
-                    raise _out_of_step(parser)
-                accept = exchange.accept
-                assert accept is not None
-                exchange.result = accept(event)
-                self._quiet = False
-            elif not self._take_values(exchange, parser, wanted):
-                exchange.deadline = time.perf_counter() + self.timeout
-                return False
-        except OSError as exc:
-            error: CacheError = self._node_error(exc)
-            error.__cause__ = exc
-            exchange.error = error
-        except ProtocolError as exc:
-            error = self._protocol_error(exc)
-            error.__cause__ = exc
-            exchange.error = error
-        except (ServerError, SerdeError) as exc:
-            exchange.error = exc  # an answer read whole: the connection is in step
-        except BaseException:
-            self._drop()
-            raise
-        exchange.done = time.perf_counter()
-        return True
-
-    def _take_values(
-        self, exchange: Exchange, parser: ReplyParser, wanted: dict[bytes, Key]
-    ) -> bool:
-        """The retrieval part of ``_advance``: True once the last END is in (result set)."""
-        values = exchange.values
-        while True:
-            event = parser.take_values(values)
-            if event is None:
-                return False
-            if event is END:
-                exchange.lines -= 1
-                if not exchange.lines:
-                    break
-            elif type(event) is ErrorReply:
-                raise self._server_error(event, exchange.lines > 1)
-            else:
-                raise unexpected(event, "get")
-        if parser.pending:
-            raise _out_of_step(parser)
-        for value in values:
-            if value.key not in wanted:
-                raise ProtocolError(f"reply has a value for {value.key!r}, not asked for")
-        self._quiet = False
-        loads = self.serde.loads
-        exchange.result = {wanted[v.key]: loads(v.value, v.flags) for v in values}
-        return True
+        return prepare_exchange(self, operation, *args)
 
     # --- retrieval ------------------------------------------------------------
 
@@ -542,9 +461,11 @@ class Client:
 
     # --- storage --------------------------------------------------------------
 
-    def _store(self, command: str, key: Key, value: Any, expire: int, noreply: bool) -> bool:
+    def _store_request(
+        self, command: str, key: Key, value: Any, expire: int, noreply: bool
+    ) -> bytes:
         data, flags = self.serde.dumps(value)
-        request = store_request(
+        return store_request(
             command,
             key,
             data,
@@ -553,6 +474,9 @@ class Client:
             noreply=noreply,
             max_value=self.max_value,
         )
+
+    def _store(self, command: str, key: Key, value: Any, expire: int, noreply: bool) -> bool:
+        request = self._store_request(command, key, value, expire, noreply)
         if noreply:
             self._send(request)
             return True
@@ -668,148 +592,6 @@ class Client:
         """
         found = self._collect(stats_request(*args), 1, None)
         return {stat.name: stat.value for stat in found}
-
-
-class Exchange:
-    """One request to one node in a pipelined round (``exchange_all``), and its outcome.
-
-    Made by ``Client.prepare``. After the round, ``error`` is None and
-    ``result`` holds what the blocking method returns, or ``error`` holds the
-    ``CacheError`` that method would have raised (a ``NodeError``,
-    ``ProtocolError``, ``ServerError``, or a ``SerdeError`` for a fetched value
-    that does not decode), the connection dropped or kept by the same rules.
-    ``done`` is the ``time.perf_counter()`` at which the exchange was settled.
-    """
-
-    __slots__ = (
-        "accept",
-        "client",
-        "deadline",
-        "done",
-        "error",
-        "lines",
-        "request",
-        "result",
-        "sock",
-        "values",
-        "wanted",
-    )
-
-    def __init__(
-        self,
-        client: Client,
-        request: bytes,
-        accept: Callable[[Event], Any] | None,
-        wanted: dict[bytes, Key] | None = None,
-        lines: int = 0,
-    ) -> None:
-        self.client = client
-        self.request = request
-        self.accept = accept  # a one-event reply: the event to the result
-        self.wanted = wanted  # a retrieval: keys as sent to keys as given
-        self.lines = lines  # a retrieval: END lines still to come
-        self.values: list[Value] = []
-        self.result: Any = {} if not request else None
-        self.error: CacheError | None = None
-        self.done = 0.0
-        self.sock: socket.socket | None = None
-        self.deadline = 0.0
-
-
-_PREPARE: dict[str, Callable[..., Exchange]] = {
-    "get_many": Client._prepare_get_many,
-    "set": lambda c, key, value, expire=0: c._prepare_store("set", key, value, expire),
-    "add": lambda c, key, value, expire=0: c._prepare_store("add", key, value, expire),
-    "replace": lambda c, key, value, expire=0: c._prepare_store("replace", key, value, expire),
-    "delete": lambda c, key: Exchange(c, delete_request(key), delete_result),
-    "incr": lambda c, key, delta=1: Exchange(c, incr_request(key, delta), number_result),
-    "decr": lambda c, key, delta=1: Exchange(c, decr_request(key, delta), number_result),
-    "touch": lambda c, key, expire: Exchange(c, touch_request(key, expire), touch_result),
-}
-
-
-def exchange_all(exchanges: Sequence[Exchange]) -> None:
-    """Run one exchange on each of several clients: every request is sent before
-    any reply is read, then the replies are read as they arrive, so the round
-    costs one round trip of latency however many nodes it spans, in the
-    calling thread.
-
-    Each client's lock is held for the whole round (taken in a fixed order, so
-    rounds over the same clients cannot deadlock); one exchange per client.
-    Connected clients send first, so their replies are on the way while the
-    others connect. Timeouts are the clients' own, as in a blocking call: a
-    connect waits up to ``connect_timeout``, and a reply fails with
-    ``NodeError`` ("no reply within ...") when ``timeout`` seconds pass
-    without a byte of it arriving. Outcomes go into the exchanges (see
-    ``Exchange``); nothing of a node's failure is raised. An exception from
-    outside (``KeyboardInterrupt``) drops every connection whose reply was
-    not read whole, and is raised.
-    """
-    clients = [x.client for x in exchanges]
-    if len({id(c) for c in clients}) < len(clients):
-        raise ValueError("exchange_all takes one exchange per client")
-    locked: list[Client] = []
-    try:
-        for client in sorted(clients, key=id):
-            client._lock.acquire()
-            locked.append(client)
-        _round(exchanges)
-    finally:
-        for client in locked:
-            client._lock.release()
-
-
-def _round(exchanges: Sequence[Exchange]) -> None:
-    waiting: dict[int, Exchange] = {}
-    try:
-        for x in sorted(exchanges, key=lambda x: x.client._sock is None):
-            if x.request and x.client._begin(x):
-                assert x.sock is not None
-                waiting[x.sock.fileno()] = x
-        if not waiting:
-            return
-        if len(waiting) == 1:
-            (x,) = waiting.values()
-            _await_one(x)
-            return
-        poller = select.poll()
-        for fd in waiting:
-            poller.register(fd, select.POLLIN)
-        while waiting:
-            now = time.perf_counter()
-            left = min(x.deadline for x in waiting.values()) - now
-            if left <= 0:
-                for fd, x in list(waiting.items()):
-                    if x.deadline <= now:
-                        _timed_out(x)
-                        poller.unregister(fd)
-                        del waiting[fd]
-                continue
-            # poll() counts whole milliseconds: round up, never wake before the deadline.
-            for fd, _ in poller.poll(math.ceil(left * 1000)):
-                x = waiting[fd]
-                if x.client._advance(x):
-                    poller.unregister(fd)
-                    del waiting[fd]
-    except BaseException:
-        for x in waiting.values():
-            x.client._drop()  # its reply is still on the wire
-        raise
-
-
-def _await_one(x: Exchange) -> None:
-    # One node to hear from: its socket's own receive timeout bounds the wait.
-    while not x.client._advance(x):
-        pass
-
-
-def _timed_out(x: Exchange) -> None:
-    # As a blocking receive that timed out: the connection goes, its reply unread.
-    timeout = TimeoutError(f"no byte of the reply within {x.client.timeout}s")
-    error = x.client._node_error(timeout)
-    error.__cause__ = timeout
-    x.error = error
-    x.done = time.perf_counter()
 
 
 def _out_of_step(parser: ReplyParser) -> ProtocolError:

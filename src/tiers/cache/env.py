@@ -37,7 +37,8 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tiers.cache.cluster import CacheCluster, NodeFactory, memcached_factory
+from tiers.cache.cluster import CacheCluster
+from tiers.cache.nodes import NodeFactory, memcached_factory
 from tiers.cache.policy import FailureSettings
 from tiers.cache.ring import NodeSpec
 from tiers.errors import ConfigError

@@ -160,7 +160,7 @@ class FakeServer:
 
 
 class FakeClient:
-    """A connection to a ``FakeServer``; fits ``tiers.cache.cluster.CacheNode``."""
+    """A connection to a ``FakeServer``; fits ``tiers.cache.nodes.CacheNode``."""
 
     def __init__(self, server: FakeServer) -> None:
         self.server = server

@@ -2,7 +2,8 @@
 
 Plain state and decisions, no I/O and no clock of its own: callers pass
 ``now`` (seconds on a monotonic clock) and act on what is returned
-(``tiers.cache.cluster`` sends the requests and routes around ejected nodes).
+(``tiers.cache.routing`` routes around ejected nodes; ``tiers.cache.nodes``
+reports how each request ended).
 
 Each node is in one of three states:
 
@@ -31,7 +32,7 @@ A ``FailurePolicy`` is not thread-safe by itself; the cluster holds its lock
 around every call but ``up``, a single read that changes nothing.
 
 Copies. ``replicated(R, read=...)`` and ``hot(D)`` are the rules that give a
-key copies (``tiers.cache.cluster`` places them); ``required_copies`` is how
+key copies (``tiers.cache.routing`` places them); ``required_copies`` is how
 many must answer a confirmed write, and a ``ReadPlan`` decides, answer by
 answer, which copies a read asks next and when it is settled: one copy at a
 time until a hit (plain keys, ``"first"``), one random copy whose miss is
