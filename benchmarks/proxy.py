@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import _harness as h
+from _proxy_cpu import own_cpu_per_request
 
 PACKAGES = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"}
 
@@ -550,6 +551,8 @@ def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
     else:
         print(f"  ({reason})")
         print_ratios(cached[0], cached[1:])
+    print(f"the proxy's own code, with transports that do no I/O: "
+          f"{own_cpu_per_request():.1f} us of CPU per request (benchmarks/_proxy_cpu.py)")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
