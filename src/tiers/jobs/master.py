@@ -304,7 +304,7 @@ class Master:
                 for release in releases:
                     for job_id, status in store.release_worker(conn, release.worker_id,
                                                                release.reason):
-                        log.warning("%s: job %d of %s is %s again: %s", self.options.name,
+                        log.warning("%s: job %d of %s is now %s: %s", self.options.name,
                                     job_id, release.worker_id, status, release.reason)
         except psycopg.Error as exc:
             log.warning("%s: cannot release the jobs of %s now (%s); they are retried when "
