@@ -15,7 +15,7 @@ import psycopg
 
 from tiers.jobs import current_job, task
 
-_conn: psycopg.Connection[Any] | None = None
+_conns: dict[int, psycopg.Connection[Any]] = {}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS job_runs (
@@ -25,10 +25,12 @@ CREATE TABLE IF NOT EXISTS job_runs (
 
 
 def _db() -> psycopg.Connection[Any]:
-    global _conn
-    if _conn is None or _conn.closed:
-        _conn = psycopg.connect(os.environ["JOBTASKS_DSN"], autocommit=True)
-    return _conn
+    """This process's connection (a forked child makes its own)."""
+    conn = _conns.get(os.getpid())
+    if conn is None or conn.closed:
+        conn = _conns[os.getpid()] = psycopg.connect(os.environ["JOBTASKS_DSN"],
+                                                     autocommit=True)
+    return conn
 
 
 def _record(key: str, phase: str) -> None:

@@ -244,7 +244,7 @@ def test_retry_and_delete_dead_jobs(jobs_dsn: str) -> None:
         assert statuses(jobs_dsn)[ids[0]] == "dead"  # nothing changed
         with pytest.raises(JobNotFound, match=rf"{pending} \(it is pending, not dead\)"):
             store.delete_dead(conn, Selection(ids=(pending,)))
-        with pytest.raises(JobNotFound, match="99999 .no such job"):
+        with pytest.raises(JobNotFound, match=r"99999 \(no such job"):
             store.retry_dead(conn, Selection(ids=(99999,)))
         with pytest.raises(JobArgumentError):
             store.retry_dead(conn, Selection())

@@ -28,6 +28,7 @@ are pending or running. A batch is *complete* when done + dead = total; its
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -150,7 +151,10 @@ def enqueue_batch(conn: Connection, task: Task | str, chunk_args: Iterable[Mappi
     complete_args = encode_args(on_complete_args or {})
     params = {"name": name, "total": len(jobs), "on_complete_task": complete_task,
               "on_complete_args": complete_args, "on_complete_queue": complete_queue}
-    with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+    # On an autocommit connection, a transaction of its own; otherwise the caller's
+    # (psycopg's transaction() would commit by itself on an idle non-autocommit one).
+    block = conn.transaction() if conn.autocommit else contextlib.nullcontext()
+    with block, conn.cursor(row_factory=tuple_row) as cur:
         row = cur.execute(query("create_batch"), params).fetchone()
         assert row is not None
         batch_id = int(row[0])

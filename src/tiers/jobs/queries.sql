@@ -208,5 +208,5 @@ RETURNING schedule
 UPDATE tiers_cron_ticks SET job_id = %(job_id)s WHERE schedule = %(schedule)s AND tick = %(tick)s
 
 -- name: prune_ticks
--- Ticks long past every scheduler's look-back window.
-DELETE FROM tiers_cron_ticks WHERE tick < now() - make_interval(secs => %(older_than)s::float8)
+-- Ticks long past every scheduler's look-back window (before, by the scheduler's clock).
+DELETE FROM tiers_cron_ticks WHERE tick < %(before)s

@@ -121,7 +121,7 @@ class Scheduler:
                 enqueued = self._enqueue(conn, schedule, tick)
                 if enqueued is not None:
                     made.append(enqueued)
-            self._prune(conn)
+            self._prune(conn, moment)
         except psycopg.Error:
             self._drop()
             raise
@@ -145,9 +145,12 @@ class Scheduler:
                  tick.isoformat(), job_id)
         return Enqueued(schedule.name, tick, job_id)
 
-    def _prune(self, conn: psycopg.Connection[Any]) -> None:
+    def _prune(self, conn: psycopg.Connection[Any], now: datetime) -> None:
+        # By the scheduler's clock, as the ticks are: a tick is pruned only long after
+        # this scheduler's look-back has passed it.
         if time.monotonic() >= self._next_prune:
-            conn.execute(query("prune_ticks"), {"older_than": TICK_RETENTION})
+            conn.execute(query("prune_ticks"),
+                         {"before": now - timedelta(seconds=TICK_RETENTION)})
             self._next_prune = time.monotonic() + _PRUNE_EVERY
 
     def next_tick(self, now: datetime) -> datetime | None:

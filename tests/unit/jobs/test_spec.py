@@ -41,7 +41,7 @@ def test_unserialisable_arguments_are_named_with_their_path(args: dict[str, obje
 
 
 def test_arguments_must_be_a_mapping_not_too_deep_nor_too_large() -> None:
-    with pytest.raises(JobArgumentError, match="must be a mapping .* got list"):
+    with pytest.raises(JobArgumentError, match=r"must be a mapping .* got list"):
         encode_args([1, 2])  # type: ignore[arg-type]
     deep: object = 1
     for _ in range(150):
