@@ -4,6 +4,7 @@ a task module that does not import, and many jobs while children are killed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -65,15 +66,11 @@ class Pool:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.signal(signal.SIGQUIT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
         # Whatever is left of the group (children outlive a killed master briefly).
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         if self.proc.poll() is None:
             self.proc.wait(10)
 
