@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-import bookmarks.tasks as tasks
 import pytest
+from bookmarks import tasks
 from bookmarks.app import create_app
 from bookmarks.memory import MemoryStore
 
