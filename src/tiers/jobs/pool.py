@@ -8,11 +8,14 @@ slot, send it SIGTERM or SIGKILL, release a dead child's jobs in the
 database. So every rule is tested as plain function calls:
 
 * Each slot (``processes`` worker slots, and one scheduler slot if asked)
-  always has a child while the pool runs. A child that exits is replaced:
-  at once when it exited cleanly (recycled after its ``max_jobs``) or was
-  killed by the master for overrunning a job; after an exponential backoff
-  (``backoff_initial`` doubling to ``backoff_max``) when it died by itself
-  soon after starting, so a crash loop does not spin.
+  always has a child while the pool runs. A child that exits is replaced at
+  once if it had been working: it had reported ready (connected), whether it
+  was recycled after its ``max_jobs``, killed by the master for overrunning a
+  job, or killed by anyone else. A child that dies before it is ready, or
+  gives up on an unreachable database, is replaced after an exponential
+  backoff (``backoff_initial`` doubling to ``backoff_max``), so a crash loop
+  does not spin. (A job that kills every child that runs it is buried after
+  its ``max_attempts``.)
 * A child that exited uncleanly may have held a job: its jobs are released
   (due again at once, or dead on their last attempt) without waiting for
   their lease to expire.
@@ -43,12 +46,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tiers.jobs.child import EXIT_BOOT, EXIT_OK
-
-# A child that ran this long before dying counts as having worked: its death is
-# a fresh incident, not one more failed start.
-STABLE_AFTER = 10.0
-EXIT_FAILED = 1
+from tiers.jobs.child import EXIT_BOOT, EXIT_DB, EXIT_OK
 
 
 class Kind(enum.Enum):
@@ -155,7 +153,7 @@ class PoolPlan:
 
     def spawn_failed(self, slot: int, now: float) -> None:
         """fork() itself failed (no memory, too many processes): try again after backoff."""
-        self._back_off(self.slots[slot], now, stable=False)
+        self._back_off(self.slots[slot], now)
 
     def observed(self, pid: int, *, ready: bool, job: int | None,
                  deadline: float | None) -> None:
@@ -186,10 +184,11 @@ class PoolPlan:
             return
         if self.phase is not Phase.RUNNING or child.retiring or slot.pid is not None:
             return
-        if clean or child.killed:
-            slot.next_spawn_at = now  # recycled, or killed for its job: not the child's fault
+        if child.killed or (child.ready and status != EXIT_DB):
+            slot.failures = 0
+            slot.next_spawn_at = now  # it worked: a death mid-work is not a failed start
         else:
-            self._back_off(slot, now, stable=now - child.started_at >= STABLE_AFTER)
+            self._back_off(slot, now)
 
     def request_stop(self, now: float) -> None:
         """Graceful stop; asked again while stopping, abort."""
@@ -286,9 +285,9 @@ class PoolPlan:
         child.kill_reason = reason
         return Kill(child.pid, reason)
 
-    def _back_off(self, slot: Slot, now: float, *, stable: bool) -> None:
+    def _back_off(self, slot: Slot, now: float) -> None:
         slot.pid = None
-        slot.failures = 1 if stable else slot.failures + 1
+        slot.failures += 1
         delay = self.backoff_initial * 2 ** min(slot.failures - 1, 30)
         slot.next_spawn_at = now + min(delay, self.backoff_max)
 

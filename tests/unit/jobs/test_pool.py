@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import signal
 
-from tiers.jobs.child import EXIT_BOOT, EXIT_OK
+import pytest
+
+from tiers.jobs.child import EXIT_BOOT, EXIT_DB, EXIT_OK
 from tiers.jobs.pool import Kill, Kind, Phase, PoolPlan, Release, Spawn, Terminate
 
 
@@ -60,42 +62,58 @@ def test_a_recycled_child_is_replaced_at_once_and_holds_no_job() -> None:
     assert p.decide(50.0) == [Spawn(0, Kind.WORKER, 100)]  # no Release: it exited cleanly
 
 
-def test_a_dead_child_has_its_jobs_released_and_is_replaced_with_backoff() -> None:
+def test_a_working_child_that_dies_has_its_jobs_released_and_is_replaced_at_once() -> None:
     p = plan(1)
     (pid,) = start(p)
     p.observed(pid, ready=True, job=7, deadline=100.0)
     p.exited(pid, -signal.SIGKILL, 1.0)
-    assert p.decide(1.0) == [Release("w100", "worker w100 was killed by signal 9")]
-    assert p.decide(1.4) == []
-    assert p.decide(1.5) == [Spawn(0, Kind.WORKER, 100)]
-    p.spawned(0, 101, "w101", 1.5)
-    p.exited(101, 1, 2.0)  # again, quickly: the delay doubles
-    assert p.decide(2.0) == [Release("w101", "worker w101 exited with status 1")]
-    assert p.decide(2.9) == []
-    assert p.decide(3.0) == [Spawn(0, Kind.WORKER, 100)]
-    assert p.next_wakeup(3.0) == 1.0  # nothing timed is pending
+    assert p.decide(1.0) == [Release("w100", "worker w100 was killed by signal 9"),
+                             Spawn(0, Kind.WORKER, 100)]
 
 
-def test_backoff_is_capped_and_a_long_life_resets_it() -> None:
+def test_a_child_that_dies_before_it_is_ready_is_restarted_with_backoff() -> None:
+    p = plan(1)
+    assert p.decide(0.0) == [Spawn(0, Kind.WORKER, 100)]
+    p.spawned(0, 100, "w100", 0.0)
+    p.exited(100, 1, 0.2)
+    assert p.decide(0.2) == [Release("w100", "worker w100 exited with status 1")]
+    assert p.decide(0.6) == []
+    assert p.decide(0.7) == [Spawn(0, Kind.WORKER, 100)]
+    p.spawned(0, 101, "w101", 0.7)
+    p.exited(101, -signal.SIGSEGV, 0.8)  # again: the delay doubles
+    p.decide(0.8)
+    assert p.decide(1.7) == []
+    assert p.decide(1.8) == [Spawn(0, Kind.WORKER, 100)]
+    assert p.next_wakeup(1.8) == 1.0  # nothing timed is pending
+
+
+def test_backoff_is_capped_and_a_child_that_gets_ready_resets_it() -> None:
     p = plan(1, backoff_max=2.0)
     now, pid = 0.0, 1
     for _ in range(6):
-        for action in p.decide(now):
-            if isinstance(action, Spawn):
-                p.spawned(0, pid, f"w{pid}", now)
+        (spawn,) = p.decide(now)
+        assert isinstance(spawn, Spawn)
+        p.spawned(0, pid, f"w{pid}", now)
         p.exited(pid, 1, now + 0.1)
+        p.decide(now + 0.1)
         pid += 1
         now = p.slots[0].next_spawn_at
+    assert p.slots[0].failures == 6
+    assert now == pytest.approx(0.1 * 6 + 0.5 + 1.0 + 2.0 * 4)  # capped at backoff_max
     p.decide(now)
     p.spawned(0, pid, f"w{pid}", now)
-    assert p.slots[0].failures == 6
-    p.exited(pid, 1, now + 3.0)
-    assert p.slots[0].next_spawn_at == now + 3.0 + 2.0  # capped
-    p.decide(now + 5.0)
-    p.spawned(0, pid + 1, "w", now + 5.0)
-    p.exited(pid + 1, 1, now + 5.0 + 60.0)  # it had worked for a minute
-    assert p.slots[0].failures == 1
-    assert p.slots[0].next_spawn_at == now + 65.0 + 0.5
+    p.observed(pid, ready=True, job=None, deadline=None)
+    p.exited(pid, -signal.SIGKILL, now + 1.0)
+    assert p.slots[0].failures == 0
+    assert p.slots[0].next_spawn_at == now + 1.0
+
+
+def test_a_child_that_gave_up_on_the_database_backs_off_even_after_working() -> None:
+    p = plan(1)
+    (pid,) = start(p)
+    p.exited(pid, EXIT_DB, 5.0)
+    assert p.decide(5.0) == [Release("w100", "worker w100 exited with status 5")]
+    assert p.decide(5.5) == [Spawn(0, Kind.WORKER, 100)]
 
 
 def test_a_job_past_its_deadline_gets_its_worker_killed_released_and_replaced() -> None:
@@ -215,5 +233,5 @@ def test_a_scheduler_child_is_never_judged_by_job_deadlines() -> None:
     p.observed(pid, ready=True, job=None, deadline=None)
     assert p.decide(10_000.0) == []
     p.exited(pid, -signal.SIGKILL, 10_001.0)
-    assert p.decide(10_001.0) == []  # a scheduler holds no job: nothing to release
-    assert p.decide(10_001.5) == [Spawn(0, Kind.SCHEDULER, 0)]
+    # A scheduler holds no job: nothing to release; it had worked: replaced at once.
+    assert p.decide(10_001.0) == [Spawn(0, Kind.SCHEDULER, 0)]
