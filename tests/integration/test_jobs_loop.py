@@ -222,3 +222,35 @@ def test_max_jobs_ends_the_loop_after_that_many(jobs_dsn: str) -> None:
     thread.join(30)
     assert result == [EXIT_OK] and loop.jobs_done == 4
     assert sorted(statuses(jobs_dsn).values()) == ["done"] * 4 + ["pending"] * 6
+
+
+def test_a_stop_after_the_next_claim_hands_that_job_back(jobs_dsn: str,
+                                                         monkeypatch: Any) -> None:
+    from tiers.jobs import child
+
+    registry = Registry()
+    ran: list[int] = []
+
+    @registry.task("t.n")
+    def n(i: int) -> None:
+        ran.append(i)
+
+    loops: list[child.ChildLoop] = []
+
+    def claim_then_stop(conn: Any, **kwargs: Any) -> Any:
+        # The stop arrives just as the outcome is recorded and the next job claimed.
+        claimed = store.finish_and_claim(conn, kwargs.pop("job_id"), kwargs.pop("worker"),
+                                         kwargs.pop("outcome"), **kwargs)
+        loops[0].request_stop()
+        return claimed
+
+    monkeypatch.setattr(child, "_finish_and_claim", claim_then_stop)
+    with running_loop(jobs_dsn, registry, poll_interval=60) as loop:
+        loops.append(loop)
+        with connect(jobs_dsn) as conn:  # once the loop is known to the patch
+            first, second = store.enqueue_many(conn, [n.job({"i": 1}), n.job({"i": 2})])
+        wait_until(lambda: loop.jobs_done == 1 and statuses(jobs_dsn)[second] == "pending"
+                   and statuses(jobs_dsn)[first] == "done", 10, "the second job handed back")
+    assert ran == [1]
+    row = job_row(jobs_dsn, second)
+    assert (row["attempts"], row["worker"]) == (0, None)

@@ -310,3 +310,17 @@ def test_a_task_enqueues_with_its_defaults(jobs_dsn: str) -> None:
     assert (row["task"], row["queue"], row["priority"], row["max_attempts"]) == (
         "mail.send", "mail", 3, 7)
     assert job_row(jobs_dsn, by_name)["priority"] == 9
+
+
+def test_a_job_claimed_but_not_started_is_handed_back_without_an_attempt(jobs_dsn: str
+                                                                        ) -> None:
+    with connect(jobs_dsn) as conn:
+        job_id = store.enqueue(conn, "t", {})
+        assert job_id is not None
+        assert store.claim(conn, "w", ["default"], 30) is not None
+        assert not store.unclaim(conn, job_id, "someone-else")
+        assert store.unclaim(conn, job_id, "w")
+        row = job_row(jobs_dsn, job_id)
+        assert (row["status"], row["attempts"], row["worker"]) == ("pending", 0, None)
+        again = store.claim(conn, "w2", ["default"], 30)
+        assert again is not None and again.attempt == 1

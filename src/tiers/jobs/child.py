@@ -158,6 +158,11 @@ class ChildLoop:
         job: ClaimedJob | None = None
         while True:
             if self._finished():
+                if job is not None:
+                    # Claimed with the last outcome, then told to stop: not started, so
+                    # handed back at once rather than left to its lease.
+                    self._db(partial(_unclaim, job_id=job.id, worker=self.worker_id),
+                             essential=True)
                 return EXIT_OK
             if self._clock() >= self._next_maintenance:
                 self._maintain()
@@ -167,6 +172,8 @@ class ChildLoop:
                 if job is None:
                     self._wait_idle()
                     continue
+                if self._finished():
+                    continue  # asked to stop during the claim: handed back above
             result = self._execute(job)
             self.jobs_done += 1
             if self._finished() or self._clock() >= self._next_maintenance:
@@ -345,6 +352,10 @@ class ChildLoop:
 def _finish(conn: psycopg.Connection[Any], *, job_id: int, worker: str,
             outcome: Outcome) -> bool:
     return store.finish(conn, job_id, worker, outcome)
+
+
+def _unclaim(conn: psycopg.Connection[Any], *, job_id: int, worker: str) -> bool:
+    return store.unclaim(conn, job_id, worker)
 
 
 def _finish_and_claim(conn: psycopg.Connection[Any], *, job_id: int, worker: str,

@@ -66,6 +66,15 @@ SET status = %(status)s,
 WHERE id = %(id)s AND worker = %(worker)s AND status = 'running'
 RETURNING id
 
+-- name: unclaim
+-- Give back a job claimed but never started (the worker is stopping): pending
+-- again at once, its attempt not counted.
+UPDATE tiers_jobs
+SET status = 'pending', attempts = attempts - 1, lease_until = NULL, worker = NULL,
+    started_at = NULL
+WHERE id = %(id)s AND worker = %(worker)s AND status = 'running'
+RETURNING id
+
 -- name: renew_lease
 -- A heartbeat: the job stays this worker's for another lease. No row means it is not.
 UPDATE tiers_jobs SET lease_until = now() + make_interval(secs => %(lease)s::float8)

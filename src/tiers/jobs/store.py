@@ -264,6 +264,13 @@ def finish(conn: Connection, job_id: int, worker: str, outcome: Outcome) -> bool
     return row is not None
 
 
+def unclaim(conn: Connection, job_id: int, worker: str) -> bool:
+    """Give back a job the worker claimed but never started; False if it was not the worker's."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(query("unclaim"), {"id": job_id, "worker": worker}).fetchone()
+    return row is not None
+
+
 def renew_lease(conn: Connection, job_id: int, worker: str, lease: float) -> bool:
     """Extend the worker's lease on its job; False if the job is no longer the worker's."""
     with conn.cursor(row_factory=tuple_row) as cur:
@@ -456,5 +463,5 @@ __all__ = [
     "QueueStats", "Selection", "claim", "delete_dead", "enqueue", "enqueue_job",
     "enqueue_many", "finish", "finish_and_claim", "get_job", "install_schema", "list_jobs",
     "next_due", "prune_done", "queue_stats", "release_expired", "release_worker",
-    "renew_lease", "retry_dead",
+    "renew_lease", "retry_dead", "unclaim",
 ]
