@@ -4,6 +4,8 @@
     GET  /entry/<id>   one entry with its bookmarks and comments; 404 if there is none
     POST /bookmarks    url, title, user, comment -> 303 to the entry; 400 if invalid
     POST /stars        user, entry_id -> 303 to the user's stars; 404 if no such entry
+    GET  /preview?url=U the page at U as the demo imagines it (its <title> made from the
+                       URL): what the title job fetches instead of the outside world
     GET  /users/<name>/stars
                        the user's stars, newest first, from the cluster of the user's
                        shard; JSON when the client asks for application/json
@@ -29,6 +31,11 @@ something never gets the list from before. Without it every page reads the
 database. A malformed ``TIERS_CACHE_*`` variable stops the import with
 ConfigError naming it.
 
+Jobs: saving a bookmark enqueues, in the save's transaction, a job that
+fetches the page's title and one that writes a notification into a Maildir
+(``bookmarks.tasks``, run by ``tiers worker``); a cron job recomputes the hot
+ranking's counts every minute.
+
 ``app`` is built with a store that connects on first use in each process
 (``TIERS_DB_PRIMARY``, ``TIERS_DB_REPLICAS``, and with more clusters
 ``TIERS_DB_CLUSTERS``, ``TIERS_DB_TABLES`` and ``TIERS_DB_SHARDS``: see
@@ -44,7 +51,7 @@ import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeAlias
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 from flask import Flask, jsonify, redirect, render_template, request, url_for
@@ -59,11 +66,13 @@ from bookmarks.forms import (
     URL_MAX,
     USER_RE,
     ValidationError,
+    normalize_url,
     validate_bookmark,
     validate_star,
     validate_user,
 )
 from bookmarks.store import FrontPage, ProcessLocalStore, SqlStore, StarsPage, Store
+from bookmarks.tasks import enqueue_after_save
 from tiers.app.causal import COOKIE_NAME, CausalMiddleware
 from tiers.cache import CacheCluster, cluster_from_env
 from tiers.cache.env import settings_from_env
@@ -81,7 +90,17 @@ def _default_store() -> Store:
         # Checked now, in the importing process: building the maps connects to
         # nothing, and a map the pages cannot work with stops the app server.
         SqlStore.from_databases(Databases.from_env(monitor=False))
-    return ProcessLocalStore(lambda: SqlStore.from_databases(Databases.from_env()))
+    return ProcessLocalStore(lambda: SqlStore.from_databases(
+        Databases.from_env(), after_save=enqueue_after_save))
+
+
+def preview_title(url: str) -> str:
+    """The title the demo imagines for the page at ``url``: its last path segment, its host."""
+    parts = urlsplit(url)
+    host = parts.hostname or url
+    segment = unquote(parts.path.rstrip("/").rsplit("/", 1)[-1])
+    words = " ".join(segment.rsplit(".", 1)[0].replace("-", " ").replace("_", " ").split())
+    return f"{words[:1].upper()}{words[1:]} - {host}" if words else host
 
 
 def _wants_json() -> bool:
@@ -171,6 +190,13 @@ def create_app(store: Store | None = None, *, secret_key: str | None = None,
         # delete (bookmarks.caching: fragments are tagged with causal tokens).
         site.forget(stars_key(user))
         return redirect(url_for("user_stars", user=user), code=303)
+
+    @app.get("/preview")
+    def preview() -> tuple[str, int, dict[str, str]]:
+        url = normalize_url(request.args.get("url", ""))
+        title = preview_title(url)
+        page = render_template("preview.html", url=url, title=title)
+        return page, 200, {"Cache-Control": "public, max-age=3600"}
 
     @app.get("/users/<user>/stars")
     def user_stars(user: str) -> Response | str | tuple[str, int]:

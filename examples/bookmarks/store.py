@@ -60,6 +60,10 @@ PAGE_TABLES = ("entries", "bookmarks")
 STARS_TABLE = "stars"
 # Entry ids are bigint; a larger number in a URL is simply not an entry.
 MAX_ENTRY_ID = 2**63 - 1
+# entries.title's CHECK (1 to 200 characters), as bookmarks.forms.TITLE_MAX.
+TITLE_LIMIT = 200
+# Where jobs are enqueued and taken (tiers worker serves the main cluster).
+MAIN_CLUSTER = "main"
 
 
 @dataclass(frozen=True)
@@ -229,17 +233,58 @@ ORDER BY e.created_at DESC, e.id DESC
 LIMIT %s
 """
 
+# The hot ranking: the counts the cron job bookmarks.rank_hot stored (as of
+# hot_counts_meta.computed_at) plus the bookmarks made since, so a new bookmark
+# counts at once and only a minute of bookmarks is aggregated per request.
+# Until the job has run (no hot_counts_meta row), everything is counted live.
+# Stored counts may still include bookmarks that left the window since the
+# job ran: the ranking is at most one run behind for those.
 _HOT_SQL = """
+WITH since AS (
+    SELECT greatest(coalesce((SELECT computed_at FROM hot_counts_meta), '-infinity'),
+                    now() - %(window)s::interval) AS t
+), counts AS (
+    SELECT entry_id, recent, latest FROM hot_counts
+    WHERE latest > now() - %(window)s::interval
+    UNION ALL
+    SELECT b.entry_id, count(*), max(b.created_at)
+    FROM bookmarks b, since
+    WHERE b.created_at > since.t
+    GROUP BY b.entry_id
+)
 SELECT e.id, e.url, e.title, e.created_at,
        (SELECT count(*) FROM bookmarks b WHERE b.entry_id = e.id) AS users
-FROM (SELECT entry_id, count(*) AS recent, max(created_at) AS latest
-      FROM bookmarks
-      WHERE created_at > now() - %s::interval
+FROM (SELECT entry_id, sum(recent) AS recent, max(latest) AS latest
+      FROM counts
       GROUP BY entry_id
       ORDER BY recent DESC, latest DESC
-      LIMIT %s) h
+      LIMIT %(limit)s) h
 JOIN entries e ON e.id = h.entry_id
 ORDER BY h.recent DESC, h.latest DESC
+"""
+
+# The cron job's work: every entry's bookmarks in the window, as of now(), in
+# one transaction with the time it stands for.
+_RANK_DELETE_SQL = "DELETE FROM hot_counts"
+_RANK_INSERT_SQL = """
+INSERT INTO hot_counts (entry_id, recent, latest)
+SELECT entry_id, count(*), max(created_at)
+FROM bookmarks
+WHERE created_at > now() - %s::interval
+GROUP BY entry_id
+"""
+_RANK_STAMP_SQL = """
+INSERT INTO hot_counts_meta (one, computed_at) VALUES (true, now())
+ON CONFLICT (one) DO UPDATE SET computed_at = EXCLUDED.computed_at
+"""
+
+# The title job's result: a placeholder title (the URL itself) gives way to the
+# fetched one; any entry records when its page was fetched.
+_FETCHED_TITLE_SQL = """
+UPDATE entries
+SET title = CASE WHEN title = url THEN %s ELSE title END, fetched_at = now()
+WHERE id = %s
+RETURNING title
 """
 
 _ENTRY_SQL = """
@@ -310,25 +355,44 @@ def _entry(row: tuple[Any, ...]) -> Entry:
     return Entry(id=row[0], url=row[1], title=row[2], created_at=row[3], users=row[4])
 
 
+AfterSave = Callable[[Any, int, NewBookmark], None]
+
+
 class SqlStore:
     """The store over PostgreSQL: the page tables on ``cluster``, stars where ``shards`` says.
 
-    Without ``shards`` the stars are on ``cluster`` too.
+    Without ``shards`` the stars are on ``cluster`` too. ``after_save(conn,
+    entry_id, bookmark)`` runs in the transaction of every saved bookmark (the
+    site enqueues its jobs there), or, when the jobs live on another cluster
+    (``jobs_cluster``), in a transaction of its own there just after the save
+    commits: one transaction cannot span two clusters, so then a crash between
+    the two commits can lose the jobs of that one save.
     """
 
-    def __init__(self, cluster: ClusterLike, shards: ShardRouting | None = None) -> None:
+    def __init__(self, cluster: ClusterLike, shards: ShardRouting | None = None, *,
+                 after_save: AfterSave | None = None,
+                 jobs_cluster: ClusterLike | None = None) -> None:
         self.cluster = cluster
         self.shards: ShardRouting = OneCluster(cluster) if shards is None else shards
+        self.after_save = after_save
+        self.jobs_cluster = jobs_cluster
 
     @classmethod
-    def from_databases(cls, databases: Databases) -> SqlStore:
-        """The store over every cluster; CrossShardError if the page tables are apart."""
-        return cls(databases.for_tables(PAGE_TABLES), databases)
+    def from_databases(cls, databases: Databases, *,
+                       after_save: AfterSave | None = None) -> SqlStore:
+        """The store over every cluster; CrossShardError if the page tables are apart.
+
+        Jobs live on the main cluster (where ``tiers worker`` takes them).
+        """
+        pages = databases.for_tables(PAGE_TABLES)
+        jobs = databases.cluster(MAIN_CLUSTER)
+        return cls(pages, databases, after_save=after_save,
+                   jobs_cluster=None if jobs is pages else jobs)
 
     def front_page(self) -> FrontPage:
         with self.cluster.read() as conn:
             recent = conn.execute(_RECENT_SQL, (RECENT_LIMIT,)).fetchall()
-            hot = conn.execute(_HOT_SQL, (HOT_WINDOW, HOT_LIMIT)).fetchall()
+            hot = conn.execute(_HOT_SQL, {"window": HOT_WINDOW, "limit": HOT_LIMIT}).fetchall()
         return FrontPage(recent=[_entry(r) for r in recent], hot=[_entry(r) for r in hot])
 
     def recent_entries(self) -> Sequence[Entry]:
@@ -337,7 +401,7 @@ class SqlStore:
 
     def hot_entries(self) -> Sequence[Entry]:
         with self.cluster.read() as conn:
-            rows = conn.execute(_HOT_SQL, (HOT_WINDOW, HOT_LIMIT)).fetchall()
+            rows = conn.execute(_HOT_SQL, {"window": HOT_WINDOW, "limit": HOT_LIMIT}).fetchall()
         return [_entry(r) for r in rows]
 
     def entry_page(self, entry_id: int) -> EntryPage | None:
@@ -359,7 +423,34 @@ class SqlStore:
                 raise RuntimeError("INSERT ... RETURNING returned no row")
             entry_id = int(row[0])
             conn.execute(_UPSERT_BOOKMARK_SQL, (entry_id, bookmark.user, bookmark.comment))
+            if self.after_save is not None and self.jobs_cluster is None:
+                self.after_save(conn, entry_id, bookmark)
+        if self.after_save is not None and self.jobs_cluster is not None:
+            with self.jobs_cluster.write() as jobs_conn:
+                self.after_save(jobs_conn, entry_id, bookmark)
         return Saved(entry_id=entry_id, token=transaction.token)
+
+    def apply_fetched_title(self, entry_id: int, title: str) -> str | None:
+        """Record a fetch of the entry's page: its title replaces a placeholder title.
+
+        Returns the entry's title now (None if there is no such entry);
+        ValueError for a title that is only whitespace.
+        """
+        title = " ".join(title.split())[:TITLE_LIMIT]
+        if not title:
+            raise ValueError("a fetched title needs some text")
+        with self.cluster.write() as conn:
+            row = conn.execute(_FETCHED_TITLE_SQL, (title, entry_id)).fetchone()
+        return None if row is None else str(row[0])
+
+    def recompute_hot(self) -> int:
+        """Store every entry's bookmark count in the hot window (the cron job); how many."""
+        with self.cluster.write() as conn:
+            conn.execute(_RANK_DELETE_SQL)
+            inserted = conn.execute(_RANK_INSERT_SQL, (HOT_WINDOW,)).rowcount
+            conn.execute(_RANK_STAMP_SQL)
+        return int(inserted)
+
 
     def star(self, user: str, entry_id: int) -> Starred | None:
         if not 0 < entry_id <= MAX_ENTRY_ID:

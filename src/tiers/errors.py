@@ -10,6 +10,7 @@
      |    +-- CrossShardError   one operation's keys map to several clusters (tiers.db.sharding)
      |    +-- FailoverStepError a failover step failed; names the step and node (tiers.db.promote)
      +-- CacheError           the cache tier failed; its own subtree is in tiers.cache.errors
+     +-- JobError             the job queue failed; its own subtree is in tiers.jobs.errors
      +-- ProxyError           the proxy failed; its own subtree is in tiers.proxy.errors
           +-- UpstreamError     talking to one backend failed (connect, closed, timeout, protocol)
           +-- ClientGone        the client left or broke its request mid-flight

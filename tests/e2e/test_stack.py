@@ -1,10 +1,16 @@
-"""The walking skeleton end to end: `tiers up -d` runs proxy, app servers and replicated
-PostgreSQL for real; bookmarks are read back through the proxy; a killed app server costs
-no request; `down` leaves nothing; data survives the next `up`."""
+"""The walking skeleton end to end: `tiers up -d` runs proxy, app servers, job workers and
+replicated PostgreSQL for real; bookmarks are read back through the proxy; a saved bookmark's
+jobs run (its title fetched, a notification in the Maildir); a killed app server costs no
+request and a killed worker master is replaced without orphans; `down` leaves nothing; data
+survives the next `up`."""
 
 from __future__ import annotations
 
+import email
+import email.message
+import html
 import http.cookiejar
+import json
 import os
 import re
 import shutil
@@ -16,7 +22,9 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
 from tests.e2e.stackctl import StackHandle, make_handle, tear_down
@@ -55,7 +63,7 @@ def test_status_shows_every_service_ready_and_the_replica_streaming(
     assert status["running"] is True
     assert status["phase"] == "running"
     roles = [s["role"] for s in status["services"]]
-    assert roles == ["primary", "replica", "cache", "app", "app", "proxy"]
+    assert roles == ["primary", "replica", "cache", "worker", "app", "app", "proxy"]
     for service in status["services"]:
         assert service["state"] == "ready", service
         assert isinstance(service["pid"], int)
@@ -112,6 +120,75 @@ def test_killing_an_app_server_fails_no_get_and_it_comes_back(
     assert running_stack.service("app1")["restarts"] >= 1
 
 
+def entry_title(base: str, entry_id: int) -> str:
+    with urllib.request.urlopen(f"{base}/entry/{entry_id}", timeout=10) as response:
+        page = response.read().decode()
+    found = re.search(r"<h1><a [^>]*>([^<]*)</a></h1>", page)
+    assert found, page
+    return html.unescape(found.group(1))
+
+
+def test_a_saved_bookmark_gets_its_title_fetched_and_a_notification(
+        running_stack: StackHandle) -> None:
+    url = f"https://example.net/untitled-page-{time.time_ns()}"
+    form = urllib.parse.urlencode({"url": url, "title": "", "user": "alice",
+                                   "comment": "no title typed"}).encode()
+    with browser().open(f"{running_stack.base_url}/bookmarks", data=form,
+                        timeout=10) as response:
+        entry_id = int(response.geturl().rsplit("/", 1)[1])
+    expected = f"{url.rsplit('/', 1)[1].replace('-', ' ').capitalize()} - example.net"
+    running_stack.wait_for(lambda: entry_title(running_stack.base_url, entry_id) == expected,
+                           30, "the worker to fetch the title")
+    mail = running_stack.state_dir / "mail" / "new"
+
+    def delivered() -> list[email.message.Message]:
+        if not mail.is_dir():
+            return []
+        messages = [email.message_from_bytes(p.read_bytes()) for p in mail.iterdir()]
+        return [m for m in messages if url in str(m.get_payload())]
+
+    running_stack.wait_for(lambda: len(delivered()) == 1, 30, "the notification")
+    assert delivered()[0]["To"] == "alice@localhost"
+    queues = json.loads(running_stack.tiers("jobs", "queues", "--json").stdout)
+    assert all(queue["dead"] == 0 for queue in queues), queues
+
+
+def test_tiers_jobs_reaches_the_stacks_queue_and_the_ranking_job_runs(
+        running_stack: StackHandle) -> None:
+    done = running_stack.tiers("jobs", "enqueue", "bookmarks.rank_hot", "--json")
+    job_id = json.loads(done.stdout)["id"]
+
+    def job() -> dict[str, Any]:
+        answer = running_stack.tiers("jobs", "inspect", str(job_id), "--json")
+        result: dict[str, Any] = json.loads(answer.stdout)
+        return result
+
+    running_stack.wait_for(lambda: job()["status"] == "done", 30, "the ranking job")
+    assert job()["result"]["entries"] >= 1
+    assert running_stack.tiers("jobs", "list").stdout.strip() == "no dead jobs"
+
+
+def test_a_killed_worker_master_is_replaced_and_leaves_no_orphans(
+        running_stack: StackHandle) -> None:
+    worker = running_stack.service("worker")
+    children = psutil.Process(worker["pid"]).children()
+    assert len(children) == 3  # two workers and the scheduler
+    os.kill(worker["pid"], signal.SIGKILL)
+
+    def back() -> bool:
+        now = running_stack.service("worker")
+        return now["state"] == "ready" and now["pid"] != worker["pid"]
+
+    running_stack.wait_for(back, 30, "the worker to be restarted and ready")
+    _, gone_alive = psutil.wait_procs(children, timeout=10)
+    assert gone_alive == []
+    done = running_stack.tiers("jobs", "enqueue", "bookmarks.rank_hot", "--json")
+    job_id = json.loads(done.stdout)["id"]
+    running_stack.wait_for(
+        lambda: json.loads(running_stack.tiers("jobs", "inspect", str(job_id), "--json")
+                           .stdout)["status"] == "done", 30, "a job on the new workers")
+
+
 def test_a_second_up_on_a_running_state_dir_is_refused(running_stack: StackHandle) -> None:
     done = running_stack.tiers("up", "-d", check=False, timeout=30)
     assert done.returncode == 1
@@ -137,7 +214,8 @@ def test_down_leaves_nothing_and_up_reuses_the_data(open_tmp: Path,
                                 "kept across restarts")
         assert "kept across restarts" in page
         processes = handle.processes()
-        assert len(processes) >= 5  # supervisor, postgres x2 (+ their workers), app, proxy
+        assert len(processes) >= 6  # supervisor, postgres x2 (+ their workers), job workers,
+        #                             app, proxy
 
         handle.tiers("down")
         assert [p for p in processes if p.is_running() and p.status() != "zombie"] == []

@@ -11,6 +11,15 @@ from tests.integration.proxykit import FAST_HEALTH, Backend, Proxy, start_backen
 
 
 @pytest.fixture
+def jobs_dsn(fresh_database: str) -> str:
+    """A database of its own with the job queue's schema installed."""
+    from tiers.jobs.store import install_schema
+
+    install_schema(fresh_database)
+    return fresh_database
+
+
+@pytest.fixture
 def backends() -> Iterator[Callable[[int], list[Backend]]]:
     yield from start_backends(lambda name: Backend(name=name))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tiers.cli import db, inspect, lifecycle
+from tiers.cli import db, inspect, jobs, lifecycle
 from tiers.cli.context import Context
 
 
@@ -15,11 +15,12 @@ from tiers.cli.context import Context
               help="Topology file (default: ./tiers.toml if present, else built-in defaults).")
 @click.pass_context
 def cli(ctx: click.Context, state_dir: str | None, topology_file: str | None) -> None:
-    """Run a three-tier web service: proxy, prefork app servers, replicated PostgreSQL."""
+    """Run a three-tier web service: proxy, prefork app servers, replicated PostgreSQL,
+    cache nodes and job workers."""
     ctx.obj = Context(state_dir, topology_file)
 
 
-for _command in (*lifecycle.COMMANDS, *inspect.COMMANDS, *db.COMMANDS):
+for _command in (*lifecycle.COMMANDS, *inspect.COMMANDS, *db.COMMANDS, *jobs.COMMANDS):
     cli.add_command(_command)
 
 

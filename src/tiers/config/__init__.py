@@ -8,6 +8,7 @@ from tiers.config.model import (
     ProxyConfig,
     SupervisorConfig,
     Topology,
+    WorkerConfig,
 )
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "ProxyConfig",
     "SupervisorConfig",
     "Topology",
+    "WorkerConfig",
     "load_topology",
 ]

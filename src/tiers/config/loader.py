@@ -41,10 +41,17 @@ key and the reason, before anything starts. Example::
     port = 11311         # the first node; the others count up (or: ports = [..])
     memory_mb = 64       # per node
     engine = "auto"      # memcached when installed, else the embedded server
+
+    [worker]
+    imports = ["bookmarks.tasks"]   # modules that register tasks (the demo's by default)
+    processes = 2        # children, each running one job at a time
+    queues = ["default"] # served in this order
+    scheduler = true     # a process that enqueues the cron schedules
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
@@ -59,6 +66,7 @@ from tiers.config.model import (
     ShardingConfig,
     SupervisorConfig,
     Topology,
+    WorkerConfig,
 )
 from tiers.config.proxy import ProxyPolicy
 from tiers.config.proxy_loader import build_policy, policy_keys
@@ -76,6 +84,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 DEMO_PYTHONPATH = _REPO_ROOT / "examples"
 DEMO_MIGRATIONS = DEMO_PYTHONPATH / "bookmarks" / "migrations"
 DEMO_APP = AppConfig.app
+DEMO_TASKS = ("bookmarks.tasks",)
 
 
 def load_topology(path: Path | None = None, *, cwd: Path | None = None) -> Topology:
@@ -116,7 +125,7 @@ def _resolve(base: Path, text: str) -> Path:
 
 
 def _build(raw: dict[str, Any], source: str, base: Path) -> Topology:
-    sections = {"proxy", "app", "db", "cache", "supervisor"}
+    sections = {"proxy", "app", "db", "cache", "worker", "supervisor"}
     unknown = sorted(set(raw) - sections)
     if unknown:
         known = ", ".join(sorted(sections))
@@ -128,9 +137,10 @@ def _build(raw: dict[str, Any], source: str, base: Path) -> Topology:
     proxy = _build_proxy(_Section(source, "proxy", raw.get("proxy", {})), base, addresses)
     db = _build_db(_Section(source, "db", raw.get("db", {})), base)
     cache = _build_cache(_Section(source, "cache", raw.get("cache", {})))
+    worker = _build_worker(_Section(source, "worker", raw.get("worker", {})), app)
     supervisor = _build_supervisor(_Section(source, "supervisor", raw.get("supervisor", {})))
     topology = Topology(source=source, proxy=proxy, app=app, app_groups=groups, db=db,
-                        cache=cache, supervisor=supervisor)
+                        cache=cache, worker=worker, supervisor=supervisor)
     _check_ports_unique(topology)
     return topology
 
@@ -343,6 +353,43 @@ def _build_cache(s: _Section) -> MemcacheConfig:
         ports=s.ports(nodes, d.ports[0]),
         memory_mb=s.integer("memory_mb", d.memory_mb, 1, 1 << 20),
         engine=engine,
+    )
+
+
+_MODULE_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+_QUEUE_RE = re.compile(r"\A[A-Za-z0-9_.:-]{1,63}\Z")
+
+
+def _build_worker(s: _Section, app: AppConfig) -> WorkerConfig:
+    d = WorkerConfig()
+    s.check_keys({f.name for f in fields(WorkerConfig)})
+    default_imports = DEMO_TASKS if app.app == DEMO_APP else d.imports
+    imports = s.strings("imports", default_imports)
+    for name in imports:
+        if not _MODULE_RE.match(name):
+            raise s.fail("imports", f"{name!r} is not a module name (e.g. 'myapp.tasks')")
+    queues = s.strings("queues", d.queues)
+    if not queues:
+        raise s.fail("queues", "name at least one queue")
+    for name in queues:
+        if not _QUEUE_RE.match(name):
+            raise s.fail("queues", f"{name!r} is not a queue name (1 to 63 letters, digits, "
+                                   f"'_', '.', ':' or '-')")
+    if len(set(queues)) != len(queues):
+        raise s.fail("queues", "a queue is listed twice")
+    max_jobs = s.integer("max_jobs", d.max_jobs, 0)
+    return WorkerConfig(
+        processes=s.integer("processes", d.processes, 0, 256),
+        queues=queues,
+        imports=imports,
+        scheduler=s.get("scheduler", bool, d.scheduler),
+        max_jobs=max_jobs,
+        max_jobs_jitter=s.integer("max_jobs_jitter", d.max_jobs_jitter, 0),
+        job_timeout=s.seconds("job_timeout", d.job_timeout),
+        lease=s.seconds("lease", d.lease, 1.0),
+        poll_interval=s.seconds("poll_interval", d.poll_interval, 0.01),
+        graceful_timeout=s.seconds("graceful_timeout", d.graceful_timeout),
+        keep_done=s.seconds("keep_done", d.keep_done, 0.0),
     )
 
 

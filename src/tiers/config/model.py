@@ -15,7 +15,7 @@ from tiers.config.proxy import ProxyPolicy
 from tiers.db.sharding import ShardMap, TableGroups
 
 __all__ = ["Address", "AppConfig", "DbConfig", "MemcacheConfig", "ProxyConfig",
-           "ShardingConfig", "SupervisorConfig", "Topology"]
+           "ShardingConfig", "SupervisorConfig", "Topology", "WorkerConfig"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,33 @@ class MemcacheConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """The job workers: one prefork master (service ``worker``) on the main cluster's primary.
+
+    It runs only when ``imports`` names the modules that register tasks (the
+    demo's by default) and there is something to run (``processes`` > 0 or
+    the ``scheduler``). Task modules are imported with the app's pythonpath.
+    See ``tiers.jobs.options.WorkerOptions`` for what each value means.
+    """
+
+    processes: int = 2
+    queues: tuple[str, ...] = ("default",)
+    imports: tuple[str, ...] = ()
+    scheduler: bool = True
+    max_jobs: int = 1000
+    max_jobs_jitter: int = 100
+    job_timeout: float = 300.0
+    lease: float = 30.0
+    poll_interval: float = 1.0
+    graceful_timeout: float = 10.0
+    keep_done: float = 86400.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.imports) and (self.processes > 0 or self.scheduler)
+
+
+@dataclass(frozen=True)
 class SupervisorConfig:
     """How processes are started, restarted and stopped."""
 
@@ -167,6 +194,7 @@ class Topology:
     app_groups: tuple[AppConfig, ...] = ()
     db: DbConfig = field(default_factory=DbConfig)
     cache: MemcacheConfig = field(default_factory=MemcacheConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     def all_app_groups(self) -> tuple[AppConfig, ...]:

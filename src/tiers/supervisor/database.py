@@ -72,10 +72,12 @@ class DatabaseNodes:
     """The nodes of one database cluster, data under ``data_dir``; ``say`` reports failovers."""
 
     def __init__(self, db: DbConfig, data_dir: Path, *, migrations: Path | None = None,
-                 say: Callable[[str], None] = print) -> None:
+                 say: Callable[[str], None] = print, jobs_schema: bool = False) -> None:
         self.db = db
         self.data_dir = data_dir
         self.migrations = migrations
+        # The main cluster holds the job queue (tiers.jobs); others need not.
+        self.jobs_schema = jobs_schema
         self.say = say
         self.engine = engine_named(db.engine)
         self.ports = dict(zip(node_names(db), db.ports, strict=True))
@@ -268,6 +270,10 @@ class DatabaseNodes:
             return
         # The servers are the embedded PostgreSQL ones (see the module docstring).
         postgres.ensure_database(self.engine.local_dsn(self.ports[name]), self.db.database)
+        if self.jobs_schema:
+            # Before the app's migrations, so they may refer to the jobs tables.
+            from tiers.jobs.store import install_schema
+            install_schema(self.dsn(name))
         if self.migrations is not None:
             from tiers.db.migrate import apply_migrations
             apply_migrations(self.dsn(name), self.migrations)

@@ -1,12 +1,18 @@
 """What a topology means as processes: one :class:`ServiceSpec` per service, in start order.
 
-    db-primary, db-replica1..N, cache1..N -> app1..N -> proxy
+    db-primary, db-replica1..N, cache1..N -> worker -> app1..N -> proxy
 
 The database specs (:mod:`tiers.supervisor.database`) create what is missing
 before they start (initdb for the primary, a base backup of the running
-primary for each replica) and the primary applies the app's migrations once
-it is ready, so a fresh state directory and a reused one go through the
-same steps. Which node is the primary can change by failover.
+primary for each replica) and the main primary installs the job queue's
+schema and applies the app's migrations once it is ready, so a fresh state
+directory and a reused one go through the same steps. Which node is the
+primary can change by failover.
+
+The ``worker`` service (``tiers worker``, a prefork job pool) starts once the
+databases and cache nodes are ready, before the app servers, and is ready
+when every child is connected; it stops before them, so running jobs can
+still record their outcome.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ class Stack:
         self.databases = [
             DatabaseNodes(cluster, self.data_dir if cluster is topology.db
                           else self.data_dir.with_name(f"{self.data_dir.name}-{cluster.name}"),
-                          migrations=topology.app.migrations, say=say)
+                          migrations=topology.app.migrations, say=say,
+                          jobs_schema=cluster is topology.db)
             for cluster in topology.db.all_clusters()
         ]
         self.database = self.databases[0]
@@ -54,7 +61,7 @@ class Stack:
     def specs(self) -> list[ServiceSpec]:
         db_specs = [spec for nodes in self.databases for spec in nodes.specs()]
         caches = cache_specs(self.topology.cache, self.topology.db)
-        return [*db_specs, *caches, *self._apps(), self._proxy()]
+        return [*db_specs, *caches, *self._worker(), *self._apps(), self._proxy()]
 
     def cluster_of(self, node: str) -> DatabaseNodes:
         """The cluster that has a node named ``node``; DatabaseError if none has."""
@@ -92,9 +99,50 @@ class Stack:
         return specs
 
     def _app_command(self, argv: list[str]) -> Command:
+        return Command(argv, self.service_env())
+
+    def service_env(self) -> dict[str, str]:
+        """The environment of app servers and workers: databases, signing key, cache nodes."""
         cache = ",".join(str(address) for address in self.topology.cache.addresses())
-        return Command(argv, {**self.database_env(), "TIERS_SECRET_KEY": self.secret_key(),
-                              "TIERS_CACHE_NODES": cache, "PYTHONUNBUFFERED": "1"})
+        return {**self.database_env(), "TIERS_SECRET_KEY": self.secret_key(),
+                "TIERS_CACHE_NODES": cache, "PYTHONUNBUFFERED": "1"}
+
+    # ---- job workers -------------------------------------------------------------
+
+    @property
+    def worker_ready_file(self) -> Path:
+        return self.state_path / "worker.ready"
+
+    def _worker(self) -> list[ServiceSpec]:
+        worker = self.topology.worker
+        if not worker.enabled:
+            return []
+        depends = (*(name for nodes in self.databases for name in nodes.names),
+                   *self.topology.cache.service_names())
+        queues = ",".join(worker.queues)
+        what = f"{worker.processes} processes" + (" + scheduler" if worker.scheduler else "")
+        return [ServiceSpec(
+            name="worker", role="worker", address=f"queues {queues} ({what})",
+            prepare=self._worker_command, depends=depends,
+            probe=partial(_probe_file, self.worker_ready_file),
+        )]
+
+    def _worker_command(self) -> Command:
+        """``tiers worker``, reading the same topology; a fresh readiness file each start."""
+        self.worker_ready_file.unlink(missing_ok=True)
+        source = Path(self.topology.source)
+        argv = [sys.executable, "-m", "tiers", "--state-dir", str(self.state_path)]
+        if source.is_file():
+            argv += ["--file", str(source)]
+        argv += ["worker", "--ready-file", str(self.worker_ready_file)]
+        apps = [f"http://{address}" for group in self.topology.all_app_groups()
+                for address in group.addresses()]
+        env = {**self.service_env(),
+               # Where tasks may reach the site on loopback, and keep files of their own.
+               "TIERS_APP_URLS": ",".join(apps),
+               "TIERS_PROXY_URL": f"http://{self.topology.proxy.listen}",
+               "TIERS_STATE_DIR": str(self.state_path)}
+        return Command(argv, env)
 
     def secret_key(self) -> str:
         """The stack's signing key (causal-token cookies), made once per state directory.
@@ -186,6 +234,11 @@ def _probe_http(host: str, port: int, path: str) -> None:
             raise ConnectionError(f"health check answered {response.status}")
     finally:
         connection.close()
+
+
+def _probe_file(path: Path) -> None:
+    if not path.exists():
+        raise ConnectionError(f"{path} does not exist yet")
 
 
 def _probe_tcp(host: str, port: int) -> None:

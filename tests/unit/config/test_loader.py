@@ -92,6 +92,16 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         ('[db.shards]\ntables = ["s"]\nvirtual_shards = 4\n[db.shards.clusters]\n'
          'other = ["0-3"]\n', "db.shards.clusters.other", "other"),
         ("[app]\nport = 9000\n[db]\nports = [9001, 9500]\n", "db.ports", "already used by app"),
+        ("[worker]\nprocess = 2\n", "worker.process", "unknown key"),
+        ("[worker]\nprocesses = -1\n", "worker.processes", "between 0 and 256"),
+        ("[worker]\nqueues = []\n", "worker.queues", "at least one queue"),
+        ('[worker]\nqueues = ["a b"]\n', "worker.queues", "not a queue name"),
+        ('[worker]\nqueues = ["a", "a"]\n', "worker.queues", "listed twice"),
+        ('[worker]\nimports = ["my tasks"]\n', "worker.imports", "not a module name"),
+        ("[worker]\nimports = [1]\n", "worker.imports", "a string or a list of strings"),
+        ("[worker]\nlease = 0.5\n", "worker.lease", "at least 1.0 seconds"),
+        ('[worker]\nscheduler = "yes"\n', "worker.scheduler", "expected a boolean"),
+        ("[worker]\nmax_jobs = -5\n", "worker.max_jobs", "at least 0"),
     ],
 )
 def test_mistakes_name_file_key_and_reason(text: str, key: str, reason: str) -> None:
@@ -150,3 +160,19 @@ def test_clusters_table_groups_and_shards() -> None:
     assert db.shards is not None and db.shards.tables == ("stars",)
     assert [db.shards.map.cluster_of_shard(i) for i in (0, 3, 4, 7)] == [
         "main", "main", "social", "social"]
+
+
+def test_worker_defaults_follow_the_app() -> None:
+    demo = parse_topology("")
+    assert demo.worker.imports == ("bookmarks.tasks",)
+    assert demo.worker.enabled and demo.worker.processes == 2 and demo.worker.scheduler
+    other = parse_topology('[app]\napp = "myapp:app"\npythonpath = ["."]\n', base=Path("/"))
+    assert other.worker.imports == () and not other.worker.enabled
+    told = parse_topology('[app]\napp = "myapp:app"\npythonpath = ["."]\n[worker]\n'
+                          'imports = "myapp.tasks"\nprocesses = 0\nqueues = ["a", "b"]\n'
+                          "max_jobs = 0\nkeep_done = 0\n", base=Path("/"))
+    assert told.worker.imports == ("myapp.tasks",) and told.worker.queues == ("a", "b")
+    assert told.worker.enabled  # the scheduler alone is something to run
+    assert (told.worker.max_jobs, told.worker.keep_done) == (0, 0.0)
+    idle = parse_topology("[worker]\nprocesses = 0\nscheduler = false\n")
+    assert not idle.worker.enabled

@@ -421,3 +421,20 @@ def test_the_default_app_refuses_a_map_that_splits_the_page_tables(
         monkeypatch.setenv(key, value)
     with pytest.raises(CrossShardError, match=r"'entries' -> main, 'bookmarks' -> social"):
         create_app(secret_key=KEY)
+
+
+@pytest.mark.parametrize(("url", "title"), [
+    ("https://Example.com/hot-news_today.html", "Hot news today - example.com"),
+    ("https://example.com/", "example.com"),
+    ("https://example.com/a%20b/", "A b - example.com"),
+])
+def test_the_stand_in_page_for_a_url_has_a_title_made_from_it(client: FlaskClient, url: str,
+                                                              title: str) -> None:
+    response = client.get("/preview", query_string={"url": url})
+    assert response.status_code == 200
+    assert f"<title>{title}</title>" in response.get_data(as_text=True)
+
+
+def test_the_stand_in_page_refuses_what_is_not_an_http_url(client: FlaskClient) -> None:
+    assert client.get("/preview", query_string={"url": "ftp://example.com/"}).status_code == 400
+    assert client.get("/preview").status_code == 400

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any
 
 import bookmarks
+import psycopg
 import pytest
 from bookmarks.forms import NewBookmark
 from bookmarks.store import MAX_ENTRY_ID, ProcessLocalStore, SqlStore
@@ -284,8 +285,8 @@ def test_the_stars_migration_installs_next_id_ddl_as_written() -> None:
 # -- the SQL against a real (embedded) PostgreSQL server ---------------------------
 
 def test_real_store_round_trip(database: str) -> None:
-    assert apply_migrations(database, Path(bookmarks.MIGRATIONS)) == ["001_init.sql",
-                                                                      "002_stars.sql"]
+    assert apply_migrations(database, Path(bookmarks.MIGRATIONS)) == [
+        "001_init.sql", "002_stars.sql", "003_jobs.sql"]
     # The same server as "replica": reads check its position like a replica's.
     cluster = Cluster.from_dsns(database, [database])
     store = SqlStore(cluster)
@@ -328,3 +329,111 @@ def test_real_store_round_trip(database: str) -> None:
 @pytest.fixture
 def database(fresh_database: str) -> str:
     return fresh_database
+
+
+def test_jobs_are_enqueued_in_the_saves_transaction(database: str) -> None:
+    from bookmarks.tasks import enqueue_after_save
+
+    from tiers.jobs.store import install_schema
+
+    install_schema(database)
+    apply_migrations(database, Path(bookmarks.MIGRATIONS))
+    cluster = Cluster.from_dsns(database, [database])
+    store = SqlStore(cluster, after_save=enqueue_after_save)
+
+    def jobs() -> list[tuple[str, dict[str, Any], str | None]]:
+        with psycopg.connect(database) as conn:
+            return [(r[0], r[1], r[2]) for r in conn.execute(
+                "SELECT task, args, unique_key FROM tiers_jobs ORDER BY id")]
+
+    with causal_scope():
+        saved = store.save_bookmark(NewBookmark("https://example.com/x", "https://example.com/x",
+                                                "alice", "nice"))
+        store.save_bookmark(NewBookmark("https://example.com/x", "Title", "bob", ""))
+    fetch = ("bookmarks.fetch_title", {"entry_id": saved.entry_id, "url": "https://example.com/x"},
+             f"fetch-title:{saved.entry_id}")
+    assert jobs() == [
+        fetch,
+        ("bookmarks.notify_saved", {"entry_id": saved.entry_id, "user": "alice",
+                                    "url": "https://example.com/x",
+                                    "title": "https://example.com/x", "comment": "nice"}, None),
+        # The second save's fetch is already pending: one per entry.
+        ("bookmarks.notify_saved", {"entry_id": saved.entry_id, "user": "bob",
+                                    "url": "https://example.com/x", "title": "Title",
+                                    "comment": ""}, None),
+    ]
+
+    def enqueue_then_fail(conn: Any, entry_id: int, bookmark: NewBookmark) -> None:
+        enqueue_after_save(conn, entry_id, bookmark)
+        raise RuntimeError("the save fails after its jobs were enqueued")
+
+    failing = SqlStore(cluster, after_save=enqueue_then_fail)
+    with causal_scope(), pytest.raises(RuntimeError):
+        failing.save_bookmark(NewBookmark("https://example.com/y", "Y", "carol", ""))
+    assert len(jobs()) == 3  # neither the bookmark nor its jobs
+    with causal_scope():
+        assert store.front_page().recent[0].url == "https://example.com/x"
+    cluster.close()
+
+
+def test_a_fetched_title_replaces_only_a_placeholder(database: str) -> None:
+    apply_migrations(database, Path(bookmarks.MIGRATIONS))
+    cluster = Cluster.from_dsns(database, [database])
+    store = SqlStore(cluster)
+    with causal_scope():
+        untitled = store.save_bookmark(NewBookmark("https://example.com/u",
+                                                   "https://example.com/u", "alice", ""))
+        titled = store.save_bookmark(NewBookmark("https://example.com/t", "Mine", "alice", ""))
+        assert store.apply_fetched_title(untitled.entry_id, "  Fetched\n title ") == (
+            "Fetched title")
+        assert store.apply_fetched_title(titled.entry_id, "Fetched") == "Mine"
+        assert store.apply_fetched_title(10**12, "x") is None
+        with pytest.raises(ValueError):
+            store.apply_fetched_title(untitled.entry_id, "   ")
+        with psycopg.connect(database) as conn:
+            fetched = conn.execute("SELECT count(*) FROM entries WHERE fetched_at IS NOT NULL"
+                                   ).fetchone()
+        assert fetched == (2,)
+    cluster.close()
+
+
+def test_the_hot_ranking_adds_live_bookmarks_to_the_recomputed_counts(database: str) -> None:
+    apply_migrations(database, Path(bookmarks.MIGRATIONS))
+    cluster = Cluster.from_dsns(database, [database])
+    store = SqlStore(cluster)
+    with causal_scope():
+        for user in ("alice", "bob"):
+            store.save_bookmark(NewBookmark("https://example.com/a", "A", user, ""))
+        store.save_bookmark(NewBookmark("https://example.com/b", "B", "alice", ""))
+        live = [(e.url, e.users) for e in store.hot_entries()]
+        assert live == [("https://example.com/a", 2), ("https://example.com/b", 1)]
+        assert store.recompute_hot() == 2
+        assert [(e.url, e.users) for e in store.hot_entries()] == live  # the same ranking
+        # After the run, new bookmarks count at once: b overtakes a.
+        for user in ("carol", "dave"):
+            store.save_bookmark(NewBookmark("https://example.com/b", "B", user, ""))
+        assert [(e.url, e.users) for e in store.hot_entries()] == [
+            ("https://example.com/b", 3), ("https://example.com/a", 2)]
+        assert [e.url for e in store.front_page().hot] == ["https://example.com/b",
+                                                            "https://example.com/a"]
+        # Counts stored long ago (the job stopped for a day) are not trusted.
+        with psycopg.connect(database) as conn:
+            conn.execute("UPDATE hot_counts SET latest = now() - interval '2 days'")
+            conn.execute("UPDATE hot_counts_meta SET computed_at = now() - interval '2 days'")
+        assert [(e.url, e.users) for e in store.hot_entries()] == [
+            ("https://example.com/b", 3), ("https://example.com/a", 2)]
+    cluster.close()
+
+
+def test_jobs_on_another_cluster_are_enqueued_after_the_save_commits() -> None:
+    pages = FakeRouter({"INSERT INTO entries": [(7,)]}, "social")
+    jobs = FakeRouter({}, "main")
+    calls: list[tuple[str, int]] = []
+
+    def after_save(conn: Any, entry_id: int, bookmark: NewBookmark) -> None:
+        calls.append(("main" if conn is jobs.conn else "social", entry_id))
+
+    store = SqlStore(pages, after_save=after_save, jobs_cluster=jobs)
+    store.save_bookmark(NewBookmark("https://example.com/", "T", "alice", ""))
+    assert calls == [("main", 7)]
+    assert pages.calls == ["write"] and jobs.calls == ["write"]
