@@ -51,9 +51,10 @@ and ``query`` retries its statement once. *Not the primary* on a write
 drops the connection, makes the monitor check every node at once, and raises
 NodeUnavailable: a write whose outcome is unknown is never replayed. A
 commit that fails because the node is gone, or whose node is gone before its
-position could be read, raises NodeUnavailable saying the outcome is unknown. Other errors raised by the caller's statements propagate
-unchanged (the app may catch ``psycopg.errors.UniqueViolation``), and the
-transaction is rolled back.
+position could be read, raises NodeUnavailable saying the outcome is
+unknown. Other errors raised by the caller's statements propagate unchanged
+(the app may catch ``psycopg.errors.UniqueViolation``), and the transaction
+is rolled back.
 
 Round trips. A read block is a transaction: psycopg sends BEGIN before its
 first statement (a round trip of its own; a block that sends nothing costs
