@@ -137,13 +137,13 @@ def make_procrastinate_app(dsn: str, *, reliable: bool, sync: bool = False) -> A
     app = procrastinate.App(connector=connector,
                             worker_defaults={"concurrency": 1, "queues": [QUEUE]})
 
-    @app.task(name=TASK_NAME, queue=QUEUE)  # type: ignore[untyped-decorator]
+    @app.task(name=TASK_NAME, queue=QUEUE)
     def job(job_id: int, sleep_ms: float = 0.0) -> None:
         run_job(job_id, sleep_ms)
 
     if reliable:
 
-        @app.periodic(cron=STALLED_CRON)  # type: ignore[untyped-decorator]
+        @app.periodic(cron=STALLED_CRON)
         @app.task(name="tiers_bench.retry_stalled_jobs", queue=QUEUE,
                   queueing_lock="retry_stalled_jobs", pass_context=True)
         async def retry_stalled_jobs(context: Any, timestamp: int) -> None:
