@@ -8,8 +8,9 @@ system stored. Every job is ``_jobs_tasks.run_job``, which appends a line
 to a done log; ``DoneLog`` reads it, so waiting for completion and listing
 the jobs that completed is the same for every system.
 
-Adding a system is adding an adapter to ``ADAPTERS``. tiers' own adapter is
-a marked missing part until its job queue lands (see ``TiersAdapter``).
+Adding a system is adding an adapter to ``ADAPTERS``. tiers' own adapter
+needs a tiers with its job queue (``tiers.jobs``); without it, tiers is
+skipped with the reason.
 """
 
 from __future__ import annotations
@@ -204,6 +205,9 @@ class Adapter:
     def enqueue_one(self, job_id: int, sleep_ms: float) -> None:
         self.enqueue_batch([job_id], sleep_ms)
 
+    def settle(self) -> None:
+        """After a bulk enqueue, before the clock runs: what the store would soon do anyway."""
+
     def job_processes(self) -> list[psutil.Process]:
         """Children of the master process(es): where the jobs run."""
         procs: list[psutil.Process] = []
@@ -233,7 +237,12 @@ class Adapter:
         self._env = env
         self.restarts = 0
         for i, argv in enumerate(self._argvs):
-            self.roots.append(self.env.children.start(f"{self.name}-{i}", argv, env=env))
+            self.roots.append(self._spawn(i, argv))
+
+    def _spawn(self, index: int, argv: Sequence[str]) -> h.Child:
+        # In the temporary directory: no configuration file of the current one is read.
+        return self.env.children.start(f"{self.name}-{index}", argv, env=self._env,
+                                       popen_kwargs={"cwd": str(self.env.tmp)})
 
     def tend(self) -> None:
         """Restart the worker processes that died, where the system has no master to."""
@@ -243,8 +252,7 @@ class Adapter:
             if child.proc.poll() is None:
                 continue
             self.env.children.stop(child)
-            self.roots[i] = self.env.children.start(f"{self.name}-{i}", self._argvs[i],
-                                                    env=self._env)
+            self.roots[i] = self._spawn(i, self._argvs[i])
             self.restarts += 1
 
     def check_alive(self) -> None:
@@ -299,32 +307,102 @@ def _pg_store_cpu(env: Env) -> float:
 class TiersAdapter(Adapter):
     """tiers' own job queue: ``tiers worker`` and the enqueue API of ``tiers.jobs``.
 
-    MISSING: tiers' job queue (the package ``tiers.jobs`` and the ``tiers
-    worker`` command) is not part of this checkout yet, so this adapter
-    cannot be written against it: ``prepare`` says so and the tiers rows are
-    skipped, and the script exits with status 1 at the end. Once it lands,
-    this class gets the same methods as the peers': its schema and reset on
-    the benchmark's PostgreSQL, bulk and single enqueue through its API, ``tiers
-    worker`` with N children as the worker command (``job_processes``, the
-    master's children, are then what the kill run kills).
+    Written against ``tiers.jobs`` as the jobs branch has it (``install_schema``,
+    ``enqueue``, ``enqueue_many`` with ``NewJob``; ``tiers worker --dsn --processes
+    --queue --import --pythonpath --no-scheduler``): a tiers without that
+    package is skipped with the reason. There is no setting to choose: a job
+    whose worker child dies runs again, at once when the master sees the
+    death, else when its lease expires (``--lease``, 30 s).
     """
 
     name = "tiers"
+    DATABASE = "tiers_bench_tiers"
+    # The master hands a dead child's job back at once; the lease (30 s) is the fallback.
+    recovery_seconds = 45.0
+
+    def __init__(self, env: Env, *, reliable: bool) -> None:
+        super().__init__(env, reliable=reliable)
+        self._conn: Any = None
 
     def setting(self) -> str:
-        raise NotImplementedError("TiersAdapter is a missing part: see its docstring")
+        return ("tiers worker --processes N (a master forking N children); at-least-once "
+                "(leases), whatever the setting")
+
+    def _dsn(self) -> str:
+        assert self.env.pg is not None
+        return embedded.conninfo(self.env.pg.ports[PRIMARY], self.DATABASE)
 
     def prepare(self) -> None:
-        if importlib.util.find_spec("tiers.jobs") is None:
-            raise Unavailable("tiers.jobs and `tiers worker` are not installed yet; TiersAdapter "
-                              "(benchmarks/_jobs_adapters.py) is a missing part")
-        raise Unavailable("tiers.jobs is installed, but TiersAdapter "
-                          "(benchmarks/_jobs_adapters.py) is still a missing part")
+        try:
+            import tiers.jobs as tiers_jobs
+        except ImportError as exc:
+            raise Unavailable(f"this tiers has no job queue yet ({exc}): the adapter needs "
+                              f"tiers.jobs and `tiers worker` (the jobs branch)") from exc
+        self._jobs: Any = tiers_jobs
+        self._cmd = _command("tiers")
+        if self.env.pg is None:
+            raise Unavailable(f"no PostgreSQL: {self.env.pg_error}")
+        _create_database(self.env.pg, self.DATABASE)
+        tiers_jobs.install_schema(self._dsn())
+        self._conn = connect(self._dsn())
+
+    def worker_argvs(self, workers: int) -> list[list[str]]:
+        return [[self._cmd, "worker", "--dsn", self._dsn(), "--processes", str(workers),
+                 "--queue", tasks.QUEUE, "--import", "_jobs_tasks", "--pythonpath",
+                 str(BENCH_DIR), "--no-scheduler", "--name", "tiers-bench"]]
+
+    def worker_env(self) -> dict[str, str]:
+        return {"TIERS_BENCH_JOBS_SYSTEM": "tiers"}
+
+    def enqueue_batch(self, ids: Sequence[int], sleep_ms: float) -> None:
+        new_job = self._jobs.NewJob
+        self._jobs.enqueue_many(self._conn, [
+            new_job(task=tasks.TASK_NAME, args={"job_id": i, "sleep_ms": sleep_ms},
+                    queue=tasks.QUEUE) for i in ids])
+
+    def enqueue_one(self, job_id: int, sleep_ms: float) -> None:
+        self._jobs.enqueue(self._conn, tasks.TASK_NAME, {"job_id": job_id, "sleep_ms": sleep_ms},
+                           queue=tasks.QUEUE)
+
+    def store_cpu(self) -> float:
+        return _pg_store_cpu(self.env)
+
+    def settle(self) -> None:
+        _analyze(self._dsn(), "tiers_jobs")
+
+    def reset(self) -> None:
+        self._conn.execute("TRUNCATE tiers_jobs, tiers_job_batches RESTART IDENTITY CASCADE")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _analyze(dsn: str, table: str) -> None:
+    """ANALYZE a job table that was just filled, as autovacuum soon would.
+
+    Without statistics, on a fresh table, the planner picks poor plans for
+    the claim queries: procrastinate's first run here went three times slower.
+    """
+    with connect(dsn) as conn:
+        conn.execute(f"ANALYZE {table}")
+
+
+def _create_database(pg: Nodes, name: str) -> bool:
+    """Create database ``name`` on the primary unless it exists; True if it was created."""
+    with connect(pg.dsn(PRIMARY)) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return False
+        conn.execute(f'CREATE DATABASE "{name}"')
+        return True
 
 
 class ProcrastinateAdapter(Adapter):
     name = "procrastinate"
     DATABASE = "tiers_bench_procrastinate"
+    # Seconds from a worker's start to its first job here, with a margin.
+    READY_AGE = 1.0
     # get_stalled_jobs' default heartbeat age (30 s), the recipe's period (5 s),
     # a worker's heartbeat interval (10 s) and a margin.
     recovery_seconds = 60.0
@@ -348,15 +426,7 @@ class ProcrastinateAdapter(Adapter):
         self._cmd = _command("procrastinate")
         if self.env.pg is None:
             raise Unavailable(f"no PostgreSQL: {self.env.pg_error}")
-        admin = self.env.pg.dsn(PRIMARY)
-        with connect(admin) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                                  (self.DATABASE,)).fetchone()
-            if exists is None:
-                conn.execute(f'CREATE DATABASE "{self.DATABASE}"')
-                fresh = True
-            else:
-                fresh = False
+        fresh = _create_database(self.env.pg, self.DATABASE)
         self._app = tasks.make_procrastinate_app(self._dsn(), reliable=self.reliable, sync=True)
         self._app.open()
         if fresh:
@@ -378,12 +448,19 @@ class ProcrastinateAdapter(Adapter):
         self._task.defer(job_id=job_id, sleep_ms=sleep_ms)
 
     def job_processes(self) -> list[psutil.Process]:
-        # No master: each worker process runs its jobs itself.
+        # No master: each worker process runs its jobs itself. One that was just
+        # (re)started is still importing and connecting, not running a job yet.
         procs = []
+        now = time.time()
         for child in self.roots:
             with contextlib.suppress(psutil.Error):
-                procs.append(psutil.Process(child.proc.pid))
+                proc = psutil.Process(child.proc.pid)
+                if now - proc.create_time() >= self.READY_AGE:
+                    procs.append(proc)
         return procs
+
+    def settle(self) -> None:
+        _analyze(self._dsn(), "procrastinate_jobs")
 
     def restarts_dead_workers(self) -> bool:
         return True

@@ -15,8 +15,8 @@ subtract its own readings from the workers'. A job that runs twice (at least
 once delivery after a kill) writes two lines.
 
 The environment tells a worker process which app to build:
-``TIERS_BENCH_JOBS_SYSTEM`` (``celery`` or ``procrastinate``; RQ needs no
-app), ``TIERS_BENCH_JOBS_RELIABLE`` (``1``: the peer's documented setting for
+``TIERS_BENCH_JOBS_SYSTEM`` (``tiers``, ``celery`` or ``procrastinate``; RQ
+needs no app), ``TIERS_BENCH_JOBS_RELIABLE`` (``1``: the peer's documented setting for
 not losing jobs when a worker dies), ``TIERS_BENCH_JOBS_BROKER`` and
 ``TIERS_BENCH_JOBS_PREFIX`` (Celery), ``TIERS_BENCH_JOBS_DSN`` (procrastinate)
 and ``TIERS_BENCH_JOBS_OUT`` (the done log).
@@ -157,8 +157,19 @@ def _reliable() -> bool:
     return os.environ.get("TIERS_BENCH_JOBS_RELIABLE", "1") == "1"
 
 
+def register_tiers_task() -> None:
+    """Register the job with tiers' job queue (``tiers worker --import _jobs_tasks``)."""
+    from tiers.jobs import task
+
+    @task(TASK_NAME, queue=QUEUE)
+    def job(job_id: int, sleep_ms: float = 0.0) -> None:
+        run_job(job_id, sleep_ms)
+
+
 _SYSTEM = os.environ.get("TIERS_BENCH_JOBS_SYSTEM", "")
-if _SYSTEM == "celery":
+if _SYSTEM == "tiers":
+    register_tiers_task()
+elif _SYSTEM == "celery":
     celery_app = make_celery_app(os.environ["TIERS_BENCH_JOBS_BROKER"],
                                  os.environ["TIERS_BENCH_JOBS_PREFIX"], reliable=_reliable())
 elif _SYSTEM == "procrastinate":
