@@ -61,7 +61,7 @@ class DoneLog:
         except FileNotFoundError:
             return 0
 
-    def rows(self) -> list[tuple[int, int, int]]:
+    def rows(self) -> list[tuple[int, int, int, int]]:
         return tasks.read_done(str(self.path))
 
     def wait_count(self, target: int, timeout: float, tend: Callable[[], object] | None = None,
@@ -226,11 +226,15 @@ class Adapter:
         """Remove what the system stored (its database or keys)."""
 
     # Shared.
-    def start(self, out: DoneLog, workers: int) -> None:
+    def start(self, out: DoneLog, workers: int, *, started: Path | None = None) -> None:
+        """Start the workers; their jobs append to ``out`` (and ``started``, if given)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(BENCH_DIR), *filter(None, [env.get("PYTHONPATH")])])
         env[tasks.OUT_ENV] = str(out.path)
+        env.pop(tasks.STARTED_ENV, None)
+        if started is not None:
+            env[tasks.STARTED_ENV] = str(started)
         env["TIERS_BENCH_JOBS_RELIABLE"] = "1" if self.reliable else "0"
         env.update(self.worker_env())
         self._argvs = self.worker_argvs(workers)
@@ -285,10 +289,15 @@ class Adapter:
                 proc.kill()
         psutil.wait_procs(descendants, timeout=5)
 
-    def kill_one(self, rng: random.Random) -> bool:
-        """SIGKILL one process that runs jobs; False if there was none for a while."""
+    def kill_one(self, rng: random.Random, busy: Callable[[], set[int]]) -> bool:
+        """SIGKILL one process in the middle of a job; False if there was none for a while.
+
+        ``busy`` gives the pids that started a job and have not finished it: a
+        process between two jobs, or still starting, is not what this kills.
+        """
         for _ in range(40):
-            procs = [p for p in self.job_processes() if p.is_running()]
+            in_job = busy()
+            procs = [p for p in self.job_processes() if p.pid in in_job and p.is_running()]
             if procs:
                 try:
                     rng.choice(procs).kill()
@@ -401,8 +410,6 @@ def _create_database(pg: Nodes, name: str) -> bool:
 class ProcrastinateAdapter(Adapter):
     name = "procrastinate"
     DATABASE = "tiers_bench_procrastinate"
-    # Seconds from a worker's start to its first job here, with a margin.
-    READY_AGE = 1.0
     # get_stalled_jobs' default heartbeat age (30 s), the recipe's period (5 s),
     # a worker's heartbeat interval (10 s) and a margin.
     recovery_seconds = 60.0
@@ -448,15 +455,11 @@ class ProcrastinateAdapter(Adapter):
         self._task.defer(job_id=job_id, sleep_ms=sleep_ms)
 
     def job_processes(self) -> list[psutil.Process]:
-        # No master: each worker process runs its jobs itself. One that was just
-        # (re)started is still importing and connecting, not running a job yet.
+        # No master: each worker process runs its jobs itself.
         procs = []
-        now = time.time()
         for child in self.roots:
             with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(child.proc.pid)
-                if now - proc.create_time() >= self.READY_AGE:
-                    procs.append(proc)
+                procs.append(psutil.Process(child.proc.pid))
         return procs
 
     def settle(self) -> None:

@@ -5,21 +5,24 @@ Worker processes import this module (the benchmarks directory is on their
 function for every system: it notes when it started, sleeps ``sleep_ms``
 (0 for the no-op job), and appends one fixed-width line to the done log
 
-    <job id, 10 wide> <started ns, 20 wide> <ended ns, 20 wide>\\n
+    <job id, 10 wide> <started ns, 20 wide> <ended ns, 20 wide> <pid, 10 wide>\\n
 
 with a single unbuffered ``write`` to a file opened with ``O_APPEND``, so
 lines from many processes never interleave and a line that was written
 survives a SIGKILL the moment after. Times are ``CLOCK_MONOTONIC``, which is
 one clock for all processes of a Linux machine, so the enqueuing process can
 subtract its own readings from the workers'. A job that runs twice (at least
-once delivery after a kill) writes two lines.
+once delivery after a kill) writes two lines. Where ``TIERS_BENCH_JOBS_STARTED``
+names a file (the kill run), a job also appends ``<job id> <pid>`` to it when
+it starts, so that the processes in the middle of a job can be told apart
+from those between jobs or still starting.
 
 The environment tells a worker process which app to build:
 ``TIERS_BENCH_JOBS_SYSTEM`` (``tiers``, ``celery`` or ``procrastinate``; RQ
 needs no app), ``TIERS_BENCH_JOBS_RELIABLE`` (``1``: the peer's documented setting for
 not losing jobs when a worker dies), ``TIERS_BENCH_JOBS_BROKER`` and
 ``TIERS_BENCH_JOBS_PREFIX`` (Celery), ``TIERS_BENCH_JOBS_DSN`` (procrastinate)
-and ``TIERS_BENCH_JOBS_OUT`` (the done log).
+``TIERS_BENCH_JOBS_OUT`` (the done log) and ``TIERS_BENCH_JOBS_STARTED``.
 """
 
 from __future__ import annotations
@@ -29,47 +32,67 @@ import time
 from typing import Any
 
 CLOCK = time.CLOCK_MONOTONIC
-LINE_BYTES = 53  # 10 + 1 + 20 + 1 + 20 + newline
+LINE_BYTES = 64  # 10 + 1 + 20 + 1 + 20 + 1 + 10 + newline
 QUEUE = "tiers-bench-jobs"
 TASK_NAME = "tiers_bench.job"
 OUT_ENV = "TIERS_BENCH_JOBS_OUT"
+STARTED_ENV = "TIERS_BENCH_JOBS_STARTED"
 
-_out_fds: dict[int, int] = {}  # pid -> descriptor of the done log
+_fds: dict[tuple[int, str], int] = {}  # (pid, path) -> descriptor
 
 
-def _out() -> int:
-    # One descriptor per process: a forked child opens its own rather than
+def _fd(path: str) -> int:
+    # Descriptors of this process: a forked child opens its own rather than
     # writing through one it inherited.
     pid = os.getpid()
-    fd = _out_fds.get(pid)
+    fd = _fds.get((pid, path))
     if fd is None:
-        fd = os.open(os.environ[OUT_ENV], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        _out_fds.clear()
-        _out_fds[pid] = fd
+        if any(key[0] != pid for key in _fds):
+            _fds.clear()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        _fds[pid, path] = fd
     return fd
 
 
 def run_job(job_id: int, sleep_ms: float = 0.0) -> None:
     """The benchmark's job: note the start, sleep ``sleep_ms``, append the done line."""
     started = time.clock_gettime_ns(CLOCK)
+    pid = os.getpid()
+    started_log = os.environ.get(STARTED_ENV)
+    if started_log:
+        os.write(_fd(started_log), b"%10d %10d\n" % (job_id, pid))
     if sleep_ms > 0:
         time.sleep(sleep_ms / 1000.0)
-    os.write(_out(), b"%10d %20d %20d\n" % (job_id, started, time.clock_gettime_ns(CLOCK)))
+    os.write(_fd(os.environ[OUT_ENV]),
+             b"%10d %20d %20d %10d\n" % (job_id, started, time.clock_gettime_ns(CLOCK), pid))
 
 
-def read_done(path: str) -> list[tuple[int, int, int]]:
-    """Every (job id, started ns, ended ns) line of a done log, in the order written."""
+def _lines(path: str) -> list[list[bytes]]:
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return []
-    rows = []
-    for line in data.splitlines():
-        parts = line.split()
-        if len(parts) == 3:
-            rows.append((int(parts[0]), int(parts[1]), int(parts[2])))
-    return rows
+    return [line.split() for line in data.splitlines()]
+
+
+def read_done(path: str) -> list[tuple[int, int, int, int]]:
+    """Every (job id, started ns, ended ns, pid) line of a done log, in the order written."""
+    return [(int(p[0]), int(p[1]), int(p[2]), int(p[3])) for p in _lines(path) if len(p) == 4]
+
+
+def busy_pids(started_path: str, done_path: str) -> set[int]:
+    """The processes that started a job and have not written its done line (yet, or ever)."""
+    open_jobs: dict[tuple[int, int], int] = {}
+    for p in _lines(started_path):
+        if len(p) == 2:
+            key = (int(p[0]), int(p[1]))
+            open_jobs[key] = open_jobs.get(key, 0) + 1
+    for job_id, _, _, pid in read_done(done_path):
+        key = (job_id, pid)
+        if open_jobs.get(key, 0) > 0:
+            open_jobs[key] -= 1
+    return {pid for (_, pid), count in open_jobs.items() if count > 0}
 
 
 def now_ns() -> int:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/jobs.py [--workers 2] [--rounds 3] [--jobs 20000]
         [--modes drain,live] [--latency-jobs 200] [--gap-ms 50]
-        [--kill-jobs 2000] [--kill-job-ms 20] [--kill-every 0.25] [--max-kills 40]
+        [--kill-jobs 2000] [--kill-job-ms 20] [--kill-every 0.5] [--max-kills 30]
         [--kill-settings reliable,default] [--settings reliable]
         [--systems tiers,procrastinate,celery,rq] [--parts throughput,latency,kill]
         [--redis-url redis://127.0.0.1:6379] [--redis-db 12] [--quick]
@@ -248,7 +248,7 @@ class Runner:
                 time.sleep(self.args.gap_ms / 1000)  # the pool is idle again
         finally:
             a.stop()
-        lat = [(start - before[i]) / 1e6 for i, start, _ in log.rows() if i in before]
+        lat = [(start - before[i]) / 1e6 for i, start, _, _ in log.rows() if i in before]
         return Latency(p50_ms=percentile(lat, 0.5), p99_ms=percentile(lat, 0.99),
                        max_ms=max(lat), enqueue_p50_ms=percentile(enqueue_ms, 0.5),
                        samples=len(lat))
@@ -257,7 +257,8 @@ class Runner:
         a, n, args = self.adapter, self.args.kill_jobs, self.args
         a.reset()
         log = self._log("kill")
-        a.start(log, args.workers)
+        started = log.path.with_suffix(".started")
+        a.start(log, args.workers, started=started)
         kills = 0
         try:
             warm = self._warm_up(log, n) - n
@@ -273,7 +274,7 @@ class Runner:
                    and time.monotonic() < kill_deadline):
                 time.sleep(args.kill_every * rng.uniform(0.5, 1.5))
                 a.tend()
-                if a.kill_one(rng):
+                if a.kill_one(rng, lambda: tasks.busy_pids(str(started), str(log.path))):
                     kills += 1
             # Recovery: until every job ran, or no job has run for the system's recovery
             # time (procrastinate's is longer: a stalled job waits for its worker's
@@ -285,7 +286,7 @@ class Runner:
             a.stop()
         rows = [r for r in log.rows() if r[0] < n]
         runs: dict[int, int] = {}
-        for job_id, _, _ in rows:
+        for job_id, *_ in rows:
             runs[job_id] = runs.get(job_id, 0) + 1
         # CLOCK_MONOTONIC in seconds is time.monotonic()'s clock.
         last_done = max((r[2] for r in rows), default=0) / 1e9
@@ -516,7 +517,8 @@ def part_kill(args: argparse.Namespace, env: Env, names: Sequence[str], tmp: Pat
                 f"all ran {'never' if run.all_ran_s is None else f'{run.all_ran_s:.1f} s'}")
     print()
     print(f"kill -9: {args.kill_jobs} jobs of {args.kill_job_ms:g} ms each on {args.workers} "
-          f"worker processes; a process running jobs gets SIGKILL every ~{args.kill_every:g} s "
+          f"worker processes; a process in the middle of a job gets SIGKILL every "
+          f"~{args.kill_every:g} s "
           f"while the backlog lasts (at most {args.max_kills}); lost: never completed; all ran: "
           f"seconds from the enqueue to the last job's end")
     print(f"  {'system':<15}{'setting':<10}{'kills':>6}{'lost':>7}{'twice':>7}{'all ran':>9}"
@@ -555,13 +557,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-jobs", type=int, help="jobs per latency run (default 200)")
     p.add_argument("--gap-ms", type=float, default=50.0,
                    help="idle time between two latency jobs (default 50)")
-    p.add_argument("--kill-jobs", type=int, help="jobs of the kill run (default 2000; 400 with "
+    p.add_argument("--kill-jobs", type=int, help="jobs of the kill run (default 2000; 500 with "
                                                  "--quick)")
     p.add_argument("--kill-job-ms", type=float, default=20.0,
                    help="how long each job of the kill run sleeps (default 20)")
-    p.add_argument("--kill-every", type=float, default=0.25,
-                   help="mean seconds between two kills (default 0.25)")
-    p.add_argument("--max-kills", type=int, help="kills per kill run at most (default 40; 12 "
+    p.add_argument("--kill-every", type=float, default=0.5,
+                   help="mean seconds between two kills (default 0.5)")
+    p.add_argument("--max-kills", type=int, help="kills per kill run at most (default 30; 8 "
                                                  "with --quick)")
     p.add_argument("--kill-settings", type=h.choice_list(SETTINGS),
                    help="reliable (each peer's documented setting against lost jobs), "
@@ -579,7 +581,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"rounds": (1, 3), "jobs": (2000, 20_000), "latency_jobs": (40, 200),
-                "kill_jobs": (400, 2000), "max_kills": (12, 40), "run_timeout": (120.0, 600.0),
+                "kill_jobs": (500, 2000), "max_kills": (8, 30), "run_timeout": (120.0, 600.0),
                 "modes": (["drain"], ["drain"]),
                 "kill_settings": (["reliable"], list(SETTINGS))}
     for name, (q, full) in defaults.items():
