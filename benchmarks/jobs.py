@@ -30,9 +30,9 @@ It measures, the systems taking turns round by round (the order rotating):
    each after the last has run and a gap; the time from just before the
    enqueue call to the job's first line of code (one monotonic clock for all
    processes); p50 and p99.
-3. Lost jobs under kill -9: N jobs that sleep a little each, while the
-   processes that run them get SIGKILL again and again; then time for the
-   system to recover; the jobs that never completed are lost. Run with each
+3. Lost jobs under kill -9: N jobs that sleep a little each, while
+   processes in the middle of a job get SIGKILL again and again; then time
+   for the system to recover; the jobs that never completed are lost. Run with each
    peer's documented setting for surviving a dead worker and, by default,
    with its defaults as well (which lose jobs: the table says so).
 
@@ -40,8 +40,8 @@ The adapters (``_jobs_adapters.py``) drive the systems the same way; the job
 and the peers' apps are in ``_jobs_tasks.py``.
 
 Exit status: 0 after a full run, 1 when a measurement fails or tiers was
-asked for and could not be measured (its adapter needs the job queue of
-``tiers.jobs``: see ``_jobs_adapters.TiersAdapter``), 2 for a bad argument or when the
+asked for and could not be measured (its adapter needs tiers' job queue,
+``tiers.jobs`` and ``tiers worker``), 2 for a bad argument or when the
 embedded PostgreSQL cannot run here, 128+N after signal N (Ctrl-C: 130).
 A peer that is not installed or cannot run here (no Redis, a missing
 package) is skipped with the reason, the exit status unchanged. Every
