@@ -346,3 +346,29 @@ def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
         return values
 
     return parse
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0..1) by nearest rank; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+def say(text: str) -> None:
+    """A progress line, to stderr (the tables go to stdout)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def machine_summary() -> str:
+    """``machine: N CPUs (model), load average ... at start``."""
+    cpu_model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        pass
+    return (f"machine: {os.cpu_count()} CPUs ({cpu_model}), load average "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at start")
