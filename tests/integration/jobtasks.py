@@ -8,6 +8,7 @@ and where.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -56,3 +57,12 @@ def hang(key: str) -> None:
 @task("test.noop")
 def noop() -> None:
     pass
+
+
+@task("test.die_twice", max_attempts=5)
+def die_twice(key: str) -> None:
+    """Dies by SIGKILL on its first two attempts, as soon as it starts; then completes."""
+    _record(key, "start")
+    if current_job().attempt <= 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _record(key, "end")

@@ -132,6 +132,20 @@ def test_kill_9_of_a_child_mid_job_runs_the_job_again_and_loses_nothing(
     assert victim not in pool.children() and set(before) - {victim} <= set(pool.children())
 
 
+def test_a_child_killed_as_soon_as_it_took_a_job_is_replaced_without_backoff(
+        pools: list[Pool], jobs_dsn: str, tmp_path: Path) -> None:
+    # A long backoff for children that fail to start, which a child that died
+    # in the middle of a job must not get, however soon after its start.
+    (tmp_path / "tiers.toml").write_text("[supervisor]\nbackoff_initial = 30.0\n")
+    start(pools, tmp_path, jobs_dsn, "--processes", "1", "--no-scheduler")
+    job = enqueue(jobs_dsn, "test.die_twice", {"key": "twice"})
+    # The first child dies; its replacement takes the job again at once and
+    # dies within moments of its start; the third completes it.
+    wait_until(lambda: statuses(jobs_dsn).get(job) == "done", 15, "the job done")
+    assert [(attempt, phase) for key, _, attempt, phase in runs(jobs_dsn)
+            if key == "twice"] == [(1, "start"), (2, "start"), (3, "start"), (3, "end")]
+
+
 def test_sigterm_lets_running_jobs_finish_then_the_pool_exits(pools: list[Pool],
                                                               jobs_dsn: str,
                                                               tmp_path: Path) -> None:

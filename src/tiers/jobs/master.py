@@ -239,6 +239,10 @@ class Master:
             child = self.plan.children.get(pid)
             cell = self._cells.pop(pid, None)
             if cell is not None:
+                if child is not None:
+                    # Its last word first: a child killed right after it
+                    # became ready, before the master looked, had been working.
+                    self._observe_one(pid, cell)
                 self.board.release(cell)
             if child is None:
                 continue
@@ -253,10 +257,13 @@ class Master:
 
     def _observe(self) -> None:
         for pid, cell in self._cells.items():
-            state, job, deadline = self.board.read(cell)
-            busy = state == _BUSY
-            self.plan.observed(pid, ready=state in (_READY, _BUSY),
-                               job=job if busy else None, deadline=deadline if busy else None)
+            self._observe_one(pid, cell)
+
+    def _observe_one(self, pid: int, cell: int) -> None:
+        state, job, deadline = self.board.read(cell)
+        busy = state == _BUSY
+        self.plan.observed(pid, ready=state in (_READY, _BUSY),
+                           job=job if busy else None, deadline=deadline if busy else None)
 
     def _act(self, actions: Sequence[Spawn | Terminate | Kill | Release]) -> None:
         releases = [a for a in actions if isinstance(a, Release)]
