@@ -8,9 +8,11 @@ system stored. Every job is ``_jobs_tasks.run_job``, which appends a line
 to a done log; ``DoneLog`` reads it, so waiting for completion and listing
 the jobs that completed is the same for every system.
 
-Adding a system is adding an adapter to ``ADAPTERS``. tiers' own adapter
-needs a tiers with its job queue (``tiers.jobs``); without it, tiers is
-skipped with the reason.
+Adding a system is adding an adapter to ``ADAPTERS``. tiers runs twice:
+``tiers`` as it runs by default (outcomes committed with synchronous_commit
+off, which a database crash can only turn into a second run of a job) and
+``tiers-sync`` with ``--synchronous-commit`` (every outcome flushed to disk
+before the next claim, as procrastinate does).
 """
 
 from __future__ import annotations
@@ -316,16 +318,14 @@ def _pg_store_cpu(env: Env) -> float:
 class TiersAdapter(Adapter):
     """tiers' own job queue: ``tiers worker`` and the enqueue API of ``tiers.jobs``.
 
-    Written against ``tiers.jobs`` as the jobs branch has it (``install_schema``,
-    ``enqueue``, ``enqueue_many`` with ``NewJob``; ``tiers worker --dsn --processes
-    --queue --import --pythonpath --no-scheduler``): a tiers without that
-    package is skipped with the reason. There is no setting to choose: a job
-    whose worker child dies runs again, at once when the master sees the
-    death, else when its lease expires (``--lease``, 30 s).
+    There is no reliability setting to choose: a job whose worker child dies
+    runs again, at once when the master sees the death, else when its lease
+    expires (``--lease``, 30 s).
     """
 
     name = "tiers"
     DATABASE = "tiers_bench_tiers"
+    EXTRA_ARGS: tuple[str, ...] = ()
     # The master hands a dead child's job back at once; the lease (30 s) is the fallback.
     recovery_seconds = 45.0
 
@@ -345,8 +345,8 @@ class TiersAdapter(Adapter):
         try:
             import tiers.jobs as tiers_jobs
         except ImportError as exc:
-            raise Unavailable(f"this tiers has no job queue yet ({exc}): the adapter needs "
-                              f"tiers.jobs and `tiers worker` (the jobs branch)") from exc
+            raise Unavailable(f"tiers is not installed here ({exc}): "
+                              f"pip install -e . first") from exc
         self._jobs: Any = tiers_jobs
         self._cmd = _command("tiers")
         if self.env.pg is None:
@@ -358,7 +358,7 @@ class TiersAdapter(Adapter):
     def worker_argvs(self, workers: int) -> list[list[str]]:
         return [[self._cmd, "worker", "--dsn", self._dsn(), "--processes", str(workers),
                  "--queue", tasks.QUEUE, "--import", "_jobs_tasks", "--pythonpath",
-                 str(BENCH_DIR), "--no-scheduler", "--name", "tiers-bench"]]
+                 str(BENCH_DIR), "--no-scheduler", "--name", "tiers-bench", *self.EXTRA_ARGS]]
 
     def worker_env(self) -> dict[str, str]:
         return {"TIERS_BENCH_JOBS_SYSTEM": "tiers"}
@@ -386,6 +386,17 @@ class TiersAdapter(Adapter):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class TiersSyncAdapter(TiersAdapter):
+    """tiers with ``--synchronous-commit``: each job's outcome is on disk before the next claim."""
+
+    name = "tiers-sync"
+    DATABASE = "tiers_bench_tiers_sync"
+    EXTRA_ARGS = ("--synchronous-commit",)
+
+    def setting(self) -> str:
+        return super().setting() + "; --synchronous-commit"
 
 
 def _analyze(dsn: str, table: str) -> None:
@@ -637,6 +648,7 @@ class RQAdapter(RedisAdapter):
 
 ADAPTERS: dict[str, type[Adapter]] = {
     "tiers": TiersAdapter,
+    "tiers-sync": TiersSyncAdapter,
     "procrastinate": ProcrastinateAdapter,
     "celery": CeleryAdapter,
     "rq": RQAdapter,

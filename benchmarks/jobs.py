@@ -4,7 +4,7 @@
         [--modes drain,live] [--latency-jobs 200] [--gap-ms 50]
         [--kill-jobs 2000] [--kill-job-ms 20] [--kill-every 0.5] [--max-kills 30]
         [--kill-settings reliable,default] [--settings reliable]
-        [--systems tiers,procrastinate,celery,rq] [--parts throughput,latency,kill]
+        [--systems tiers,tiers-sync,procrastinate,celery,rq] [--parts throughput,latency,kill]
         [--redis-url redis://127.0.0.1:6379] [--redis-db 12] [--quick]
 
 Every system runs the same job (``_jobs_tasks.run_job``: note the start, sleep
@@ -92,7 +92,9 @@ except ImportError as exc:
           f"(python3 -m venv .venv && .venv/bin/pip install -e .)", file=sys.stderr)
     raise SystemExit(h.EXIT_MISSING) from exc
 
-SYSTEMS = ("tiers", "procrastinate", "celery", "rq")
+SYSTEMS = ("tiers", "tiers-sync", "procrastinate", "celery", "rq")
+# The kill run measures reliability, which the commit setting does not change.
+KILL_SKIPS = frozenset({"tiers-sync"})
 PARTS = ("throughput", "latency", "kill")
 MODES = ("drain", "live")
 SETTINGS = ("reliable", "default")
@@ -423,28 +425,29 @@ def print_throughput(args: argparse.Namespace, systems: Sequence[System], mode: 
     if any(not t.complete for s in systems for t in runs(s)):
         print(f"  * incomplete: not every job ran within --run-timeout ({args.run_timeout:g} s); "
               f"the rate counts those that did")
-    tiers = next((s for s in systems if s.name == "tiers" and runs(s)), None)
-    _print_ratios(systems, tiers, lambda s: med(t.rate for t in runs(s)), "jobs/s",
+    _print_ratios(systems, lambda s: med(t.rate for t in runs(s)), "jobs/s",
                   second=lambda s: med(t.total_us for t in runs(s)), label2="CPU/job",
                   has=lambda s: bool(runs(s)))
 
 
-def _print_ratios(systems: Sequence[System], tiers: System | None,
-                  metric: Callable[[System], float], label: str, *,
+def _print_ratios(systems: Sequence[System], metric: Callable[[System], float], label: str, *,
                   second: Callable[[System], float] | None = None, label2: str = "",
                   has: Callable[[System], bool]) -> None:
-    if tiers is None:
+    """A line per measured tiers variant: its ``metric`` over each peer's."""
+    variants = [s for s in systems if s.name.startswith("tiers") and has(s)]
+    if not variants:
         print(f"  ratio tiers/peer: n/a ({ratio_note(systems)})")
         return
-    parts = []
-    for s in systems:
-        if s is tiers or not has(s):
-            continue
-        text = f"{s.name} {_ratio(metric(tiers), metric(s))}"
-        if second is not None:
-            text += f" ({label2} {_ratio(second(tiers), second(s))})"
-        parts.append(text)
-    print(f"  ratio tiers/peer, {label}: " + ", ".join(parts))
+    for tiers in variants:
+        parts = []
+        for s in systems:
+            if s.name.startswith("tiers") or not has(s):
+                continue
+            text = f"{s.name} {_ratio(metric(tiers), metric(s))}"
+            if second is not None:
+                text += f" ({label2} {_ratio(second(tiers), second(s))})"
+            parts.append(text)
+        print(f"  ratio {tiers.name}/peer, {label}: " + ", ".join(parts))
 
 
 def part_latency(args: argparse.Namespace, systems: list[System], tmp: Path) -> None:
@@ -476,8 +479,7 @@ def part_latency(args: argparse.Namespace, systems: list[System], tmp: Path) -> 
         print(f"  {s.name:<15}{med(x.p50_ms for x in s.latency):>8.2f}"
               f"{med(x.p99_ms for x in s.latency):>8.2f}{med(x.max_ms for x in s.latency):>8.2f}"
               f"{med(x.enqueue_p50_ms for x in s.latency):>9.2f}  {rounds}")
-    tiers = next((s for s in systems if s.name == "tiers" and s.latency), None)
-    _print_ratios(systems, tiers, lambda s: med(x.p50_ms for x in s.latency), "p50",
+    _print_ratios(systems, lambda s: med(x.p50_ms for x in s.latency), "p50",
                   second=lambda s: med(x.p99_ms for x in s.latency), label2="p99",
                   has=lambda s: bool(s.latency))
 
@@ -620,7 +622,7 @@ def run(args: argparse.Namespace, tmp: Path, children: h.Children) -> int:
     print(h.machine_summary())
     print(versions())
     env = Env(tmp=tmp, children=children, redis_url=args.redis_url, redis_db=args.redis_db)
-    if "tiers" in args.systems or "procrastinate" in args.systems:
+    if any(name.startswith("tiers") or name == "procrastinate" for name in args.systems):
         run_as = embedded.resolve_run_as(embedded.SUPERUSER)
         print(check_embedded(tmp, run_as))
         say("starting PostgreSQL")
@@ -669,7 +671,8 @@ def run(args: argparse.Namespace, tmp: Path, children: h.Children) -> int:
             if s.name == "tiers":
                 tiers_reason = s.reason
     if "kill" in args.parts:
-        ok, killed = part_kill(args, env, args.systems, tmp, unavailable=unavailable)
+        ok, killed = part_kill(args, env, [n for n in args.systems if n not in KILL_SKIPS],
+                               tmp, unavailable=unavailable)
         measured |= killed
         if not ok:
             status = 1
