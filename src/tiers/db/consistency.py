@@ -31,7 +31,7 @@ write the lagging replica has in fact replayed by then, which under a
 workload with think time is most of them.) The router also remembers, per
 connection, the highest position each replica reported there; a replica
 remembered at or past the token is tried first, and the router serves the
-read on that connection without asking again (see :mod:`tiers.db.router`
+read on that connection without asking again (see :mod:`tiers.db.reads`
 for why that is safe).
 
 When :func:`plan_read` leaves nothing to try, or nothing tried answers,

@@ -13,7 +13,7 @@ import psycopg.errors
 import pytest
 from psycopg.pq import TransactionStatus
 
-from tiers.db import router as router_module
+from tiers.db import links
 from tiers.db.errors import Failure, NodeUnavailable
 from tiers.db.health import (
     Check,
@@ -240,7 +240,7 @@ class Nodes:
 def simulate_fork(monkeypatch: pytest.MonkeyPatch) -> None:
     """What a fork's hook tells the router in the child, without forking; undone after the
     test. (test_a_real_fork_resets_per_process_state forks for real.)"""
-    monkeypatch.setattr(router_module, "_fork_generation", router_module._fork_generation + 1)
+    monkeypatch.setattr(links, "fork_generation", links.fork_generation + 1)
 
 
 def served_by(cluster: Cluster, *args: Any, **kwargs: Any) -> str:
