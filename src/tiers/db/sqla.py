@@ -103,15 +103,8 @@ def read_write_position(dbapi_connection: Any,
     the engine cannot read.
     """
     chosen = engine if engine is not None else db_engines.default_engine()
-    conn = dbapi_connection
-    before = conn.autocommit
-    conn.autocommit = True
-    try:
-        position = chosen.commit_position(conn)
-    finally:
-        if not conn.closed:
-            conn.autocommit = before
-    return None if position is None else chosen.format_token(position)
+    return tokens.commit_token(dbapi_connection, chosen,
+                               autocommit_after=dbapi_connection.autocommit)
 
 
 def _translate(cluster: Cluster, node: str, context: ExceptionContext) -> BaseException | None:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from tiers.db.engine import Engine, Position, engine_for_token
+from tiers.db.engine import Connection, Engine, Position, engine_for_token
 
 DEFAULT_CLUSTER: Final = "main"
 """The name of a cluster given none, and the cluster of a bare token (the one-cluster form)."""
@@ -211,6 +211,27 @@ def current_tokens() -> dict[str, str]:
     """A copy of every token of the current scope by cluster (empty outside a scope)."""
     scope = _scope.get()
     return {} if scope is None else dict(scope.tokens)
+
+
+def commit_token(conn: Connection, engine: Engine, *,
+                 autocommit_after: bool = False) -> str | None:
+    """The causal token of what has been committed on ``conn``, an idle connection of ``engine``.
+
+    The engine's commit position, read in autocommit: no BEGIN/ROLLBACK round
+    trips, and the position is at or after the commit
+    (:meth:`tiers.db.engine.Engine.commit_position`). ``conn`` is left with
+    ``autocommit`` set to ``autocommit_after`` unless the query closed it.
+    None if the node is in recovery (it is no primary: nothing was written).
+    Raises the driver's error if the query fails, ValueError for an answer
+    the engine cannot read.
+    """
+    conn.autocommit = True
+    try:
+        position = engine.commit_position(conn)
+    finally:
+        if not conn.closed:
+            conn.autocommit = autocommit_after
+    return None if position is None else engine.format_token(position)
 
 
 def note_write(token: str, cluster: str = DEFAULT_CLUSTER, engine: Engine | None = None) -> None:

@@ -192,15 +192,8 @@ class Transactions(ReadChoice):
             self._rollback(name, conn)
             raise DatabaseError(f"commit on {name} failed: {one_line(exc)}") from exc
         try:
-            # Outside a transaction, so no BEGIN/ROLLBACK round trips; the
-            # position is at or after the commit (Engine.commit_position).
-            conn.autocommit = True
-            try:
-                position = engine.commit_position(conn)
-            finally:
-                if not conn.closed:
-                    conn.autocommit = False
-            token = None if position is None else engine.format_token(position)
+            # Back in transaction mode afterwards, as the connection's link records it.
+            token = tokens.commit_token(conn, engine, autocommit_after=False)
         except self._answer_errors as exc:
             if classify(exc, engine) is Failure.NODE_GONE:
                 # Gone right after the commit (fenced, say): whether the write
