@@ -25,7 +25,8 @@ import pytest
 import uvloop
 
 from tiers.proxy.errors import ClientGone
-from tiers.proxy.http1 import END, RequestEvent, RequestHead, RequestParser
+from tiers.proxy.http1 import END
+from tiers.proxy.requestparser import RequestEvent, RequestHead, RequestParser
 from tiers.proxy.static import StaticFileError, StaticPlan, StaticRoot, plan_static, send_static
 
 BIG = 5 * 1024 * 1024

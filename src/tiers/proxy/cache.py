@@ -71,7 +71,9 @@ from tiers.proxy.cachepolicy import (
     url_key,
 )
 from tiers.proxy.coalescer import Coalescer, Lead, Turn
-from tiers.proxy.http1 import Framing, RequestHead, ResponseHead
+from tiers.proxy.http1 import Framing
+from tiers.proxy.requestparser import RequestHead
+from tiers.proxy.responseparser import ResponseHead
 
 log = logging.getLogger("tiers.proxy")
 

@@ -39,8 +39,9 @@ from tiers.proxy.client import wake
 from tiers.proxy.errors import ClientGone
 from tiers.proxy.exchange import CLIENT_CLOSED, Exchange
 from tiers.proxy.fastpath import FastPath
-from tiers.proxy.http1 import END, Framing, RequestError, RequestHead
+from tiers.proxy.http1 import END, Framing
 from tiers.proxy.limits import ALLOW
+from tiers.proxy.requestparser import RequestError, RequestHead
 from tiers.proxy.routing import CompiledRoute
 from tiers.proxy.static import StaticFileError, plan_static_file, send_static
 from tiers.proxy.upstream import Upstreams

@@ -51,9 +51,9 @@ from urllib.parse import quote, unquote_to_bytes
 
 from tiers.config.proxy import Match, Route, RouteKind
 from tiers.errors import ConfigError
-from tiers.proxy.http1 import RequestHead
 from tiers.proxy.matchers import Networks, UserAgentPattern, parse_address
 from tiers.proxy.normalize import normalize_host, normalize_path, normalize_target
+from tiers.proxy.requestparser import RequestHead
 
 __all__ = [
     "CRAWLER_NAMES",

@@ -58,7 +58,7 @@ from tiers.proxy.errors import (
     ConnectFailed,
     UpstreamError,
 )
-from tiers.proxy.http1 import ResponseHead, ResponseParser
+from tiers.proxy.responseparser import ResponseHead, ResponseParser
 from tiers.proxy.upstreamconn import UpstreamConnection
 
 log = logging.getLogger("tiers.proxy")
