@@ -47,14 +47,13 @@ means expired). The store refuses what does not fit instead of raising.
 
 from __future__ import annotations
 
-import calendar
-import email.utils
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tiers.proxy.forward import HOP_BY_HOP
+from tiers.proxy.httpdate import parse_http_date
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -67,15 +66,6 @@ _DIRECTIVE = re.compile(
     rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*(?:=[ \t]*(?:\"((?:[^\"\\]|\\.)*)\"|([^ \t,\"]*)))?"
 )
 _QUOTED_PAIR = re.compile(rb"\\(.)")
-_IMF_FIXDATE = re.compile(
-    rb"[A-Z][a-z]{2}, (\d{2}) ([A-Z][a-z]{2}) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT"
-)
-_MONTHS = {
-    name: number
-    for number, name in enumerate(
-        b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1
-    )
-}
 _ENTITY_TAG = re.compile(rb'(?:W/)?"([^"]*)"')
 # Fields not stored: framing is redone on every answer, Age and X-Cache are the cache's own.
 _STORE_DROP = HOP_BY_HOP | {b"content-length", b"transfer-encoding", b"age", b"x-cache"}
@@ -133,33 +123,6 @@ def delta_seconds(value: bytes | None) -> int | None:
     if value is None or not value.isdigit():
         return None
     return min(int(value), _MAX_DELTA)
-
-
-def parse_http_date(value: bytes) -> float | None:
-    """An HTTP date (IMF-fixdate, RFC 850 or asctime) as seconds since the epoch, or None."""
-    match = _IMF_FIXDATE.fullmatch(value.strip())
-    if match is not None:
-        month = _MONTHS.get(match.group(2))
-        if month is not None:
-            day, _, year, hour, minute, second = match.groups()
-            try:
-                return float(
-                    calendar.timegm(
-                        (int(year), month, int(day), int(hour), int(minute), int(second))
-                    )
-                )
-            except ValueError:
-                return None
-    try:
-        parts = email.utils.parsedate_tz(value.decode("latin-1"))
-    except (ValueError, IndexError, TypeError):
-        return None
-    if parts is None:
-        return None
-    try:
-        return float(email.utils.mktime_tz(parts))
-    except (ValueError, OverflowError):
-        return None
 
 
 # The Date field of consecutive answers repeats within a second: one parse serves them.
