@@ -7,12 +7,8 @@ import email.utils
 import pytest
 
 from tiers.proxy.cachepolicy import (
-    MISS,
     Freshness,
-    Hit,
     RequestRules,
-    Stale,
-    Store,
     cache_key,
     may_be_storable,
     not_modified,
@@ -21,6 +17,7 @@ from tiers.proxy.cachepolicy import (
     response_storability,
     url_key,
 )
+from tiers.proxy.cachestore import MISS, Hit, Stale, Store
 from tiers.proxy.httpdate import parse_http_date
 
 T0 = 1_700_000_000.0
