@@ -7,8 +7,9 @@ IPv6 literal in its compressed form, so ``Example.COM.:8080`` is
 characters decoded, other escapes upper-cased, ``.`` and ``..`` segments
 resolved, repeated slashes merged, so ``/%61dmin`` and ``//admin/.`` are
 ``/admin``. ``normalize_target`` does the same for a request target with a
-query. All three are pure and never raise; the usual clean input is returned
-as it is, without copying, because they run on every routed request.
+query. All three are pure and never raise. They run on every routed
+request, so the path functions return the usual clean input as it is,
+without copying.
 """
 
 from __future__ import annotations
