@@ -21,9 +21,11 @@ import pytest
 from tests.integration.proxykit import start_backends
 from tiers.config.model import Address
 from tiers.config.proxy import Balance, Pool, Server
-from tiers.proxy.balancer import Outcome, PoolStats, ServerStats, outcome_for_status
+from tiers.proxy.balancer import Outcome, outcome_for_status
 from tiers.proxy.errors import ConnectFailed
-from tiers.proxy.http1 import BodyData, ResponseHead
+from tiers.proxy.http1 import BodyData
+from tiers.proxy.poolstate import PoolStats, ServerStats
+from tiers.proxy.responseparser import ResponseHead
 from tiers.proxy.upstream import (
     PoolBusy,
     Pools,

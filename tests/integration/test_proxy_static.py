@@ -24,9 +24,11 @@ from typing import cast
 import pytest
 import uvloop
 
-from tiers.proxy.errors import ClientGone
-from tiers.proxy.http1 import END, RequestEvent, RequestHead, RequestParser
-from tiers.proxy.static import StaticFileError, StaticPlan, StaticRoot, plan_static, send_static
+from tiers.proxy.errors import ClientGone, StaticFileError
+from tiers.proxy.filesender import send_static
+from tiers.proxy.http1 import END
+from tiers.proxy.requestparser import RequestEvent, RequestHead, RequestParser
+from tiers.proxy.static import StaticPlan, StaticRoot, plan_static
 
 BIG = 5 * 1024 * 1024
 SMALL = b"hello, static world\n"

@@ -1,13 +1,56 @@
 """The reverse proxy and L7 load balancer in front of the app servers.
 
-    http1      sans-I/O HTTP/1.1 codec (request and response parsers, limits, checks)
-    forward    what is sent on: request heads for backends, response heads for clients
-    balancer   health transitions, round-robin choice, idle-pool bookkeeping (no I/O)
-    upstream   backend connections, pools and active health checks (asyncio)
-    server     client connections, forwarding, retries, graceful stop (asyncio)
-    settings   the frozen settings the process runs with
-    accesslog  one LTSV line per request
-    errors     the proxy's branch of the error tree
+HTTP/1.1 (sans-I/O):
+
+    http1           what both parsers share: framing, body events, Connection tokens
+    requestparser   client requests: events, limits and checks
+    responseparser  backend responses
+    forward         what is sent on: request heads for backends, response heads for clients
+    httpdate        HTTP dates, written and read
+
+Requests (pure decisions):
+
+    routing         the first route whose match fits a request
+    normalize       hosts and paths in the normal form routes compare
+    matchers        client networks and User-Agent patterns (routes and abuse limits)
+    limits          deny lists and per-client rate limits
+
+Backends:
+
+    balancer        health rules and balancing policies (no I/O)
+    poolstate       a pool's slots, wait queue and stats (no I/O)
+    idlepool        idle keep-alive connections to one backend (no I/O)
+    upstream        backend pools and active health checks (asyncio)
+    upstreamconn    one keep-alive connection to a backend (asyncio)
+
+Serving a client (asyncio):
+
+    server          the process's core: listener, pools, cache, admin, reload
+    connection      one client connection's requests, in order
+    client          a client connection's I/O state and the proxy's own answers
+    exchange        the state of one request being served
+    fastpath        the common request forwarded by callbacks
+    forwarding      a request forwarded in a task: bodies, retries
+    waittimer       one timer for a connection's consecutive waits
+
+Static files and the page cache:
+
+    static          a static route's files and the planned answer (no socket)
+    filesender      sending a planned static answer
+    cachepolicy     the RFC 9111 rules of the page cache (no I/O)
+    cachestore      its stored entries under a memory budget (no I/O)
+    coalescer       one fetch per key at a time
+    cache           the page cache as the proxy calls it
+
+Operating it:
+
+    settings        the frozen settings the process runs with
+    accesslog       one LTSV line per request
+    admin           the admin listener: status, metrics, purge
+    observe         the status JSON and Prometheus metrics it shows
+    peers           worker processes asking each other for the admin listener
+    workers         several worker processes on one port
+    errors          the proxy's branch of the error tree
 
 Run it with ``python -m tiers.proxy`` (see ``tiers.proxy.__main__``).
 """

@@ -27,7 +27,7 @@ from typing import Any
 
 from tiers.config.address import Address
 from tiers.errors import ProxyError
-from tiers.proxy.http1 import RequestError, RequestHead, RequestParser
+from tiers.proxy.requestparser import RequestError, RequestHead, RequestParser
 
 log = logging.getLogger("tiers.proxy")
 

@@ -2,7 +2,7 @@
 
 Three layers, the lower ones usable alone:
 
-    Store       (``tiers.proxy.cachepolicy``, sans-I/O) entries under a memory
+    Store       (``tiers.proxy.cachestore``, sans-I/O) entries under a memory
                 budget, variants per URL, purge; lookup -> Hit, Stale or MISS.
     Coalescer   (``tiers.proxy.coalescer``, asyncio) at most one fetch per key
                 at a time; concurrent misses wait for its outcome, for a
@@ -57,12 +57,8 @@ from dataclasses import dataclass
 from tiers.config.proxy import CacheConfig, Route, RouteKind
 from tiers.errors import TiersError
 from tiers.proxy.cachepolicy import (
-    Entry,
     Freshness,
-    Hit,
     RequestRules,
-    Stale,
-    Store,
     cache_key,
     may_be_storable,
     not_modified,
@@ -70,8 +66,11 @@ from tiers.proxy.cachepolicy import (
     response_storability,
     url_key,
 )
+from tiers.proxy.cachestore import Entry, Hit, Stale, Store
 from tiers.proxy.coalescer import Coalescer, Lead, Turn
-from tiers.proxy.http1 import Framing, RequestHead, ResponseHead
+from tiers.proxy.http1 import Framing
+from tiers.proxy.requestparser import RequestHead
+from tiers.proxy.responseparser import ResponseHead
 
 log = logging.getLogger("tiers.proxy")
 

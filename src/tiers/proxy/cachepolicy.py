@@ -1,13 +1,14 @@
-"""The sans-I/O core of the page cache: the HTTP caching rules and the store they govern.
+"""The sans-I/O core of the page cache: the HTTP caching rules (RFC 9111).
 
 Nothing here reads a clock or touches a socket: times are passed in as seconds
 since the epoch (they are compared with Date and Expires, which are wall-clock
-values). ``tiers.proxy.cache`` drives it from asyncio (coalescing, refreshes).
+values). ``tiers.proxy.cachestore`` keeps what these rules admit, and
+``tiers.proxy.cache`` drives both from asyncio (coalescing, refreshes).
 
     request_cacheability   may the cache answer this request, under which key
     response_storability   may this answer be stored, and how long is it good
-    Store                  entries under a memory budget (LRU), variants per
-                           URL (Vary), purge; lookup -> Hit | Stale | MISS
+    vary_matches           does a request select a stored variant (Vary)
+    not_modified           do a request's validators let a 304 answer it
 
 The cache is a shared cache that stores only what the origin explicitly
 allows, and refuses what it cannot prove safe:
@@ -42,19 +43,16 @@ Stale windows
 
 Errors: none are raised; malformed values count as the most restrictive
 reading (an invalid ``max-age`` means already stale, an invalid ``Expires``
-means expired). The store refuses what does not fit instead of raising.
+means expired).
 """
 
 from __future__ import annotations
 
-import calendar
-import email.utils
 import re
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from tiers.proxy.forward import HOP_BY_HOP
+from tiers.proxy.httpdate import parse_http_date
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -67,23 +65,7 @@ _DIRECTIVE = re.compile(
     rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*(?:=[ \t]*(?:\"((?:[^\"\\]|\\.)*)\"|([^ \t,\"]*)))?"
 )
 _QUOTED_PAIR = re.compile(rb"\\(.)")
-_IMF_FIXDATE = re.compile(
-    rb"[A-Z][a-z]{2}, (\d{2}) ([A-Z][a-z]{2}) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT"
-)
-_MONTHS = {
-    name: number
-    for number, name in enumerate(
-        b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1
-    )
-}
 _ENTITY_TAG = re.compile(rb'(?:W/)?"([^"]*)"')
-# Fields not stored: framing is redone on every answer, Age and X-Cache are the cache's own.
-_STORE_DROP = HOP_BY_HOP | {b"content-length", b"transfer-encoding", b"age", b"x-cache"}
-# What a 304 made from an entry repeats (RFC 9110 15.4.5).
-NOT_MODIFIED_FIELDS = frozenset(
-    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
-)
-_MAX_VARIANTS = 16
 
 # What a request header field means to the cache (see request_cacheability).
 _PRIVATE = 1
@@ -133,33 +115,6 @@ def delta_seconds(value: bytes | None) -> int | None:
     if value is None or not value.isdigit():
         return None
     return min(int(value), _MAX_DELTA)
-
-
-def parse_http_date(value: bytes) -> float | None:
-    """An HTTP date (IMF-fixdate, RFC 850 or asctime) as seconds since the epoch, or None."""
-    match = _IMF_FIXDATE.fullmatch(value.strip())
-    if match is not None:
-        month = _MONTHS.get(match.group(2))
-        if month is not None:
-            day, _, year, hour, minute, second = match.groups()
-            try:
-                return float(
-                    calendar.timegm(
-                        (int(year), month, int(day), int(hour), int(minute), int(second))
-                    )
-                )
-            except ValueError:
-                return None
-    try:
-        parts = email.utils.parsedate_tz(value.decode("latin-1"))
-    except (ValueError, IndexError, TypeError):
-        return None
-    if parts is None:
-        return None
-    try:
-        return float(email.utils.mktime_tz(parts))
-    except (ValueError, OverflowError):
-        return None
 
 
 # The Date field of consecutive answers repeats within a second: one parse serves them.
@@ -468,239 +423,3 @@ def not_modified(rules: RequestRules, etag: bytes | None, last_modified: float |
         since = parse_http_date(rules.if_modified_since)
         return since is not None and last_modified <= since
     return False
-
-
-# ---- entries and the store -------------------------------------------------------
-
-
-@dataclass(slots=True, eq=False)
-class Entry:
-    """One stored answer: its head pre-rendered, its body, its freshness.
-
-    ``fields`` are the stored end-to-end header lines, ``fields_304`` the
-    subset a 304 repeats. ``live`` turns false when the entry leaves the
-    store (evicted, expired, replaced, purged). ``serial`` grows with every
-    entry stored.
-    """
-
-    key: bytes
-    status: int
-    status_line: bytes
-    fields: bytes
-    fields_304: bytes
-    body: bytes
-    freshness: Freshness
-    etag: bytes | None
-    last_modified: float | None
-    size: int
-    serial: int
-    live: bool = True
-
-
-@dataclass(slots=True, eq=False)
-class Hit:
-    """A fresh entry: serve it."""
-
-    entry: Entry
-    age: float
-
-
-@dataclass(slots=True, eq=False)
-class Stale:
-    """An entry that may not be served as it is (stale, or the client asked for newer).
-
-    ``background``: inside stale-while-revalidate and the client set no
-    limits, so serve it now and refresh it behind the scenes.
-    ``on_error``: it may stand in for the app's answer if the fetch fails.
-    """
-
-    entry: Entry
-    age: float
-    background: bool
-    on_error: bool
-
-
-class Miss:
-    """Nothing stored is usable for this request."""
-
-    __slots__ = ()
-
-
-MISS = Miss()
-
-
-@dataclass(slots=True)
-class CacheStats:
-    """Counters for metrics; served outcomes are counted by ``PageCache``, per request."""
-
-    hits: int = 0  # served fresh from the store (coalesced waiters included)
-    misses: int = 0  # went to the app
-    stale: int = 0  # served stale (while revalidating, or on error)
-    coalesced: int = 0  # hits that waited for another request's fetch
-    stores: int = 0
-    evictions: int = 0  # entries dropped for the memory budget
-    refreshes: int = 0  # background refreshes started
-
-
-class Store:
-    """Entries under a memory budget of ``memory`` bytes, least recently used out first.
-
-    The size of an entry is its key, rendered head and body. Entries larger
-    than ``max_object`` are refused. A URL holds at most 16 variants (the
-    oldest goes first). Not thread-safe; one event loop owns it.
-    """
-
-    def __init__(self, memory: int, max_object: int) -> None:
-        self.memory = max(0, memory)
-        self.max_object = min(max_object, self.memory)
-        self.bytes = 0
-        self.stats = CacheStats()
-        self.serial = 0
-        self._variants: dict[bytes, list[Entry]] = {}
-        self._lru: OrderedDict[Entry, None] = OrderedDict()
-
-    @property
-    def entries(self) -> int:
-        return len(self._lru)
-
-    def holds(self, key: bytes) -> bool:
-        """Some variant of ``key`` is stored (fresh or not)."""
-        return key in self._variants
-
-    def lookup(
-        self, rules: RequestRules, now: float, *, reload: bool | None = None
-    ) -> Hit | Stale | Miss:
-        """The stored variant that ``rules`` selects, judged at ``now``.
-
-        ``reload`` overrides ``rules.reload``. An entry past every window
-        is removed and MISS returned; a Stale that can be neither served
-        nor kept for errors is also a MISS (the entry stays for others).
-        """
-        variants = self._variants.get(rules.key)
-        if variants is None:
-            return MISS
-        entry: Entry | None = None
-        # The newest variant first (RFC 9111 4.1: the most recent one wins).
-        for candidate in reversed(variants):
-            vary = candidate.freshness.vary
-            if not vary or vary_matches(vary, rules.headers):
-                entry = candidate
-                break
-        if entry is None:
-            return MISS
-        freshness = entry.freshness
-        age = freshness.age(now)
-        lifetime = freshness.lifetime
-        if age >= freshness.usable_for:
-            self._remove(entry)
-            return MISS
-        self._lru.move_to_end(entry)
-        on_error = age < lifetime + freshness.stale_if_error
-        if reload if reload is not None else rules.reload:
-            return Stale(entry, age, False, on_error)
-        left = lifetime - age
-        unlimited = rules.max_age is None and rules.min_fresh == 0.0
-        if left > 0 and (
-            unlimited
-            or ((rules.max_age is None or age <= rules.max_age) and left >= rules.min_fresh)
-        ):
-            return Hit(entry, age)
-        background = unlimited and left <= 0 and age < lifetime + freshness.stale_while_revalidate
-        if not background and not on_error:
-            return MISS
-        return Stale(entry, age, background, on_error)
-
-    def store(
-        self,
-        rules: RequestRules,
-        freshness: Freshness,
-        *,
-        status: int,
-        reason: bytes,
-        headers: Headers,
-        body: bytes,
-        connection: frozenset[bytes] = frozenset(),
-    ) -> Entry | None:
-        """Keep an answer to ``rules``; None when it is larger than ``max_object``.
-
-        It replaces the stored variants the same request would have
-        selected. ``connection`` names further hop-by-hop fields to drop.
-        """
-        lines: list[bytes] = []
-        lines_304: list[bytes] = []
-        etag: bytes | None = None
-        last_modified: bytes | None = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname in _STORE_DROP or lname in connection:
-                continue
-            line = b"%s: %s\r\n" % (name, value)
-            lines.append(line)
-            if lname in NOT_MODIFIED_FIELDS:
-                lines_304.append(line)
-            if lname == b"etag":
-                etag = etag or value
-            elif lname == b"last-modified":
-                last_modified = last_modified or value
-        status_line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-        fields = b"".join(lines)
-        fields_304 = b"".join(lines_304)
-        key = rules.key
-        size = len(key) + len(status_line) + len(fields) + len(fields_304) + len(body)
-        if size > self.max_object:
-            return None
-        variants = self._variants.get(key)
-        if variants is not None:
-            for old in [e for e in variants if vary_matches(e.freshness.vary, rules.headers)]:
-                self._remove(old)
-            variants = self._variants.get(key)
-            if variants is not None and len(variants) >= _MAX_VARIANTS:
-                self._remove(variants[0])
-        lru = self._lru
-        while lru and self.bytes + size > self.memory:
-            self._remove(next(iter(lru)))
-            self.stats.evictions += 1
-        self.serial += 1
-        entry = Entry(
-            key,
-            status,
-            status_line,
-            fields,
-            fields_304,
-            body,
-            freshness,
-            etag,
-            parse_http_date(last_modified) if last_modified is not None else None,
-            size,
-            self.serial,
-        )
-        self._variants.setdefault(key, []).append(entry)
-        lru[entry] = None
-        self.bytes += size
-        self.stats.stores += 1
-        return entry
-
-    def purge(self, key: bytes, *, prefix: bool = False) -> int:
-        """Remove every variant stored under ``key`` (or under keys starting with it).
-
-        Returns the number of entries removed.
-        """
-        if prefix:
-            keys = [k for k in self._variants if k.startswith(key)]
-        else:
-            keys = [key] if key in self._variants else []
-        removed = 0
-        for k in keys:
-            for entry in list(self._variants.get(k, ())):
-                self._remove(entry)
-                removed += 1
-        return removed
-
-    def _remove(self, entry: Entry) -> None:
-        entry.live = False
-        del self._lru[entry]
-        self.bytes -= entry.size
-        variants = self._variants[entry.key]
-        variants.remove(entry)
-        if not variants:
-            del self._variants[entry.key]

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 from tiers.proxy.errors import ClientGone
 from tiers.proxy.exchange import CLIENT_CLOSED, Exchange
 from tiers.proxy.forward import LAST_CHUNK, chunk_size_line, error_response
-from tiers.proxy.http1 import END, BodyData, RequestError, RequestEvent, RequestHead, RequestParser
+from tiers.proxy.http1 import END, BodyData
+from tiers.proxy.requestparser import RequestError, RequestEvent, RequestHead, RequestParser
 from tiers.proxy.waittimer import WaitTimer
 
 if TYPE_CHECKING:

@@ -36,13 +36,15 @@ from typing import TYPE_CHECKING, cast
 from tiers.config.proxy import RouteKind
 from tiers.proxy.cache import MISS_LABEL, Fill, Serve
 from tiers.proxy.client import wake
-from tiers.proxy.errors import ClientGone
+from tiers.proxy.errors import ClientGone, StaticFileError
 from tiers.proxy.exchange import CLIENT_CLOSED, Exchange
 from tiers.proxy.fastpath import FastPath
-from tiers.proxy.http1 import END, Framing, RequestError, RequestHead
+from tiers.proxy.filesender import send_static
+from tiers.proxy.http1 import END, Framing
 from tiers.proxy.limits import ALLOW
+from tiers.proxy.requestparser import RequestError, RequestHead
 from tiers.proxy.routing import CompiledRoute
-from tiers.proxy.static import StaticFileError, plan_static_file, send_static
+from tiers.proxy.static import plan_static_file
 from tiers.proxy.upstream import Upstreams
 from tiers.proxy.waittimer import Deadline
 

@@ -7,6 +7,7 @@
      |    +-- UpstreamTimeout     the backend sent nothing for longer than the read timeout
      |    +-- UpstreamProtocolError  the backend's response is not valid HTTP/1.1
      +-- ClientGone               the client closed, timed out or broke its request body
+     +-- StaticFileError          a static file could not be read while it was being sent
 
 A malformed *request* is not an exception: the request codec reports it as an
 event carrying the status to answer, because it is an expected input.
@@ -44,3 +45,12 @@ class ClientGone(ProxyError):
         super().__init__(reason)
         # The status to answer if nothing was sent yet (the client may still be listening).
         self.status = status
+
+
+class StaticFileError(ProxyError):
+    """A file could not be read while its response was being sent.
+
+    Raised by ``tiers.proxy.filesender.send_static`` after the head went out
+    (the file shrank or a read failed), so the only honest signal left is to
+    close the connection.
+    """

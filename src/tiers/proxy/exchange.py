@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from tiers.proxy.http1 import Framing, RequestHead
+from tiers.proxy.http1 import Framing
+from tiers.proxy.requestparser import RequestHead
 
 if TYPE_CHECKING:
     from tiers.proxy.cache import CacheRequest, Fill

@@ -44,7 +44,8 @@ from tiers.proxy.errors import UpstreamError
 from tiers.proxy.exchange import CLIENT_CLOSED, Exchange, Resume
 from tiers.proxy.forward import client_response_head, plan_response, upstream_request_head
 from tiers.proxy.forwarding import Forwarding
-from tiers.proxy.http1 import Framing, ResponseHead
+from tiers.proxy.http1 import Framing
+from tiers.proxy.responseparser import ResponseHead
 from tiers.proxy.upstream import Backend, Upstreams
 from tiers.proxy.upstreamconn import UpstreamConnection
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from tiers.proxy.http1 import Framing, RequestHead, ResponseHead
+from tiers.proxy.http1 import Framing
+from tiers.proxy.requestparser import RequestHead
+from tiers.proxy.responseparser import ResponseHead
 
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}

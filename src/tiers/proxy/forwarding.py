@@ -39,7 +39,8 @@ from tiers.proxy.forward import (
     plan_response,
     upstream_request_head,
 )
-from tiers.proxy.http1 import BodyData, ResponseHead
+from tiers.proxy.http1 import BodyData
+from tiers.proxy.responseparser import ResponseHead
 from tiers.proxy.upstream import PoolBusy, Upstreams
 from tiers.proxy.upstreamconn import UpstreamConnection
 

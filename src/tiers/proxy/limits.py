@@ -35,7 +35,7 @@ client beyond the bound evicts the bucket unused the longest (which loses
 nothing but a partly spent burst); a block beyond it releases the block
 closest to its end. Every request costs O(1): two dictionary probes, and
 the deny and exempt networks are probed once per distinct prefix length
-(``tiers.proxy.routing.Networks``). Buckets that have filled up again are
+(``tiers.proxy.matchers.Networks``). Buckets that have filled up again are
 worth nothing and are dropped, a few on each new client and all of them by
 ``sweep``, which the server calls every few seconds.
 """
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 from tiers.config.proxy import AbuseConfig
 from tiers.errors import ConfigError
-from tiers.proxy.routing import Networks, UserAgentPattern, parse_address
+from tiers.proxy.matchers import Networks, UserAgentPattern, parse_address
 
 __all__ = [
     "ALLOW",

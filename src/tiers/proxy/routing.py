@@ -11,26 +11,29 @@ How each part of a ``Match`` is compared:
 
 - hosts: the request's host without its port, lower-cased, without a
   trailing dot; IPv6 literals (``[::1]:8080``) compared by address, so
-  ``[0::1]`` is ``[::1]``. ``*.example.com`` matches ``a.example.com`` and
-  ``a.b.example.com`` but not ``example.com`` itself (as in nginx). A request
-  without a host (HTTP/1.0) matches no host list.
-- paths: compared on the normalised path (query removed, percent-encoded
-  unreserved characters decoded, other escapes upper-cased, ``.`` and ``..``
-  segments resolved, repeated slashes merged), so ``/%61dmin`` and
-  ``//admin/.`` cannot slip past a rule written for ``/admin``. A prefix
-  matches on segment boundaries only: ``/static`` matches ``/static``,
-  ``/static/`` and ``/static/a.css`` but not ``/staticfoo``; ``/static/``
-  matches what lies under it and not ``/static`` itself. ``path_regex`` is
-  searched in the same normalised path, as bytes, so it must be written
-  against the percent-encoded form for characters outside ASCII.
+  ``[0::1]`` is ``[::1]`` (``tiers.proxy.normalize``). ``*.example.com``
+  matches ``a.example.com`` and ``a.b.example.com`` but not ``example.com``
+  itself (as in nginx). A request without a host (HTTP/1.0) matches no host
+  list.
+- paths: compared on the normalised path (``tiers.proxy.normalize``: query
+  removed, percent-encoded unreserved characters decoded, other escapes
+  upper-cased, ``.`` and ``..`` segments resolved, repeated slashes merged),
+  so ``/%61dmin`` and ``//admin/.`` cannot slip past a rule written for
+  ``/admin``. A prefix matches on segment boundaries only: ``/static``
+  matches ``/static``, ``/static/`` and ``/static/a.css`` but not
+  ``/staticfoo``; ``/static/`` matches what lies under it and not
+  ``/static`` itself. ``path_regex`` is searched in the same normalised
+  path, as bytes, so it must be written against the percent-encoded form for
+  characters outside ASCII.
 - methods: exact, upper-case; GET also admits HEAD (a HEAD is a GET without
   the body, RFC 9110 9.3.2, and must be answered by the same rule).
 - headers: the regular expression is searched in each field line of that
   name; one hit is enough, a missing header does not match.
-- user_agent: searched case-insensitively; a missing User-Agent does not match.
-- networks: the client address, IPv4 or IPv6; an IPv4-mapped IPv6 address
-  (``::ffff:10.0.0.1``) is treated as the IPv4 address it carries, and a
-  network given in that form as the IPv4 network.
+- user_agent: searched case-insensitively (``tiers.proxy.matchers``); a
+  missing User-Agent does not match.
+- networks: the client address, IPv4 or IPv6 (``tiers.proxy.matchers``); an
+  IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) is treated as the IPv4
+  address it carries, and a network given in that form as the IPv4 network.
 
 Checks run cheapest first (method, host, path prefix, network, then the
 regular expressions), and each per-request derived value (normalised host,
@@ -42,28 +45,23 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from socket import AF_INET, AF_INET6, inet_pton
-from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 from tiers.config.proxy import Match, Route, RouteKind
 from tiers.errors import ConfigError
-from tiers.proxy.http1 import RequestHead
+from tiers.proxy.matchers import Networks, UserAgentPattern, parse_address
+from tiers.proxy.normalize import normalize_host, normalize_path, normalize_target
+from tiers.proxy.requestparser import RequestHead
 
 __all__ = [
     "CRAWLER_NAMES",
     "CRAWLER_USER_AGENTS",
     "CompiledRoute",
-    "Networks",
     "Router",
-    "UserAgentPattern",
     "crawler_route",
     "default_routes",
-    "normalize_host",
-    "normalize_path",
-    "parse_address",
 ]
 
 # Well-known crawlers, fetchers of link previews and AI training/search bots,
@@ -143,279 +141,6 @@ _UA_CACHE_KEY_MAX = 512
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _NO_BODY_STATUSES = frozenset({204, 304})
 
-# ---- addresses -------------------------------------------------------------------
-
-# Addresses are one int: an IPv6 address is its 128-bit value, an IPv4 address
-# (plain or IPv4-mapped) is _V4 plus its 32-bit value. The two ranges never
-# meet, so an IPv6 network never matches an IPv4 client, even ::/0.
-_V4 = 1 << 128
-_MAPPED_PREFIX = 0xFFFF  # ::ffff:0:0/96, shifted right by 32
-
-
-def parse_address(ip: bytes) -> int | None:
-    """The client address ``ip`` (as the server's peername gives it) as one int.
-
-    IPv4 and IPv4-mapped IPv6 addresses become ``1 << 128`` plus the 32-bit
-    address; other IPv6 addresses their 128-bit value (a ``%zone`` is
-    ignored). Returns None for anything that is not an address (a Unix
-    socket peer, ``b"-"``).
-    """
-    try:
-        if b":" in ip:
-            zone = ip.find(b"%")
-            if zone != -1:
-                ip = ip[:zone]
-            value = int.from_bytes(inet_pton(AF_INET6, ip.decode("ascii")), "big")
-            if value >> 32 == _MAPPED_PREFIX:
-                return _V4 | (value & 0xFFFFFFFF)
-            return value
-        return _V4 | int.from_bytes(inet_pton(AF_INET, ip.decode("ascii")), "big")
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-
-
-class Networks:
-    """A set of CIDR blocks, matched against ``parse_address`` values.
-
-    Blocks are grouped by prefix length, so a lookup costs one set probe per
-    distinct prefix length (at most 162), however long the list is.
-    """
-
-    __slots__ = ("_tables",)
-
-    def __init__(
-        self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()
-    ) -> None:
-        by_shift: dict[int, set[int]] = {}
-        for given in networks:
-            net = given
-            if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
-                mapped = net.network_address.ipv4_mapped
-                if mapped is not None:
-                    net = ipaddress.IPv4Network((mapped, net.prefixlen - 96))
-            if isinstance(net, ipaddress.IPv4Network):
-                shift = 32 - net.prefixlen
-                base = _V4 | int(net.network_address)
-            else:
-                shift = 128 - net.prefixlen
-                base = int(net.network_address)
-            by_shift.setdefault(shift, set()).add(base >> shift)
-        # Most specific first: deny lists of single hosts are the common case.
-        self._tables = tuple((shift, frozenset(by_shift[shift])) for shift in sorted(by_shift))
-
-    def __bool__(self) -> bool:
-        return bool(self._tables)
-
-    def __contains__(self, address: int) -> bool:
-        # A plain loop: any() over a generator costs more on this per-request path.
-        for shift, bases in self._tables:  # noqa: SIM110
-            if address >> shift in bases:
-                return True
-        return False
-
-    @classmethod
-    def parse(cls, specs: Sequence[str], source: str, key: str) -> Networks:
-        """Parse CIDR blocks (``10.0.0.0/8``, ``2001:db8::/32``, a bare address).
-
-        Host bits are ignored (``10.0.0.1/8`` is ``10.0.0.0/8``), as the config
-        loader accepts them. Raises ConfigError naming ``key[i]`` for a block
-        that does not parse.
-        """
-        parsed = []
-        for i, spec in enumerate(specs):
-            try:
-                parsed.append(ipaddress.ip_network(spec.strip(), strict=False))
-            except ValueError as exc:
-                raise ConfigError(source, f"{key}[{i}]", f"not a network: {exc}") from exc
-        return cls(parsed)
-
-
-# ---- hosts and paths -------------------------------------------------------------
-
-
-def normalize_host(host: bytes | None) -> bytes | None:
-    """``host`` (a Host header value) as routes compare it: no port, lower case, no final dot.
-
-    An IPv6 literal loses its brackets and is written in its compressed form.
-    Returns None for None or an empty host.
-    """
-    if not host:
-        return None
-    if host[0] == 0x5B:  # "["
-        end = host.find(b"]")
-        literal = host[1:end] if end != -1 else host[1:]
-        try:
-            return ipaddress.IPv6Address(literal.decode("ascii")).compressed.encode()
-        except (ValueError, UnicodeDecodeError):
-            return literal.lower() or None
-    colon = host.find(b":")
-    if colon != -1:
-        host = host[:colon]
-    host = host.lower()
-    if host[-1:] == b".":
-        host = host[:-1]
-    return host or None
-
-
-_ESCAPE_RE = re.compile(rb"%([0-9A-Fa-f]{2})")
-# One scan says whether a path needs normalising at all (most do not).
-_NOT_NORMAL = re.compile(rb"%|/\.|//")
-_NOT_NORMAL_OR_QUERY = re.compile(rb"%|/\.|//|\?")
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-# Every escape by its upper-case hex: the character if unreserved, else the escape upper-cased.
-_ESCAPES = {b"%02X" % c: (bytes([c]) if c in _UNRESERVED else b"%%%02X" % c) for c in range(256)}
-
-
-def _unescape(match: re.Match[bytes]) -> bytes:
-    return _ESCAPES[match.group(1).upper()]
-
-
-def normalize_path(path: bytes) -> bytes:
-    """``path`` (without query) in the normal form routes compare (RFC 3986, 6.2.2).
-
-    Percent-encoded unreserved characters are decoded and other escapes
-    upper-cased, ``.`` and ``..`` segments are resolved (``..`` never climbs
-    above the root) and repeated slashes merged. A path that does not start
-    with ``/`` (``*``) is returned as it is. Most paths need none of this and
-    are returned unchanged without copying.
-    """
-    if _NOT_NORMAL.search(path) is None or path[:1] != b"/":
-        return path
-    return _normalize(path)
-
-
-def _normalize(path: bytes) -> bytes:
-    if b"%" in path:
-        path = _ESCAPE_RE.sub(_unescape, path)
-    segments = path.split(b"/")
-    out: list[bytes] = []
-    for segment in segments[1:]:
-        if not segment or segment == b".":
-            continue
-        if segment == b"..":
-            if out:
-                out.pop()
-            continue
-        out.append(segment)
-    if not out:
-        return b"/"
-    last = segments[-1]
-    trailing = b"/" if last in (b"", b".", b"..") else b""
-    return b"/" + b"/".join(out) + trailing
-
-
-def _path_of(target: bytes) -> bytes:
-    query = target.find(b"?")
-    return target if query == -1 else target[:query]
-
-
-def _route_path(target: bytes) -> bytes:
-    """``normalize_path(_path_of(target))`` in one scan for the usual clean path."""
-    found = _NOT_NORMAL_OR_QUERY.search(target)
-    if found is None:
-        return target
-    start = found.start()
-    if target[start] == 0x3F:  # "?" before anything to normalise
-        return target[:start]
-    return normalize_path(_path_of(target))
-
-
-# ---- User-Agent patterns ---------------------------------------------------------
-
-_META = frozenset(".^$*+?{}[]()")
-
-
-def _literal_words(pattern: str) -> list[bytes] | None:
-    """The words of a pattern that is only ``word|word|...`` (``re.escape`` allowed), else None.
-
-    A leading ``(?i)`` is dropped: these words are matched case-insensitively anyway.
-    """
-    text = pattern.removeprefix("(?i)")
-    words: list[bytes] = []
-    word: list[str] = []
-    chars = iter(text)
-    for char in chars:
-        if char == "\\":
-            escaped = next(chars, "")
-            if not escaped or escaped.isalnum():
-                return None  # a class (\d, \w), an anchor (\b) or a back-reference
-            word.append(escaped)
-        elif char == "|":
-            if not word:
-                return None
-            words.append("".join(word).encode().lower())
-            word = []
-        elif char in _META:
-            return None
-        else:
-            word.append(char)
-    if not word:
-        return None
-    words.append("".join(word).encode().lower())
-    return words
-
-
-def _trie_pattern(words: Iterable[bytes]) -> bytes:
-    """One regular expression for any of ``words``, factored on common prefixes.
-
-    Python's ``re`` tries alternatives one by one at every position; a trie
-    makes it test one character class first, which is several times faster
-    on lists of dozens of words.
-    """
-    ordered = sorted(set(words))
-    # A word that contains a shorter word of the list as a prefix adds nothing to a search.
-    kept: list[bytes] = []
-    for word in ordered:
-        if not kept or not word.startswith(kept[-1]):
-            kept.append(word)
-    root: dict[int, dict[int, Any]] = {}
-    for word in kept:
-        node = root
-        for byte in word:
-            node = node.setdefault(byte, {})
-
-    def emit(node: dict[int, Any]) -> bytes:
-        alternatives = [re.escape(bytes([byte])) + emit(child) for byte, child in node.items()]
-        if len(alternatives) == 1:
-            return alternatives[0]
-        return b"(?:" + b"|".join(alternatives) + b")" if alternatives else b""
-
-    return emit(root)
-
-
-class UserAgentPattern:
-    """Case-insensitive regular expressions searched in a User-Agent (ASCII case folding).
-
-    Patterns that are plain lists of words (``CRAWLER_USER_AGENTS``, most
-    deny lists) are merged into one case-sensitive trie searched in the
-    lower-cased text, which ``re`` runs an order of magnitude faster than
-    ``re.IGNORECASE`` alternatives; other patterns are compiled as given.
-    The constructor raises ``re.error`` for an invalid pattern.
-    """
-
-    __slots__ = ("_regexes", "_words")
-
-    def __init__(self, patterns: Sequence[str]) -> None:
-        words: list[bytes] = []
-        regexes: list[re.Pattern[bytes]] = []
-        for pattern in patterns:
-            literal = _literal_words(pattern)
-            if literal is not None:
-                words += literal
-            else:
-                regexes.append(re.compile(pattern.encode(), re.IGNORECASE))
-        self._words = re.compile(_trie_pattern(words)) if words else None
-        self._regexes = tuple(regexes)
-
-    def search(self, user_agent: bytes) -> bool:
-        """True if any of the patterns is found in ``user_agent``."""
-        words = self._words
-        if words is not None and words.search(user_agent.lower()) is not None:
-            return True
-        for regex in self._regexes:  # noqa: SIM110 (no generator on the per-request path)
-            if regex.search(user_agent) is not None:
-                return True
-        return False
 
 
 # ---- compiled routes -------------------------------------------------------------
@@ -526,7 +251,7 @@ class CompiledRoute:
         under ``path_prefix`` once normalised, or a segment decodes to ``.``
         or ``..`` or contains ``/`` or NUL; answer 404.
         """
-        path = normalize_path(_path_of(target))
+        path = normalize_target(target)
         if path[:1] != b"/":
             return None
         under = self._prefix_under
@@ -805,7 +530,7 @@ class Router:
             under = rule._prefix_under
             if under or rule._path_regex is not None:
                 if not path_done:
-                    path = _route_path(target)
+                    path = normalize_target(target)
                     path_done = True
                 if under and not path.startswith(under) and path != rule._prefix:
                     continue

@@ -25,9 +25,10 @@ from tiers.proxy.cache import CacheRequest, Fill, PageCache
 from tiers.proxy.connection import ClientConnection
 from tiers.proxy.errors import UpstreamTimeout
 from tiers.proxy.forward import upstream_request_head
-from tiers.proxy.http1 import BodyData, ResponseHead
+from tiers.proxy.http1 import BodyData
 from tiers.proxy.limits import Abuse
 from tiers.proxy.peers import PeerListener, ask, ask_all, merge_status
+from tiers.proxy.responseparser import ResponseHead
 from tiers.proxy.routing import Router
 from tiers.proxy.settings import ProxySettings
 from tiers.proxy.static import StaticRoot

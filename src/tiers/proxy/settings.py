@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from tiers.config.model import Address, ProxyConfig
 from tiers.config.proxy import AdminConfig, Pool, ProxyPolicy, Route, RouteKind, Server
-from tiers.proxy.http1 import DEFAULT_LIMITS, Limits
+from tiers.proxy.requestparser import DEFAULT_LIMITS, Limits
 from tiers.proxy.upstream import UpstreamSettings
 
 

@@ -1,6 +1,7 @@
-"""Static files: map a request path into a route's root, decide the answer, send it.
+"""Static files: map a request path into a route's root and decide the answer.
 
-Three steps, kept apart so each is tested on its own:
+Three steps, kept apart so each is tested on its own (the third lives in
+``tiers.proxy.filesender``):
 
 - ``StaticRoot.from_route`` compiles a STATIC route once: the root resolved
   with realpath, the path prefix to strip as bytes.
@@ -11,10 +12,9 @@ Three steps, kept apart so each is tested on its own:
   open descriptor, so what was checked is what is sent.
   ``plan_static_file`` does the same for a name the router has already
   taken out of the path (``CompiledRoute.static_path``).
-- ``send_static`` writes the head, then the body: small bodies in the same
-  write, larger ones with ``loop.sendfile`` (zero-copy on asyncio's own
-  socket transports), or with positional reads and writes where the loop has
-  no sendfile (uvloop's loops do not implement it).
+- ``tiers.proxy.filesender.send_static`` writes the head, then the body:
+  small bodies in the same write, larger ones with ``loop.sendfile``, or
+  with positional reads and writes where the loop has no sendfile.
 
 How a path is mapped, and why each refusal exists:
 
@@ -52,40 +52,27 @@ gives: If-Match, If-Unmodified-Since (412), If-None-Match, If-Modified-Since
 (304), then Range with If-Range. One byte range is served as 206; a request
 for several ranges gets the whole file as 200, which RFC 9110 allows.
 
-The file-system calls (realpath, open, fstat, and the reads when sendfile is
-not available) run on the event loop's thread: on a local disk, mostly from
-the page cache, they take microseconds, less than a hop to a thread would.
-A root on a slow or network file system would stall the loop.
+The file-system calls (realpath, open, fstat) run on the event loop's
+thread: on a local disk, mostly from the page cache, they take
+microseconds, less than a hop to a thread would. A root on a slow or
+network file system would stall the loop.
 """
 
 from __future__ import annotations
 
-import asyncio
-import datetime
-import email.utils
 import errno
 import io
 import mimetypes
 import os
 import re
 import stat
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 from tiers.config.proxy import Route, RouteKind
-from tiers.errors import ConfigError, ProxyError
-from tiers.proxy.errors import ClientGone
-
-
-class StaticFileError(ProxyError):
-    """A file could not be read while its response was being sent.
-
-    Raised by ``send_static`` after the head went out (the file shrank or a
-    read failed), so the only honest signal left is to close the connection.
-    """
-
+from tiers.errors import ConfigError
+from tiers.proxy.httpdate import DateField, http_date, parse_http_date
 
 # ---- the compiled root ------------------------------------------------------------
 
@@ -208,64 +195,9 @@ def _type_field(path: bytes) -> bytes:
     return _TYPE_FIELDS.get(path[dot:].lower(), _DEFAULT_TYPE_FIELD)
 
 
-# ---- dates ------------------------------------------------------------------------
-
-_WEEKDAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
-_MONTHS = (
-    b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
-    b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec",
-)  # fmt: skip
-
-
-def http_date(seconds: int) -> bytes:
-    """``seconds`` since the epoch as an IMF-fixdate (``Sun, 06 Nov 1994 08:49:37 GMT``)."""
-    t = time.gmtime(seconds)
-    return b"%s, %02d %s %04d %02d:%02d:%02d GMT" % (
-        _WEEKDAYS[t.tm_wday],
-        t.tm_mday,
-        _MONTHS[t.tm_mon - 1],
-        t.tm_year,
-        t.tm_hour,
-        t.tm_min,
-        t.tm_sec,
-    )
-
-
-def parse_http_date(value: bytes) -> int | None:
-    """Seconds since the epoch of an HTTP-date in any of its three forms; None if invalid."""
-    try:
-        parsed = email.utils.parsedate_tz(value.decode("ascii"))
-        if parsed is None:
-            return None
-        # datetime refuses a day or hour out of range, which timegm would roll over;
-        # HTTP dates are GMT, so a date without a zone is not taken as local time.
-        moment = datetime.datetime(*parsed[:6], tzinfo=datetime.UTC)
-        return int(moment.timestamp()) - (parsed[9] or 0)
-    except (UnicodeDecodeError, ValueError, IndexError, TypeError, OverflowError):
-        return None
-
-
-class _DateField:
-    """The ``Date`` field line, formatted once per second rather than per response."""
-
-    __slots__ = ("line", "second")
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.line = b""
-
-    def at(self, now: float) -> bytes:
-        second = int(now)
-        if second != self.second:
-            self.line = b"Date: " + http_date(second) + b"\r\n"
-            self.second = second
-        return self.line
-
-
-_date_field = _DateField()
-
-
 # ---- the plan ---------------------------------------------------------------------
+
+_date_field = DateField()
 
 _STATUS_LINES = {
     200: b"HTTP/1.1 200 OK\r\n",
@@ -690,106 +622,3 @@ def _plan_file(
         fields + b"Content-Length: %d\r\n" % size,
         count=0 if head_only else size,
     )
-
-
-# ---- sending ------------------------------------------------------------------------
-
-# A body up to this size is read and written together with the head: one
-# write, and none of sendfile's set-up for a few kilobytes.
-_INLINE_MAX = 64 * 1024
-# Read size when the loop cannot sendfile; memory held is about this plus
-# the transport's high-water mark.
-_CHUNK = 256 * 1024
-_CLIENT_CLOSED = 499
-
-
-async def send_static(
-    loop: asyncio.AbstractEventLoop,
-    transport: asyncio.WriteTransport,
-    plan: StaticPlan,
-    drain: Callable[[], Awaitable[None]],
-    *,
-    keep_alive: bool,
-    version: bytes = b"1.1",
-) -> int:
-    """Send ``plan`` on ``transport``: the head, then its body; return the body bytes sent.
-
-    ``drain`` is the connection's write flow control: it returns at once
-    unless the transport paused writing, then waits until it resumes, and
-    raises ``ClientGone`` if the connection was lost meanwhile. It is awaited
-    after the response is written and between pieces of a body sent without
-    sendfile. ``keep_alive`` and ``version`` shape the Connection field (see
-    ``StaticPlan.head``).
-
-    The plan's file is closed on return, whatever happens. Raises
-    ``ClientGone`` (status 499) when the client is gone before or during the
-    body, and ``StaticFileError`` when the file cannot be read to the end
-    (it shrank, or a read failed): both after the head may have been sent,
-    so the caller must close the connection.
-    """
-    try:
-        if transport.is_closing():
-            raise ClientGone("client closed the connection", _CLIENT_CLOSED)
-        head = plan.head(keep_alive, version)
-        file = plan.file
-        if file is None:
-            transport.write(head + plan.body if plan.body else head)
-            await drain()
-            return len(plan.body)
-        offset = plan.offset
-        count = plan.count
-        if count <= _INLINE_MAX:
-            transport.writelines((head, _read(file, offset, count)))
-            await drain()
-            return count
-        transport.write(head)
-        try:
-            sent = await loop.sendfile(transport, file, offset, count)
-        except NotImplementedError:
-            # uvloop: its loops have no sendfile at all.
-            sent = await _copy(transport, file, offset, count, drain)
-        except ConnectionError as exc:
-            raise ClientGone(f"client connection failed: {exc}", _CLIENT_CLOSED) from exc
-        except OSError as exc:
-            raise StaticFileError(f"cannot send {_label(file)}: {exc}") from exc
-        if sent != count:
-            raise StaticFileError(f"{_label(file)} shrank while it was sent")
-        return count
-    finally:
-        plan.close()
-
-
-def _read(file: io.FileIO, offset: int, count: int) -> bytes:
-    try:
-        data = os.pread(file.fileno(), count, offset)
-    except OSError as exc:
-        raise StaticFileError(f"cannot read {_label(file)}: {exc}") from exc
-    if len(data) != count:
-        raise StaticFileError(f"{_label(file)} shrank while it was sent")
-    return data
-
-
-def _label(file: io.FileIO) -> str:
-    name = file.name
-    return os.fsdecode(name) if isinstance(name, (bytes, str)) else f"descriptor {name}"
-
-
-async def _copy(
-    transport: asyncio.WriteTransport,
-    file: io.FileIO,
-    offset: int,
-    count: int,
-    drain: Callable[[], Awaitable[None]],
-) -> int:
-    """Send ``count`` bytes of ``file`` from ``offset`` with reads and writes."""
-    # Reads are blocking but short: a static root is on a local disk, mostly in
-    # the page cache, and a thread hop per chunk would cost more than the read.
-    end = offset + count
-    while offset < end:  # each pass advances by at least one byte or raises
-        if transport.is_closing():
-            raise ClientGone("client closed the connection", _CLIENT_CLOSED)
-        data = _read(file, offset, min(_CHUNK, end - offset))
-        transport.write(data)
-        offset += len(data)
-        await drain()
-    return count

@@ -5,8 +5,9 @@ policy, its per-server slots and wait queue, and its health checks.
 ``Pools`` holds one ``Upstreams`` per configured pool, starts and stops them
 together and checks each server address once however many pools list it.
 The decisions (health transitions, which server, who gets a freed slot,
-which idle connection) are ``tiers.proxy.balancer``'s ``PoolState`` and
-``IdlePool``; this module does the sockets, the futures and the timers.
+which idle connection) are ``tiers.proxy.poolstate.PoolState`` and
+``tiers.proxy.idlepool.IdlePool``; this module does the sockets, the futures
+and the timers.
 
 A request's life in a pool:
 
@@ -43,22 +44,14 @@ from dataclasses import dataclass
 from tiers.config.model import Address, ProxyConfig
 from tiers.config.proxy import Pool, Server
 from tiers.errors import ProxyError
-from tiers.proxy.balancer import (
-    BUSY,
-    Busy,
-    Change,
-    Health,
-    IdlePool,
-    Outcome,
-    PoolState,
-    PoolStats,
-    ServerState,
-)
+from tiers.proxy.balancer import BUSY, Busy, Change, Health, Outcome, ServerState
 from tiers.proxy.errors import (
     ConnectFailed,
     UpstreamError,
 )
-from tiers.proxy.http1 import ResponseHead, ResponseParser
+from tiers.proxy.idlepool import IdlePool
+from tiers.proxy.poolstate import PoolState, PoolStats
+from tiers.proxy.responseparser import ResponseHead, ResponseParser
 from tiers.proxy.upstreamconn import UpstreamConnection
 
 log = logging.getLogger("tiers.proxy")

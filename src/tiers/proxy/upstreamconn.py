@@ -35,7 +35,8 @@ from tiers.proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from tiers.proxy.http1 import END, BodyData, ResponseEvent, ResponseHead, ResponseParser
+from tiers.proxy.http1 import END, BodyData
+from tiers.proxy.responseparser import ResponseEvent, ResponseHead, ResponseParser
 from tiers.proxy.waittimer import WaitTimer
 
 if TYPE_CHECKING:

@@ -10,13 +10,13 @@ import pytest
 from tiers.proxy.balancer import (
     ConsistentHash,
     Health,
-    IdlePool,
     LeastConnections,
     ServerState,
     SmoothWeighted,
     mark_unreachable,
     observe_check,
 )
+from tiers.proxy.idlepool import IdlePool
 
 
 def _run(health: Health, results: str, fall: int = 2, rise: int = 2) -> list[bool]:

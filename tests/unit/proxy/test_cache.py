@@ -19,14 +19,9 @@ from tiers.proxy.cache import (
 )
 from tiers.proxy.coalescer import Coalescer, Lead, Turn
 from tiers.proxy.forward import upstream_request_head
-from tiers.proxy.http1 import (
-    END,
-    BodyData,
-    RequestHead,
-    RequestParser,
-    ResponseHead,
-    ResponseParser,
-)
+from tiers.proxy.http1 import END, BodyData
+from tiers.proxy.requestparser import RequestHead, RequestParser
+from tiers.proxy.responseparser import ResponseHead, ResponseParser
 
 T0 = 1_700_000_000.0
 

@@ -7,21 +7,18 @@ import email.utils
 import pytest
 
 from tiers.proxy.cachepolicy import (
-    MISS,
     Freshness,
-    Hit,
     RequestRules,
-    Stale,
-    Store,
     cache_key,
     may_be_storable,
     not_modified,
     parse_cache_control,
-    parse_http_date,
     request_cacheability,
     response_storability,
     url_key,
 )
+from tiers.proxy.cachestore import MISS, Hit, Stale, Store
+from tiers.proxy.httpdate import parse_http_date
 
 T0 = 1_700_000_000.0
 Headers = list[tuple[bytes, bytes]]

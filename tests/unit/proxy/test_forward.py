@@ -11,7 +11,8 @@ from tiers.proxy.forward import (
     plan_response,
     upstream_request_head,
 )
-from tiers.proxy.http1 import RequestHead, RequestParser, ResponseHead, ResponseParser
+from tiers.proxy.requestparser import RequestHead, RequestParser
+from tiers.proxy.responseparser import ResponseHead, ResponseParser
 
 
 def _request(raw: bytes) -> RequestHead:

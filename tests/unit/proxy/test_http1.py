@@ -18,20 +18,9 @@ import pytest
 
 from tiers.errors import ProxyError
 from tiers.proxy.errors import UpstreamProtocolError
-from tiers.proxy.http1 import (
-    END,
-    BodyData,
-    Framing,
-    Limits,
-    MessageEnd,
-    RequestError,
-    RequestEvent,
-    RequestHead,
-    RequestParser,
-    ResponseEvent,
-    ResponseHead,
-    ResponseParser,
-)
+from tiers.proxy.http1 import END, BodyData, Framing, MessageEnd
+from tiers.proxy.requestparser import Limits, RequestError, RequestEvent, RequestHead, RequestParser
+from tiers.proxy.responseparser import ResponseEvent, ResponseHead, ResponseParser
 
 CORPUS = Path(__file__).parent / "requests"
 VALID = sorted(CORPUS.glob("valid/*.http"))

@@ -12,13 +12,8 @@ import pytest
 
 from tiers.config.model import Address
 from tiers.config.proxy import Balance, Pool, Server
-from tiers.proxy.balancer import (
-    BUSY,
-    Change,
-    Outcome,
-    PoolState,
-    outcome_for_status,
-)
+from tiers.proxy.balancer import BUSY, Change, Outcome, outcome_for_status
+from tiers.proxy.poolstate import PoolState
 
 
 def _pool(

@@ -9,19 +9,16 @@ import pytest
 
 from tiers.config.proxy import Match, Route, RouteKind
 from tiers.errors import ConfigError, TiersError
-from tiers.proxy.http1 import RequestHead, RequestParser
+from tiers.proxy.matchers import Networks, UserAgentPattern, parse_address
+from tiers.proxy.normalize import normalize_host, normalize_path
+from tiers.proxy.requestparser import RequestHead, RequestParser
 from tiers.proxy.routing import (
     CRAWLER_NAMES,
     CRAWLER_USER_AGENTS,
     CompiledRoute,
-    Networks,
     Router,
-    UserAgentPattern,
     crawler_route,
     default_routes,
-    normalize_host,
-    normalize_path,
-    parse_address,
 )
 
 BROWSER = b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0"

@@ -15,13 +15,12 @@ import pytest
 from tests.conftest import require
 from tiers.config.proxy import Match, Route, RouteKind
 from tiers.errors import ConfigError
+from tiers.proxy.httpdate import http_date, parse_http_date
 from tiers.proxy.static import (
     StaticPlan,
     StaticRoot,
     _open_inside,
     content_type,
-    http_date,
-    parse_http_date,
     parse_range,
     plan_static,
     plan_static_file,

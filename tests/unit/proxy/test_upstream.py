@@ -10,7 +10,8 @@ from tiers.config.model import Address
 from tiers.config.proxy import Pool, Server
 from tiers.proxy.balancer import BUSY, Outcome
 from tiers.proxy.errors import UpstreamClosed, UpstreamProtocolError
-from tiers.proxy.http1 import END, BodyData, ResponseHead
+from tiers.proxy.http1 import END, BodyData
+from tiers.proxy.responseparser import ResponseHead
 from tiers.proxy.upstream import Upstreams, UpstreamSettings
 from tiers.proxy.upstreamconn import UpstreamConnection
 

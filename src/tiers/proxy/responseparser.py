@@ -1,0 +1,312 @@
+"""Sans-I/O parser of what a backend answers: bytes in, response events out.
+
+Events, in order, per response: one ``ResponseHead`` (1xx interim responses
+are consumed silently), any number of ``BodyData``, then ``END``. Anything
+that cannot be framed raises ``UpstreamProtocolError``: a backend's bad
+answer is a failure of that exchange, not an input to answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httptools
+
+from tiers.proxy.errors import UpstreamProtocolError
+from tiers.proxy.http1 import (
+    END,
+    HTTP_VERSIONS,
+    NO_TOKENS,
+    BodyData,
+    Framing,
+    MessageEnd,
+    header_tokens,
+)
+
+# Framing members as module names: cheaper than a lookup through the class.
+_NONE = Framing.NONE
+_LENGTH = Framing.LENGTH
+_CHUNKED = Framing.CHUNKED
+_CLOSE = Framing.CLOSE
+
+
+@dataclass(slots=True, eq=False)
+class ResponseHead:
+    """A backend's final (non-1xx) response head.
+
+    ``names`` are the header names lower-cased, parallel to ``headers``
+    (empty when not known).
+    """
+
+    status: int
+    reason: bytes
+    version: bytes
+    headers: list[tuple[bytes, bytes]]
+    framing: Framing
+    content_length: int | None
+    keep_alive: bool
+    connection: frozenset[bytes]
+    names: Sequence[bytes] = ()
+
+
+ResponseEvent = ResponseHead | BodyData | MessageEnd
+
+_MAX_RESPONSE_HEAD = 65536
+_MAX_RESPONSE_HEADERS = 200
+
+
+class _ResponseReader:
+    """The state of ``ResponseParser`` and the target of llhttp's callbacks.
+
+    llhttp keeps its callbacks, bound to this object, for its whole life, so
+    this object must not hold llhttp in turn: that cycle would leave garbage
+    for the cyclic collector with every parser. ``llhttp`` is set only while
+    ``ResponseParser.feed`` runs.
+    """
+
+    __slots__ = (
+        "clean",
+        "done",
+        "extra",
+        "framing",
+        "head",
+        "head_request",
+        "head_used",
+        "headers",
+        "in_head",
+        "interim",
+        "llhttp",
+        "names",
+        "out",
+        "reason",
+    )
+
+    def __init__(self, head_request: bool) -> None:
+        self.llhttp: httptools.HttpResponseParser | None = None
+        self.out: list[ResponseEvent] = []
+        self.reset(head_request)
+
+    def reset(self, head_request: bool) -> None:
+        """Expect a new response (to a HEAD request if ``head_request``)."""
+        self.head_request = head_request
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.names: list[bytes] = []
+        self.reason = b""
+        self.in_head = True
+        self.head_used = 0
+        self.interim = False
+        self.framing = _NONE
+        self.head: ResponseHead | None = None
+        self.done = False
+        self.extra = False
+        # llhttp ended the response itself and expects another on the same
+        # stream: only then may its state carry over to the next exchange.
+        self.clean = False
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            # A second response to one request: the stream is out of step.
+            self.extra = True
+            return
+        self.headers = []
+        self.names = []
+        self.reason = b""
+        self.in_head = True
+        self.head_used = 0
+
+    def on_status(self, reason: bytes) -> None:
+        if not self.done:
+            self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.done:
+            return
+        headers = self.headers
+        if len(headers) >= _MAX_RESPONSE_HEADERS:
+            raise UpstreamProtocolError("too many response header fields")
+        headers.append((name, value))
+        self.names.append(name.lower())
+
+    def on_headers_complete(self) -> None:
+        if self.done:
+            return
+        parser = self.llhttp
+        assert parser is not None
+        status = parser.get_status_code()
+        self.in_head = False
+        if status < 200:
+            # llhttp ends a 1xx message here and parses the next one.
+            self.interim = True
+            return
+        version = HTTP_VERSIONS.get(parser.get_http_version())
+        if version is None:
+            raise UpstreamProtocolError("unsupported HTTP version in response")
+        headers = self.headers
+        names = self.names
+        length: int | None = None
+        if b"content-length" in names:
+            # llhttp checked its digits and that it is not repeated.
+            length = int(headers[names.index(b"content-length")][1].strip(b" \t"))
+        chunked = False
+        if b"transfer-encoding" in names:
+            # Only chunked is undone here; another coding would reach the
+            # client undeclared once the header is re-framed.
+            coding = headers[names.index(b"transfer-encoding")][1]
+            if names.count(b"transfer-encoding") > 1 or coding.strip(b" \t").lower() != b"chunked":
+                raise UpstreamProtocolError("unsupported transfer coding in response")
+            chunked = True
+        connection = NO_TOKENS
+        if b"connection" in names:
+            if names.count(b"connection") == 1:
+                connection = header_tokens([headers[names.index(b"connection")][1]])
+            else:
+                connection = header_tokens([
+                    field[1] for lname, field in zip(names, headers, strict=True)
+                    if lname == b"connection"
+                ])
+        head_request = self.head_request
+        if head_request or status in {204, 304}:
+            framing = _NONE
+        elif chunked:
+            framing = _CHUNKED
+        elif length is not None:
+            framing = _LENGTH
+        else:
+            framing = _CLOSE
+        self.framing = framing
+        if version == b"1.1":
+            keep_alive = b"close" not in connection
+        else:
+            keep_alive = b"keep-alive" in connection
+        head = ResponseHead(
+            status,
+            self.reason,
+            version,
+            headers,
+            framing,
+            length,
+            keep_alive and framing is not _CLOSE,
+            connection,
+            names,
+        )
+        self.head = head
+        out = self.out
+        out.append(head)
+        if head_request:
+            # llhttp would wait for the body the headers announce; there is none.
+            self.done = True
+            out.append(END)
+
+    def on_body(self, body: bytes) -> None:
+        if self.done:
+            self.extra = True
+            return
+        self.out.append(BodyData(body))
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if not self.done:
+            self.done = True
+            self.out.append(END)
+            parser = self.llhttp
+            self.clean = parser is not None and parser.should_keep_alive()
+
+
+class ResponseParser:
+    """Parses the responses a backend sends, one per request, on one connection.
+
+    ``head_request`` says the request was HEAD: its response has no body
+    whatever its headers say. 1xx interim responses are consumed silently
+    (the proxy answers ``Expect: 100-continue`` itself). ``feed`` and
+    ``feed_eof`` raise ``UpstreamProtocolError`` on anything that cannot be
+    framed. ``extra`` turns true when bytes arrive after the response ended,
+    which makes the connection unfit for reuse. ``begin`` readies the parser
+    for the next response on the same connection.
+
+    A parser holds no reference cycle: dropping it frees it at once.
+    """
+
+    __slots__ = ("_llhttp", "_reader")
+
+    def __init__(self, head_request: bool = False) -> None:
+        reader = _ResponseReader(head_request)
+        self._reader = reader
+        self._llhttp = httptools.HttpResponseParser(reader)
+
+    @property
+    def head(self) -> ResponseHead | None:
+        """The final response head, once parsed."""
+        return self._reader.head
+
+    @property
+    def done(self) -> bool:
+        """The response has ended."""
+        return self._reader.done
+
+    @property
+    def extra(self) -> bool:
+        """Bytes came after the end of the response."""
+        return self._reader.extra
+
+    @property
+    def reusable(self) -> bool:
+        """The response ended cleanly and the backend keeps the connection open."""
+        reader = self._reader
+        head = reader.head
+        return reader.done and not reader.extra and head is not None and head.keep_alive
+
+    def begin(self, head_request: bool) -> None:
+        """Expect the response to the next request sent on the same connection.
+
+        llhttp's state carries over only when it ended the last response
+        itself and expects another; otherwise (a HEAD response, whose body
+        llhttp still awaits, or a response that did not end cleanly) parsing
+        starts afresh.
+        """
+        reader = self._reader
+        if reader.clean and not reader.extra:
+            reader.reset(head_request)
+        else:
+            reader = _ResponseReader(head_request)
+            self._reader = reader
+            self._llhttp = httptools.HttpResponseParser(reader)
+
+    def feed(self, data: bytes) -> list[ResponseEvent]:
+        """Parse ``data``; return the events it completes."""
+        reader = self._reader
+        if reader.done:
+            reader.extra = True
+            return []
+        out: list[ResponseEvent] = []
+        reader.out = out
+        llhttp = self._llhttp
+        reader.llhttp = llhttp
+        try:
+            llhttp.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            raise UpstreamProtocolError("backend switched protocols unasked") from exc
+        except httptools.HttpParserError as exc:
+            context = exc.__context__
+            if isinstance(context, UpstreamProtocolError):
+                raise context from exc
+            raise UpstreamProtocolError(f"invalid response: {exc}") from exc
+        finally:
+            reader.llhttp = None
+        if reader.in_head:
+            reader.head_used += len(data)
+            if reader.head_used > _MAX_RESPONSE_HEAD:
+                raise UpstreamProtocolError("response head too large")
+        return out
+
+    def feed_eof(self) -> list[ResponseEvent]:
+        """The backend closed its side: end a close-delimited body, else fail."""
+        reader = self._reader
+        if reader.done:
+            return []
+        if reader.head is not None and reader.framing is _CLOSE:
+            reader.done = True
+            return [END]
+        raise UpstreamProtocolError("backend closed the connection before the response ended")
