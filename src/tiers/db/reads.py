@@ -104,8 +104,23 @@ class ReadChoice(Topology):
         """The node for a read, its connection, and whether it is a replica of the pool."""
         pool = self._pool()
         state = self._state()
-        now = self._clock()
         start = next(self._cursor)
+        if wanted is not None and max_staleness is None and not self._down:
+            # The common causal read: the first replica in turn that the monitor
+            # saw replay the token, as the plan below would put first.
+            views = pool.views
+            count = len(views)
+            for step in range(count):
+                view = views[(start + step) % count]
+                position = view.position
+                if position is not None and position >= wanted:
+                    try:
+                        link = self._checkout(state, view.name)
+                    except NodeUnavailable:
+                        break  # marked down now: the full plan tries the others
+                    self._count(state, view.name, intent)
+                    return view.name, link, True
+        now = self._clock()
         wait_lag = self.causal_wait if self.monitor is not None else None
         plan = plan_read(pool.views, token=wanted, max_staleness=max_staleness, start=start,
                          now=now, down=self._down, wait_lag=wait_lag)
