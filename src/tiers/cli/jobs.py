@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -261,6 +261,23 @@ def jobs_inspect(ctx: Context, job_id: int, dsn: str | None, as_json: bool) -> N
             click.echo(f"  {line}")
 
 
+def _dead_jobs_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The arguments of the commands that act on dead jobs: ids, or --all narrowed."""
+    for decorate in reversed((
+        click.argument("job_ids", nargs=-1, type=int),
+        click.option("--all", "everything", is_flag=True,
+                     help="Every dead job (narrow with --queue, --task)."),
+        click.option("--queue"),
+        click.option("--task"),
+        _dsn_option,
+        _json_option,
+        click.pass_obj,
+        handles_errors,
+    )):
+        command = decorate(command)
+    return command
+
+
 def _selection(ids: tuple[int, ...], everything: bool, queue: str | None,
                task: str | None) -> store.Selection:
     if ids and everything:
@@ -273,15 +290,7 @@ def _selection(ids: tuple[int, ...], everything: bool, queue: str | None,
 
 
 @jobs.command("retry")
-@click.argument("job_ids", nargs=-1, type=int)
-@click.option("--all", "everything", is_flag=True, help="Every dead job (narrow with "
-              "--queue, --task).")
-@click.option("--queue")
-@click.option("--task")
-@_dsn_option
-@_json_option
-@click.pass_obj
-@handles_errors
+@_dead_jobs_options
 def jobs_retry(ctx: Context, job_ids: tuple[int, ...], *, everything: bool, queue: str | None,
                task: str | None, dsn: str | None, as_json: bool) -> None:
     """Put dead jobs back in their queue, due now, with attempts counted from zero.
@@ -299,15 +308,7 @@ def jobs_retry(ctx: Context, job_ids: tuple[int, ...], *, everything: bool, queu
 
 
 @jobs.command("delete")
-@click.argument("job_ids", nargs=-1, type=int)
-@click.option("--all", "everything", is_flag=True, help="Every dead job (narrow with "
-              "--queue, --task).")
-@click.option("--queue")
-@click.option("--task")
-@_dsn_option
-@_json_option
-@click.pass_obj
-@handles_errors
+@_dead_jobs_options
 def jobs_delete(ctx: Context, job_ids: tuple[int, ...], *, everything: bool, queue: str | None,
                 task: str | None, dsn: str | None, as_json: bool) -> None:
     """Remove dead jobs for good. Named jobs that are not dead change nothing and are reported."""
