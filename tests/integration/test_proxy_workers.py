@@ -3,19 +3,25 @@ and one admin listener that speaks for all of them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import pwd
 import re
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from tests.conftest import require
 from tests.e2e.stackctl import free_ports
 from tests.integration.proxykit import Backend, Proxy, _wait
 from tests.integration.test_proxy_admin import TOKEN, admin_get
 from tiers.proxy.accesslog import parse_line
+from tiers.proxy.peers import PeerListener, ask, new_prefix, socket_name
 
 
 def workers_of(proxy: Proxy) -> list[psutil.Process]:
@@ -179,3 +185,58 @@ def test_a_worker_started_again_after_a_reload_serves_the_new_configuration(
         assert bodies == {b"after"}
     finally:
         p.stop()
+
+
+def test_a_peer_socket_answers_its_own_user_only() -> None:
+    # Abstract socket names have no file permissions: the worker checks who asks.
+    require(os.geteuid() == 0, "connecting as another user needs root")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    prefix = new_prefix()
+
+    async def status(_argument: str) -> dict[str, bool]:
+        return {"ok": True}
+
+    async def scenario() -> tuple[Any, bytes]:
+        listener = PeerListener(prefix, 0, {"status": status})
+        await listener.start()
+        try:
+            mine = await ask(prefix, 0, "status", 2.0)
+            theirs = await asyncio.get_running_loop().run_in_executor(
+                None, _ask_as, nobody, socket_name(prefix, 0))
+            return mine, theirs
+        finally:
+            await listener.close()
+
+    mine, theirs = asyncio.run(scenario())
+    assert mine == {"ok": True}
+    assert theirs == b""  # closed without an answer
+
+
+def _ask_as(uid: int, name: str) -> bytes:
+    """What a process running as ``uid`` reads after sending ``status`` to socket ``name``."""
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(readable)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(5)
+                sock.connect(name)
+                sock.sendall(b"status\n")
+                try:
+                    answer = sock.recv(1000)
+                except ConnectionResetError:
+                    answer = b""  # closed with the command unread
+                os.write(writable, b"answer:" + answer)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writable)
+    with os.fdopen(readable, "rb") as pipe:
+        got = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert got.startswith(b"answer:")
+    return got.removeprefix(b"answer:")

@@ -323,7 +323,7 @@ def _current(worker: ProxySettings, reload: Reloader | None) -> ProxySettings:
         log.error("cannot read the configuration again, using the one read at start: %s", exc)
         return worker
     # Where to listen and the workers' sockets are the master's to decide.
-    return replace(fresh, listen=worker.listen, peer_dir=worker.peer_dir,
+    return replace(fresh, listen=worker.listen, peer_prefix=worker.peer_prefix,
                    workers=worker.workers, policy=replace(fresh.policy,
                                                           admin=worker.policy.admin))
 

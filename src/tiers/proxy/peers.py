@@ -3,9 +3,12 @@
 With ``workers = N`` each worker has its own pools, health checks, counters,
 page cache and abuse buckets, and only worker 0 runs the admin listener. So
 that its answers cover the whole proxy, every worker also listens on a Unix
-socket of its own, ``worker-<index>.sock`` in a directory the master makes
-(mode 0700, removed when the master exits), and answers one command per
-connection with one JSON document:
+socket of its own and answers one command per connection with one JSON
+document. The sockets have names in Linux's abstract namespace, made of a
+random prefix the master chooses and the worker's index, so nothing is left
+on disk whatever way the proxy ends; since such a name has no file
+permissions, a worker answers only peers running as its own user
+(SO_PEERCRED).
 
     status            the worker's status (``tiers.proxy.observe.status``)
     purge PREFIX      drops its cached pages under PREFIX; {"purged": count}
@@ -20,12 +23,13 @@ same in every worker or ``mixed``, and a short line per worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
+import secrets
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("tiers.proxy")
@@ -34,40 +38,52 @@ log = logging.getLogger("tiers.proxy")
 _MAX_COMMAND = 64 * 1024
 _READ_TIMEOUT = 5.0
 _MAX_ANSWER = 64 * 1024 * 1024
+# struct ucred: pid, uid, gid.
+_CREDS = struct.Struct("3i")
 
 Status = dict[str, Any]
 # Answers a command's argument (the text after the command word) with a JSON document.
 Handler = Callable[[str], Awaitable[Any]]
 
 
-def socket_path(directory: str, index: int) -> str:
-    return os.path.join(directory, f"worker-{index}.sock")
+def socket_name(prefix: str, index: int) -> str:
+    """Worker ``index``'s socket name (abstract: it starts with a NUL byte)."""
+    return f"{prefix}-worker-{index}"
+
+
+def new_prefix() -> str:
+    """A name prefix for one proxy's worker sockets, unguessable and unique to it."""
+    return f"\0tiers-proxy-{os.getpid()}-{secrets.token_hex(8)}"
 
 
 class PeerListener:
     """One worker's Unix socket, answering the commands of ``handlers`` by name."""
 
-    def __init__(self, directory: str, index: int, handlers: dict[str, Handler]) -> None:
-        self.path = socket_path(directory, index)
+    def __init__(self, prefix: str, index: int, handlers: dict[str, Handler]) -> None:
+        self.name = socket_name(prefix, index)
         self._handlers = handlers
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        """Listen; a socket file left by this worker's previous life is replaced."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self._server = await asyncio.start_unix_server(self._serve, self.path)
+        """Listen; raises OSError if the name is taken (another proxy's, by chance)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.name)
+        except OSError:
+            sock.close()
+            raise
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if not _same_user(writer):
+                return
             line = await asyncio.wait_for(reader.readline(), _READ_TIMEOUT)
             if len(line) > _MAX_COMMAND or not line.endswith(b"\n"):
                 return
@@ -85,10 +101,26 @@ class PeerListener:
             writer.close()
 
 
-async def ask(directory: str, index: int, command: str, timeout: float) -> Any:
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
+    _pid, uid, _gid = _CREDS.unpack(creds)
+    return bool(uid == os.getuid())
+
+
+async def ask(prefix: str, index: int, command: str, timeout: float) -> Any:
     """Worker ``index``'s answer to ``command``, or None if it gave none in time."""
     async def exchange() -> Any:
-        reader, writer = await asyncio.open_unix_connection(socket_path(directory, index))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, socket_name(prefix, index))
+        except OSError:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
         try:
             writer.write(command.encode() + b"\n")
             await writer.drain()
@@ -105,20 +137,11 @@ async def ask(directory: str, index: int, command: str, timeout: float) -> Any:
         return None
 
 
-async def ask_all(directory: str, workers: int, command: str,
+async def ask_all(prefix: str, workers: int, command: str,
                   timeout: float = 1.0) -> list[Any]:
     """Every worker's answer to ``command``, in worker order (None where none came)."""
-    return list(await asyncio.gather(*(ask(directory, index, command, timeout)
+    return list(await asyncio.gather(*(ask(prefix, index, command, timeout)
                                        for index in range(workers))))
-
-
-def make_directory() -> str:
-    """A new private directory for the workers' sockets (short, so paths fit sun_path)."""
-    import tempfile
-
-    directory = tempfile.mkdtemp(prefix="tiers-proxy-")
-    Path(directory).chmod(0o700)
-    return directory
 
 
 # ---- merging ----------------------------------------------------------------------

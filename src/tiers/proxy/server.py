@@ -148,18 +148,21 @@ class ProxyServer:
 
     async def _start_admin(self) -> None:
         settings = self.settings
-        if settings.peer_dir is not None:
-            self.peers = PeerListener(settings.peer_dir, settings.worker, {
+        if settings.peer_prefix is not None:
+            self.peers = PeerListener(settings.peer_prefix, settings.worker, {
                 "status": self._own_status,
                 "purge": self._peer_purge,
                 "drop": self._peer_drop,
             })
-            await self.peers.start()
+            try:
+                await self.peers.start()
+            except OSError as exc:
+                raise ProxyError(f"cannot listen for the other workers: {exc}") from exc
         admin = settings.policy.admin
         if admin.listen is None:
             return
         token = load_or_create_token(admin.token, settings.admin_token_file)
-        if settings.peer_dir is None:
+        if settings.peer_prefix is None:
             handlers = AdminHandlers(status=self._own_status, metrics=self._own_metrics,
                                      purge=self._own_purge)
         else:
@@ -196,9 +199,9 @@ class ProxyServer:
 
     async def _drop_elsewhere(self, key: bytes) -> None:
         settings = self.settings
-        assert settings.peer_dir is not None
+        assert settings.peer_prefix is not None
         command = f"drop {key.hex()}"
-        await asyncio.gather(*(ask(settings.peer_dir, index, command, 1.0)
+        await asyncio.gather(*(ask(settings.peer_prefix, index, command, 1.0)
                                for index in range(settings.workers)
                                if index != settings.worker))
 
@@ -206,18 +209,18 @@ class ProxyServer:
         return {"purged": await self._own_purge(prefix)}
 
     async def _all_status(self) -> dict[str, Any]:
-        assert self.settings.peer_dir is not None
-        return merge_status(await ask_all(self.settings.peer_dir, self.settings.workers,
+        assert self.settings.peer_prefix is not None
+        return merge_status(await ask_all(self.settings.peer_prefix, self.settings.workers,
                                           "status"))
 
     async def _all_metrics(self) -> list[Metric]:
-        assert self.settings.peer_dir is not None
+        assert self.settings.peer_prefix is not None
         return observe.metrics_of_workers(
-            await ask_all(self.settings.peer_dir, self.settings.workers, "status"))
+            await ask_all(self.settings.peer_prefix, self.settings.workers, "status"))
 
     async def _all_purge(self, prefix: str) -> int:
-        assert self.settings.peer_dir is not None
-        answers = await ask_all(self.settings.peer_dir, self.settings.workers,
+        assert self.settings.peer_prefix is not None
+        answers = await ask_all(self.settings.peer_prefix, self.settings.workers,
                                 f"purge {prefix}")
         missing = [str(i) for i, a in enumerate(answers) if a is None]
         if missing:
@@ -229,7 +232,7 @@ class ProxyServer:
     def _new_cache(self, settings: ProxySettings) -> PageCache:
         cache = PageCache(settings.policy.cache, fetch=self._cache_fetch,
                           wait_timeout=settings.read_timeout)
-        if settings.peer_dir is not None and settings.workers > 1:
+        if settings.peer_prefix is not None and settings.workers > 1:
             cache.on_invalidate = self._tell_peers_to_drop
         return cache
 
@@ -249,7 +252,7 @@ class ProxyServer:
         static_roots = _static_roots(settings)
         pools = Pools(policy.pools, settings.upstream_settings())
         # The workers' sockets stay where the master put them.
-        settings = replace(settings, peer_dir=old.peer_dir)
+        settings = replace(settings, peer_prefix=old.peer_prefix)
         if settings.listen != old.listen or policy.admin != old.policy.admin:
             log.warning("listen and admin addresses change only with a restart")
             settings = replace(settings, listen=old.listen,

@@ -37,8 +37,8 @@ class ProxySettings:
     # Processes sharing the port with SO_REUSEPORT; see tiers.proxy.workers.
     workers: int = 1
     worker: int = 0  # this process's index among them
-    # With several workers: the directory of their sockets (tiers.proxy.peers).
-    peer_dir: str | None = None
+    # With several workers: the name their peer sockets share (tiers.proxy.peers).
+    peer_prefix: str | None = None
 
     def __post_init__(self) -> None:
         if not self.policy.pools:

@@ -16,8 +16,8 @@ relays signals and keeps the count:
 
 Each worker gets SIGTERM if the master dies (even by SIGKILL), so none is
 left behind. Only worker 0 runs the admin listener; it asks every worker
-through its peer socket (``tiers.proxy.peers``, in a private directory the
-master makes and removes), so status, metrics and purges cover them all.
+through its peer socket (``tiers.proxy.peers``), so status, metrics and
+purges cover them all.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import shutil
 import signal
 import socket
 import time
@@ -35,7 +34,7 @@ from dataclasses import replace
 
 from tiers.config.address import Address
 from tiers.config.proxy import AdminConfig
-from tiers.proxy.peers import make_directory
+from tiers.proxy.peers import new_prefix
 from tiers.proxy.settings import ProxySettings
 
 log = logging.getLogger("tiers.proxy")
@@ -71,14 +70,7 @@ class Master:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._note)
         reserved = self._fix_port()
-        peer_dir = make_directory()
-        self.settings = replace(self.settings, peer_dir=peer_dir)
-        try:
-            return self._run(reserved)
-        finally:
-            shutil.rmtree(peer_dir, ignore_errors=True)
-
-    def _run(self, reserved: socket.socket | None) -> int:
+        self.settings = replace(self.settings, peer_prefix=new_prefix())
         for index in range(self.settings.workers):
             self._spawn(index)
         log.info("master %d: %d workers", os.getpid(), self.settings.workers)
