@@ -1,7 +1,7 @@
 """The reverse proxy against nginx and HAProxy, side by side on this machine.
 
     .venv/bin/python benchmarks/proxy.py [--duration 10] [--connections 50]
-        [--rounds 3] [--threads 2] [--warmup 1] [--skip-cache]
+        [--rounds 3] [--threads 2] [--warmup 1] [--skip-cache] [--no-compiled]
 
 One backend (an nginx of its own, answering a fixed ~600-byte page from
 memory) stands behind three front ends with equivalent settings: tiers'
@@ -9,6 +9,11 @@ proxy, nginx and HAProxy, each one worker process or thread, keep-alive to
 the client and to the backend, X-Forwarded-For added, an access log line per
 request written to a file. wrk loads each in turn, the order rotating every
 round; the table gives medians over the rounds and the ratios tiers/peer.
+
+tiers runs in two builds of the same sources, each from a copy in the
+temporary directory: pure Python, and compiled by mypyc as
+``TIERS_COMPILE=1 pip install .`` builds it (about a minute to build; needs
+mypy, which the bench extra installs; ``--no-compiled`` skips it).
 
 A second part loads a cacheable page (``Cache-Control: public, max-age=60``)
 through nginx's proxy_cache, HAProxy's cache and tiers' page cache (on by
@@ -37,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import _harness as h
-from _proxy_cpu import own_cpu_per_request
+from _proxy_builds import compiled_copy, pure_copy, pythonpath_env
 
 PACKAGES = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"}
 
@@ -322,25 +327,25 @@ def _med(t: Target, attr: str) -> float:
 def print_table(title: str, targets: Sequence[Target]) -> None:
     print(title)
     print(
-        f"  {'target':<24}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
+        f"  {'target':<30}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
         f"{'CPU us/req':>12}{'errors':>8}   req/s per round"
     )
     for t in targets:
         errors = sum(r.non_2xx + r.socket_errors for r in t.results)
         rounds = " ".join(f"{r.rps:.0f}" for r in t.results)
         print(
-            f"  {t.name:<24}{_med(t, 'rps'):>10.0f}{_med(t, 'p50_ms'):>10.3f}"
+            f"  {t.name:<30}{_med(t, 'rps'):>10.0f}{_med(t, 'p50_ms'):>10.3f}"
             f"{_med(t, 'p99_ms'):>10.3f}{_med(t, 'cpu_us_per_request'):>12.1f}"
             f"{errors:>8}   {rounds}"
         )
 
 
 def print_ratios(ours: Target, peers: Sequence[Target]) -> None:
-    print(f"  {'ratio':<24}{'req/s':>10}{'p99':>10}{'CPU/req':>12}")
+    print(f"  {'ratio':<44}{'req/s':>10}{'p99':>10}{'CPU/req':>12}")
     for peer in peers:
         label = f"{ours.name} / {peer.name}"
         print(
-            f"  {label:<24}{_med(ours, 'rps') / _med(peer, 'rps'):>10.2f}"
+            f"  {label:<44}{_med(ours, 'rps') / _med(peer, 'rps'):>10.2f}"
             f"{_med(ours, 'p99_ms') / _med(peer, 'p99_ms'):>10.2f}"
             f"{_med(ours, 'cpu_us_per_request') / _med(peer, 'cpu_us_per_request'):>12.2f}"
         )
@@ -377,6 +382,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="wrk threads")
     p.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each run")
     p.add_argument("--skip-cache", action="store_true", help="skip the cached-page part")
+    p.add_argument("--no-compiled", action="store_true",
+                   help="measure only the pure-Python build of tiers")
     args = p.parse_args(argv)
     if not 0 < args.duration <= 600:
         p.error("--duration must be in (0, 600] seconds")
@@ -389,18 +396,76 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+@dataclass
+class Build:
+    """One build of tiers: its name, the ``src/`` copy it runs from, its processes."""
+
+    name: str
+    src: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def prepare_builds(args: argparse.Namespace, tmp: str, python: str) -> list[Build]:
+    builds = [Build("tiers", pure_copy(tmp))]
+    if args.no_compiled:
+        print("tiers compiled: skipped (--no-compiled)")
+        return builds
+    print("building the compiled proxy (mypyc, about a minute)...", file=sys.stderr, flush=True)
+    src, why_not = compiled_copy(tmp, python)
+    if src is None:
+        print(f"tiers compiled: skipped: {why_not}")
+    else:
+        builds.append(Build("tiers compiled", src))
+    for b in builds:
+        b.env = pythonpath_env(b.src)
+    return builds
+
+
+def start_tiers(children: h.Children, python: str, build: Build, *, name: str, port: int,
+                backend_port: int, access_log: str) -> h.Child:
+    """A tiers proxy of ``build``, listening; BenchmarkError if it runs the other build."""
+    child = children.start(
+        name,
+        [python, "-m", "tiers.proxy", "--listen", f"127.0.0.1:{port}",
+         "--backend", f"127.0.0.1:{backend_port}", "--access-log", access_log],
+        env=build.env,
+    )
+    children.wait_listening(child, port)
+    compiled = build.name.endswith("compiled")
+    deadline = time.monotonic() + 5
+    while True:
+        log = children.log_tail(child, 50)
+        if "request path: " in log:
+            break
+        if time.monotonic() > deadline:
+            raise h.BenchmarkError(f"{name}: no 'request path' line in its log:\n{log}")
+        time.sleep(0.05)
+    if ("request path: compiled" in log) != compiled:
+        raise h.BenchmarkError(f"{name} does not run the {build.name} build:\n{log}")
+    return child
+
+
+def own_cpu(python: str, build: Build) -> str:
+    """``_proxy_cpu.py``'s line for ``build``: its own Python code per request, no I/O."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_proxy_cpu.py")
+    out = subprocess.run([python, script], env=build.env, capture_output=True, text=True,
+                         check=False)
+    return (out.stdout.strip() or out.stderr.strip().splitlines()[-1]) if (
+        out.stdout or out.stderr) else "no output"
+
+
 def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
     python = sys.executable
     tiers_help(python)  # fails early and clearly when tiers is not installed
     (
         backend_port,
-        tiers_port,
         nginx_port,
         nginx_cache_port,
         haproxy_port,
         haproxy_cache_port,
-        tiers_cache_port,
-    ) = h.free_ports(7)
+        *tiers_ports,
+    ) = h.free_ports(9)
+    builds = prepare_builds(args, tmp, python)
 
     # The backend, and a check that it is far faster than any front end needs.
     conf = os.path.join(tmp, "backend.conf")
@@ -412,21 +477,15 @@ def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
     )
     children.wait_listening(backend, backend_port)
 
-    tiers_log = os.path.join(tmp, "tiers-access.log")
-    tiers = children.start(
-        "tiers",
-        [
-            python,
-            "-m",
-            "tiers.proxy",
-            "--listen",
-            f"127.0.0.1:{tiers_port}",
-            "--backend",
-            f"127.0.0.1:{backend_port}",
-            "--access-log",
-            tiers_log,
-        ],
-    )
+    tiers_logs = {}
+    tiers_targets = []
+    for i, build in enumerate(builds):
+        tiers_logs[build.name] = os.path.join(tmp, f"{build.name.replace(' ', '-')}-access.log")
+        child = start_tiers(children, python, build, name=build.name.replace(" ", "-"),
+                            port=tiers_ports[2 * i], backend_port=backend_port,
+                            access_log=tiers_logs[build.name])
+        tiers_targets.append((Target(build.name, tiers_ports[2 * i], PLAIN_PATH,
+                                     child.proc.pid), child))
     conf = os.path.join(tmp, "nginx.conf")
     with open(conf, "w") as f:
         f.write(nginx_conf(tmp, nginx_port, nginx_cache_port, backend_port))
@@ -439,13 +498,16 @@ def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
         f.write(haproxy_conf(haproxy_port, haproxy_cache_port, backend_port))
     haproxy_log = os.path.join(tmp, "haproxy-access.log")
     haproxy = children.start("haproxy", ["haproxy", "-db", "-f", conf], stdout_path=haproxy_log)
-    for child, port in ((tiers, tiers_port), (nginx, nginx_port), (haproxy, haproxy_port)):
+    for child, port in ((nginx, nginx_port), (haproxy, haproxy_port)):
         children.wait_listening(child, port)
 
-    targets = [
-        Target("tiers", tiers_port, PLAIN_PATH, tiers.proc.pid),
+    peers = [
         Target("nginx", nginx_port, PLAIN_PATH, nginx.proc.pid),
         Target("haproxy", haproxy_port, PLAIN_PATH, haproxy.proc.pid),
+    ]
+    targets = [
+        *(t for t, _ in tiers_targets),
+        *peers,
         Target("backend (direct)", backend_port, PLAIN_PATH, backend.proc.pid),
     ]
     for t in targets:
@@ -483,13 +545,14 @@ def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
         "(1 worker each, keep-alive both sides, access log on)",
         targets,
     )
-    print_ratios(targets[0], targets[1:3])
+    for t, _ in tiers_targets:
+        print_ratios(t, peers)
     print(
         "  access log lines: "
         + ", ".join(
             f"{name} {_count_lines(path)}"
             for name, path in (
-                ("tiers", tiers_log),
+                *tiers_logs.items(),
                 ("nginx", os.path.join(tmp, "nginx-access.log")),
                 ("haproxy", haproxy_log),
             )
@@ -499,61 +562,48 @@ def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
 
     if args.skip_cache:
         print("Cached page: skipped (--skip-cache)")
-        return
-    # tiers' page cache is on by default; check_cached proves it answers.
-    extra: list[str] | None = []
-    reason = "tiers page cache on by default"
-    cached = [
-        Target("nginx proxy_cache", nginx_cache_port, CACHEABLE_PATH, nginx.proc.pid),
-        Target("haproxy cache", haproxy_cache_port, CACHEABLE_PATH, haproxy.proc.pid),
-    ]
-    if extra is not None:
-        tiers_cached = children.start(
-            "tiers-cache",
-            [
-                python,
-                "-m",
-                "tiers.proxy",
-                "--listen",
-                f"127.0.0.1:{tiers_cache_port}",
-                "--backend",
-                f"127.0.0.1:{backend_port}",
-                "--access-log",
-                os.path.join(tmp, "tiers-cache-access.log"),
-                *extra,
-            ],
-        )
-        children.wait_listening(tiers_cached, tiers_cache_port)
-        candidate = Target(
-            "tiers page cache", tiers_cache_port, CACHEABLE_PATH, tiers_cached.proc.pid
-        )
-        try:
-            check_cached(candidate)
-        except h.BenchmarkError as exc:
-            # Measuring an uncached tiers here would be a false row.
-            children.stop(tiers_cached)
-            extra, reason = None, f"{reason}, but {exc}"
-        else:
-            cached.insert(0, candidate)
-    for t in cached:
+    else:
+        # The cached runs do not need the uncached front ends' idle processes.
+        for _, child in tiers_targets:
+            children.stop(child)
+        run_cached(args, tmp, children, python, builds=builds, tiers_ports=tiers_ports,
+                   backend_port=backend_port, peers=[
+                       Target("nginx proxy_cache", nginx_cache_port, CACHEABLE_PATH,
+                              nginx.proc.pid),
+                       Target("haproxy cache", haproxy_cache_port, CACHEABLE_PATH,
+                              haproxy.proc.pid),
+                   ])
+    for build in builds:
+        print(f"{build.name}: {own_cpu(python, build)} (benchmarks/_proxy_cpu.py)")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def run_cached(args: argparse.Namespace, tmp: str, children: h.Children, python: str, *,
+               builds: Sequence[Build], tiers_ports: Sequence[int], backend_port: int,
+               peers: Sequence[Target]) -> None:
+    """The cached page through each front end's cache (tiers' page cache is on by default)."""
+    ours = []
+    for i, build in enumerate(builds):
+        name = f"{build.name} page cache"
+        port = tiers_ports[2 * i + 1]
+        child = start_tiers(children, python, build, name=name.replace(" ", "-"), port=port,
+                            backend_port=backend_port,
+                            access_log=os.path.join(tmp, f"{name.replace(' ', '-')}.log"))
+        ours.append(Target(name, port, CACHEABLE_PATH, child.proc.pid))
+    # Measuring an uncached front end here would be a false row: each must
+    # prove it answers from its cache.
+    for t in [*ours, *peers]:
         check_cached(t)
-    # The cached runs do not need the uncached front ends' idle processes.
-    children.stop(tiers)
-    run_rounds(children, cached, args, "cache")
+    run_rounds(children, [*ours, *peers], args, "cache")
     print()
     print_table(
         f"Cached page ({CACHEABLE_PATH}, Cache-Control: public, max-age=60): "
         f"median of {args.rounds} rounds",
-        cached,
+        [*ours, *peers],
     )
-    if extra is None:
-        print(f"  {'tiers page cache':<24}skipped: {reason}")
-    else:
-        print(f"  ({reason})")
-        print_ratios(cached[0], cached[1:])
-    print(f"the proxy's own code, with transports that do no I/O: "
-          f"{own_cpu_per_request():.1f} us of CPU per request (benchmarks/_proxy_cpu.py)")
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for t in ours:
+        print_ratios(t, peers)
+    print(flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

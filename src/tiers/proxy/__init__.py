@@ -54,3 +54,24 @@ Operating it:
 
 Run it with ``python -m tiers.proxy`` (see ``tiers.proxy.__main__``).
 """
+
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+
+
+def compiled_modules() -> list[str]:
+    """The proxy's loaded modules that run as compiled extensions.
+
+    Empty in the default pure-Python install; a build with TIERS_COMPILE=1
+    (see setup.py) compiles the request path with mypyc.
+    """
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    return sorted(
+        name
+        for name, module in list(sys.modules.items())
+        if name.startswith("tiers.proxy.")
+        and str(getattr(module, "__file__", "") or "").endswith(suffixes)
+    )
+

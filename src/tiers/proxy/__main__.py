@@ -39,6 +39,7 @@ from tiers.config import load_topology
 from tiers.config.model import Address, ProxyConfig
 from tiers.config.proxy import AdminConfig, Pool, ProxyPolicy, Route, RouteKind, Server
 from tiers.errors import ConfigError, ProxyError, TiersError
+from tiers.proxy import compiled_modules
 from tiers.proxy.server import ProxyServer
 from tiers.proxy.settings import ProxySettings
 
@@ -270,6 +271,9 @@ async def serve(settings: ProxySettings, reload: Reloader | None = None) -> int:
         port,
         ", ".join(str(b) for b in settings.backends),
     )
+    compiled = compiled_modules()
+    log.info("request path: %s", f"compiled ({len(compiled)} modules)" if compiled
+             else "pure Python")
     await stop.wait()
     log.info("stopping: finishing requests in flight")
     await server.shutdown()

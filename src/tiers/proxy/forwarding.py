@@ -96,8 +96,8 @@ class Forwarding(ClientIO):
             else:
                 try:
                     found = await upstreams.acquire(tried, key=head.path)
-                except PoolBusy as exc:
-                    self._log_failure(head, f"pool {upstreams.name}: {exc}")
+                except PoolBusy as busy:
+                    self._log_failure(head, f"pool {upstreams.name}: {busy}")
                     return self._fail(x, 503, "service unavailable: all servers busy")
                 if found is None:
                     if not tried:
@@ -106,6 +106,9 @@ class Forwarding(ClientIO):
                     return self._fail(x, 502, "bad gateway")
                 backend = found
             outcome = Outcome.NEUTRAL
+            # Every way out of this attempt returns or raises, but for a retry:
+            # the loop then goes on to the next one (``continue`` is not used
+            # inside try/finally, which the compiled build does not support).
             try:
                 resumed = resume if resume is not None and resume.conn is not None else None
                 if resume is not None:
@@ -117,44 +120,43 @@ class Forwarding(ClientIO):
                 if conn is None:
                     try:
                         conn = await upstreams.connect(backend)
-                    except ConnectFailed as exc:
+                    except ConnectFailed as refused:
                         # The request never left the proxy: any method may go elsewhere.
                         tried.add(backend.index)
-                        failure = str(exc)
-                        continue
-                x.upstream = backend.label_bytes
-                try:
-                    keep_alive = await self._attempt(x, conn, upstreams, resumed)
-                    outcome = (Outcome.BROKEN if x.cut
-                               else outcome_for_status(x.upstream_status))
-                    return keep_alive
-                except UpstreamError as exc:
-                    conn.abort()
-                    await self._stop_pump(x)
-                    if x.body_error is not None:
-                        raise x.body_error from exc
-                    failure = f"{backend.label}: {exc}"
-                    if isinstance(exc, UpstreamTimeout):
-                        outcome = Outcome.TIMEOUT
-                        self._log_failure(head, failure)
-                        return self._fail(x, 504, "gateway timeout")
-                    stale = reused and conn.received == 0
-                    outcome = Outcome.NEUTRAL if stale else Outcome.BROKEN
-                    if conn.received == 0 and idempotent and x.replay is not None:
+                        failure = str(refused)
+                if conn is not None:
+                    x.upstream = backend.label_bytes
+                    try:
+                        keep_alive = await self._attempt(x, conn, upstreams, resumed)
+                        outcome = (Outcome.BROKEN if x.cut
+                                   else outcome_for_status(x.upstream_status))
+                        return keep_alive
+                    except UpstreamError as exc:
+                        conn.abort()
+                        await self._stop_pump(x)
+                        if x.body_error is not None:
+                            raise x.body_error from exc
+                        failure = f"{backend.label}: {exc}"
+                        if isinstance(exc, UpstreamTimeout):
+                            outcome = Outcome.TIMEOUT
+                            self._log_failure(head, failure)
+                            return self._fail(x, 504, "gateway timeout")
+                        stale = reused and conn.received == 0
+                        outcome = Outcome.NEUTRAL if stale else Outcome.BROKEN
+                        if not (conn.received == 0 and idempotent and x.replay is not None):
+                            self._log_failure(head, failure)
+                            return self._fail(x, 502, "bad gateway")
                         if reused:
                             # Most likely a keep-alive connection the backend was
                             # closing: try again on a new one.
                             fresh_only = True
                         else:
                             tried.add(backend.index)
-                        continue
-                    self._log_failure(head, failure)
-                    return self._fail(x, 502, "bad gateway")
-                except BaseException:
-                    # Cancelled (the client left) or a bug: the exchange on this
-                    # connection is in an unknown state.
-                    conn.abort()
-                    raise
+                    except BaseException:
+                        # Cancelled (the client left) or a bug: the exchange on this
+                        # connection is in an unknown state.
+                        conn.abort()
+                        raise
             finally:
                 upstreams.finish(backend, outcome, loop.time())
 

@@ -209,14 +209,21 @@ def _check_target(method: bytes, target: bytes, host: bytes | None) -> tuple[byt
             url = httptools.parse_url(target)
         except httptools.HttpParserInvalidURLError as exc:
             raise _Reject(400, "invalid request target") from exc
-        if not url.host or b"#" in target:
+        # httptools' stub types these parts as bytes and int, but a part the
+        # target lacks is None: read them untyped, or the compiled build
+        # rejects the None.
+        host_part: bytes | None = getattr(url, "host")  # noqa: B009
+        port: int | None = getattr(url, "port")  # noqa: B009
+        path_part: bytes | None = getattr(url, "path")  # noqa: B009
+        query: bytes | None = getattr(url, "query")  # noqa: B009
+        if not host_part or b"#" in target:
             raise _Reject(400, "invalid request target")
-        authority = url.host if url.port is None else b"%s:%d" % (url.host, url.port)
-        if b":" in url.host:
-            authority = b"[" + url.host + b"]" + authority[len(url.host) :]
-        path = url.path or b"/"
-        if url.query:
-            path += b"?" + url.query
+        authority = host_part if port is None else b"%s:%d" % (host_part, port)
+        if b":" in host_part:
+            authority = b"[" + host_part + b"]" + authority[len(host_part) :]
+        path = path_part or b"/"
+        if query:
+            path += b"?" + query
         return path, authority
     raise _Reject(400, "invalid request target")
 

@@ -230,6 +230,22 @@ def test_absolute_form_keeps_raw_target_for_the_log() -> None:
     assert head.host == b"b.test"
 
 
+@pytest.mark.parametrize(
+    ("target", "path", "host"),
+    [
+        (b"http://b.test", b"/", b"b.test"),
+        (b"http://b.test:8080?q=1", b"/?q=1", b"b.test:8080"),
+        (b"HTTP://[::1]:81/p?x", b"/p?x", b"[::1]:81"),
+    ],
+)
+def test_absolute_form_parts_that_are_missing_take_defaults(
+    target: bytes, path: bytes, host: bytes
+) -> None:
+    head = RequestParser().feed(b"GET %s HTTP/1.1\r\nHost: a.test\r\n\r\n" % target)[0]
+    assert isinstance(head, RequestHead)
+    assert (head.path, head.host) == (path, host)
+
+
 # ---- responses --------------------------------------------------------------
 
 
