@@ -45,9 +45,9 @@ Static files and the page cache:
 Operating it:
 
     settings        the frozen settings the process runs with
-    accesslog       one LTSV line per request
+    accesslog       one LTSV line per request, and the request ids in it
     admin           the admin listener: status, metrics, purge
-    observe         the status JSON and Prometheus metrics it shows
+    observe         the status JSON and Prometheus metrics it shows, request counters
     peers           worker processes asking each other for the admin listener
     workers         several worker processes on one port
     errors          the proxy's branch of the error tree

@@ -17,12 +17,15 @@ always stays one line of tab-separated fields (``unescape`` undoes it).
 Lines are buffered and written at least every second, when the buffer grows
 past 64 KiB, and on ``close``. Writes are blocking appends of whole lines:
 small, and what nginx does too.
+
+``RequestIds`` makes the reqid values (also sent to backends as X-Request-Id).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sys
 import time
@@ -208,3 +211,17 @@ class AccessLog:
         self.flush()
         if self._owned:
             self._file.close()
+
+
+class RequestIds:
+    """Request ids unique across restarts and processes: a random prefix and a counter."""
+
+    __slots__ = ("_count", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex().encode()
+        self._count = 0
+
+    def next(self) -> bytes:
+        self._count += 1
+        return b"%s-%x" % (self._prefix, self._count)

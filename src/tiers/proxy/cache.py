@@ -52,7 +52,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from tiers.config.proxy import CacheConfig, Route, RouteKind
 from tiers.errors import TiersError
@@ -92,13 +91,20 @@ _MAX_REFRESHES = 256
 # ---- answers made from entries -----------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class CachedResponse:
-    """An answer made from an entry: ``head`` and ``body`` bytes ready to write."""
+    """An answer made from an entry: ``head`` and ``body`` bytes ready to write.
 
-    status: int
-    head: bytes
-    body: bytes
+    Plain classes here and for ``Serve`` (not dataclasses): one of each is made
+    per cached request, and in the compiled build a dataclass's generated
+    ``__init__`` stays interpreted.
+    """
+
+    __slots__ = ("body", "head", "status")
+
+    def __init__(self, status: int, head: bytes, body: bytes) -> None:
+        self.status = status
+        self.head = head
+        self.body = body
 
 
 def cached_response(
@@ -171,13 +177,15 @@ class CacheRequest:
         self.client_ip = client_ip
 
 
-@dataclass(slots=True, eq=False)
 class Serve:
     """Answer from the store: ``label`` is HIT or STALE."""
 
-    entry: Entry
-    age: float
-    label: bytes
+    __slots__ = ("age", "entry", "label")
+
+    def __init__(self, entry: Entry, age: float, label: bytes) -> None:
+        self.entry = entry
+        self.age = age
+        self.label = label
 
     def response(self, req: CacheRequest, *, keep_alive: bool) -> CachedResponse:
         """The bytes to write to the client (see ``cached_response``)."""
@@ -234,9 +242,9 @@ class Fill:
         if stores:
             if rules.if_none_match is not None or rules.if_modified_since is not None:
                 kept = [(n, v) for n, v in head.headers if n.lower() not in _CONDITIONAL]
-                head = dataclasses.replace(head, headers=kept, names=())
+                head = head.changed(headers=kept, names=())
             if head.method != b"GET":
-                head = dataclasses.replace(head, method=b"GET")
+                head = head.changed(method=b"GET")
         self.request_head = head
         self._request_time = cache.clock()
 

@@ -63,15 +63,20 @@ class Entry:
     live: bool = True
 
 
-@dataclass(slots=True, eq=False)
 class Hit:
-    """A fresh entry: serve it."""
+    """A fresh entry: serve it.
 
-    entry: Entry
-    age: float
+    Plain classes here (not dataclasses): one is made per cached request, and
+    in the compiled build a dataclass's generated ``__init__`` stays interpreted.
+    """
+
+    __slots__ = ("age", "entry")
+
+    def __init__(self, entry: Entry, age: float) -> None:
+        self.entry = entry
+        self.age = age
 
 
-@dataclass(slots=True, eq=False)
 class Stale:
     """An entry that may not be served as it is (stale, or the client asked for newer).
 
@@ -80,10 +85,13 @@ class Stale:
     ``on_error``: it may stand in for the app's answer if the fetch fails.
     """
 
-    entry: Entry
-    age: float
-    background: bool
-    on_error: bool
+    __slots__ = ("age", "background", "entry", "on_error")
+
+    def __init__(self, entry: Entry, age: float, background: bool, on_error: bool) -> None:
+        self.entry = entry
+        self.age = age
+        self.background = background
+        self.on_error = on_error
 
 
 class Miss:

@@ -2,7 +2,8 @@
 
 ``status`` is one worker's document; the metrics are made from it, so that
 the admin listener of a proxy with several workers can make them from what
-each worker reports (``tiers.proxy.peers``).
+each worker reports (``tiers.proxy.peers``). ``RequestCounters`` are the
+per-request counts they show.
 """
 
 from __future__ import annotations
@@ -116,3 +117,17 @@ def metrics_of_workers(states: list[dict[str, Any] | None]) -> list[Metric]:
                 assert isinstance(known.samples, list)
                 known.samples.extend(metric.samples)
     return list(families.values())
+
+
+class RequestCounters:
+    """Answers counted by status class, and response body bytes, for metrics."""
+
+    __slots__ = ("by_class", "bytes_out")
+
+    def __init__(self) -> None:
+        self.by_class = [0] * 6  # index: status // 100; 0 counts exchanges with no status
+        self.bytes_out = 0
+
+    def count(self, status: int, size: int) -> None:
+        self.by_class[min(status // 100, 5)] += 1
+        self.bytes_out += size

@@ -49,7 +49,6 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass(slots=True, eq=False)
 class RequestHead:
     """A parsed, validated request head.
 
@@ -61,23 +60,51 @@ class RequestHead:
     and ``referer`` are kept for the access log (repeated X-Forwarded-For
     joined by ", "; the first of the others). ``names`` are the header names
     lower-cased, parallel to ``headers`` (empty when not known).
+
+    A plain class rather than a dataclass: one is made per request, and in
+    the compiled build a dataclass's generated ``__init__`` stays interpreted.
     """
 
-    method: bytes
-    target: bytes
-    path: bytes
-    version: bytes
-    headers: list[tuple[bytes, bytes]]
-    host: bytes | None
-    keep_alive: bool
-    framing: Framing
-    content_length: int | None
-    expect_continue: bool
-    connection: frozenset[bytes]
-    user_agent: bytes | None = None
-    forwarded_for: bytes | None = None
-    referer: bytes | None = None
-    names: Sequence[bytes] = ()
+    __slots__ = ("connection", "content_length", "expect_continue", "forwarded_for", "framing",
+                 "headers", "host", "keep_alive", "method", "names", "path", "referer",
+                 "target", "user_agent", "version")
+
+    def __init__(self, method: bytes, target: bytes, path: bytes, version: bytes,  # noqa: PLR0917
+                 headers: list[tuple[bytes, bytes]], host: bytes | None, keep_alive: bool,
+                 framing: Framing, content_length: int | None, expect_continue: bool,
+                 connection: frozenset[bytes], user_agent: bytes | None = None,
+                 forwarded_for: bytes | None = None, referer: bytes | None = None,
+                 names: Sequence[bytes] = ()) -> None:
+        self.method = method
+        self.target = target
+        self.path = path
+        self.version = version
+        self.headers = headers
+        self.host = host
+        self.keep_alive = keep_alive
+        self.framing = framing
+        self.content_length = content_length
+        self.expect_continue = expect_continue
+        self.connection = connection
+        self.user_agent = user_agent
+        self.forwarded_for = forwarded_for
+        self.referer = referer
+        self.names = names
+
+    def __repr__(self) -> str:
+        return f"RequestHead({self.method!r}, {self.target!r}, host={self.host!r})"
+
+    def changed(self, *, method: bytes | None = None,
+                headers: list[tuple[bytes, bytes]] | None = None,
+                names: Sequence[bytes] | None = None) -> RequestHead:
+        """A copy with the given parts replaced."""
+        return RequestHead(
+            self.method if method is None else method, self.target, self.path, self.version,
+            self.headers if headers is None else headers, self.host, self.keep_alive,
+            self.framing, self.content_length, self.expect_continue, self.connection,
+            self.user_agent, self.forwarded_for, self.referer,
+            self.names if names is None else names,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ answer is a failure of that exchange, not an input to answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import httptools
 
@@ -31,23 +30,32 @@ _CHUNKED = Framing.CHUNKED
 _CLOSE = Framing.CLOSE
 
 
-@dataclass(slots=True, eq=False)
 class ResponseHead:
     """A backend's final (non-1xx) response head.
 
     ``names`` are the header names lower-cased, parallel to ``headers``
-    (empty when not known).
+    (empty when not known). A plain class, as ``RequestHead`` is.
     """
 
-    status: int
-    reason: bytes
-    version: bytes
-    headers: list[tuple[bytes, bytes]]
-    framing: Framing
-    content_length: int | None
-    keep_alive: bool
-    connection: frozenset[bytes]
-    names: Sequence[bytes] = ()
+    __slots__ = ("connection", "content_length", "framing", "headers", "keep_alive", "names",
+                 "reason", "status", "version")
+
+    def __init__(self, status: int, reason: bytes, version: bytes,  # noqa: PLR0917
+                 headers: list[tuple[bytes, bytes]], framing: Framing,
+                 content_length: int | None, keep_alive: bool, connection: frozenset[bytes],
+                 names: Sequence[bytes] = ()) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+        self.framing = framing
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.connection = connection
+        self.names = names
+
+    def __repr__(self) -> str:
+        return f"ResponseHead({self.status}, {self.reason!r})"
 
 
 ResponseEvent = ResponseHead | BodyData | MessageEnd

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from tiers.config.proxy import RouteKind
 from tiers.errors import ProxyError
 from tiers.proxy import observe
-from tiers.proxy.accesslog import AccessLog
+from tiers.proxy.accesslog import AccessLog, RequestIds
 from tiers.proxy.admin import AdminHandlers, AdminServer, Metric, load_or_create_token
 from tiers.proxy.balancer import Outcome, outcome_for_status
 from tiers.proxy.cache import CacheRequest, Fill, PageCache
@@ -27,6 +26,7 @@ from tiers.proxy.errors import UpstreamTimeout
 from tiers.proxy.forward import upstream_request_head
 from tiers.proxy.http1 import BodyData
 from tiers.proxy.limits import Abuse
+from tiers.proxy.observe import RequestCounters
 from tiers.proxy.peers import PeerListener, ask, ask_all, merge_status
 from tiers.proxy.responseparser import ResponseHead
 from tiers.proxy.routing import Router
@@ -41,34 +41,6 @@ log = logging.getLogger("tiers.proxy")
 def _static_roots(settings: ProxySettings) -> dict[str, StaticRoot]:
     return {r.name: StaticRoot.from_route(r) for r in settings.policy.routes
             if r.kind is RouteKind.STATIC}
-
-
-class RequestIds:
-    """Request ids unique across restarts and processes: a random prefix and a counter."""
-
-    __slots__ = ("_count", "_prefix")
-
-    def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex().encode()
-        self._count = 0
-
-    def next(self) -> bytes:
-        self._count += 1
-        return b"%s-%x" % (self._prefix, self._count)
-
-
-class RequestCounters:
-    """Answers counted by status class, and response body bytes, for metrics."""
-
-    __slots__ = ("by_class", "bytes_out")
-
-    def __init__(self) -> None:
-        self.by_class = [0] * 6  # index: status // 100; 0 counts exchanges with no status
-        self.bytes_out = 0
-
-    def count(self, status: int, size: int) -> None:
-        self.by_class[min(status // 100, 5)] += 1
-        self.bytes_out += size
 
 
 class ProxyServer:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from tiers.proxy.forward import (
     client_response_head,
     error_response,
@@ -202,14 +200,17 @@ def test_heads_made_by_hand_without_lowered_names_are_rewritten_alike() -> None:
     request = _request(b"GET /p HTTP/1.1\r\nHost: a.test\r\nConnection: X-Hop\r\n"
                        b"X-Hop: 1\r\nX-Kept: 2\r\n\r\n")
     assert list(request.names) == [b"host", b"connection", b"x-hop", b"x-kept"]
-    bare = dataclasses.replace(request, names=())
+    bare = request.changed(names=())
     assert upstream_request_head(request, b"10.0.0.1", b"b:1") == upstream_request_head(
         bare, b"10.0.0.1", b"b:1")
     response = _response(b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\nX-Kept: 2\r\n"
                          b"Content-Length: 0\r\n\r\n")
     assert list(response.names) == [b"connection", b"x-hop", b"x-kept", b"content-length"]
     plan = plan_response(request, response, request_body_done=True, stopping=False)
-    made = client_response_head(dataclasses.replace(response, names=()), plan, request)
+    bare_response = ResponseHead(response.status, response.reason, response.version,
+                                 response.headers, response.framing, response.content_length,
+                                 response.keep_alive, response.connection)
+    made = client_response_head(bare_response, plan, request)
     assert made == client_response_head(response, plan, request)
     assert "x-hop" not in _names(made) and "x-kept" in _names(made)
 
