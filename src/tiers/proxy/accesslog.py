@@ -29,25 +29,25 @@ import os
 import re
 import sys
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 log = logging.getLogger("tiers.proxy")
 
-_NEEDS_ESCAPE = re.compile(rb"[\t\n\r\\]")
-_ESCAPES = {b"\t": b"\\t", b"\n": b"\\n", b"\r": b"\\r", b"\\": b"\\\\"}
-_ESCAPED = re.compile(rb"\\([tnr\\])")
-_UNESCAPES = {b"t": b"\t", b"n": b"\n", b"r": b"\r", b"\\": b"\\"}
+_NEEDS_ESCAPE: Final = re.compile(rb"[\t\n\r\\]")
+_ESCAPES: Final = {b"\t": b"\\t", b"\n": b"\\n", b"\r": b"\\r", b"\\": b"\\\\"}
+_ESCAPED: Final = re.compile(rb"\\([tnr\\])")
+_UNESCAPES: Final = {b"t": b"\t", b"n": b"\n", b"r": b"\r", b"\\": b"\\"}
 
-_LINE = (
+_LINE: Final = (
     b"time:%s\thost:%s\tforwardedfor:%s\tmethod:%s\turi:%s\tprotocol:%s\tstatus:%d\tsize:%d"
     b"\treqsize:%d\treferer:%s\treqtime:%.3f\tapptime:%s\tupstream:%s\tcache:%s\troute:%s"
     b"\treqid:%s\tua:%s\n"
 )
-_ESCAPABLE = b"\t\n\r\\"
-_SEPARATORS = _LINE.count(b"\t") + _LINE.count(b"\n")
+_ESCAPABLE: Final = b"\t\n\r\\"
+_SEPARATORS: Final = _LINE.count(b"\t") + _LINE.count(b"\n")
 
-FLUSH_INTERVAL = 1.0
-_FLUSH_SIZE = 64 * 1024
+FLUSH_INTERVAL: Final = 1.0
+_FLUSH_SIZE: Final = 64 * 1024
 
 
 def escape(value: bytes) -> bytes:

@@ -36,10 +36,10 @@ from typing import Final, Protocol
 from tiers.config.proxy import Balance
 
 # Share of its weight a server gets the moment it comes back, under slow start.
-_RAMP_FLOOR = 0.05
+_RAMP_FLOOR: Final = 0.05
 # Ring points per unit of weight (ketama uses 160 per server of weight 1).
-POINTS_PER_WEIGHT = 160
-_TWO_32 = float(1 << 32)
+POINTS_PER_WEIGHT: Final = 160
+_TWO_32: Final = float(1 << 32)
 
 
 # ---- health -----------------------------------------------------------------------

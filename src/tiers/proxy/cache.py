@@ -52,6 +52,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from tiers.config.proxy import CacheConfig, Route, RouteKind
 from tiers.errors import TiersError
@@ -73,19 +74,19 @@ from tiers.proxy.responseparser import ResponseHead
 
 log = logging.getLogger("tiers.proxy")
 
-HIT = b"HIT"
-MISS_LABEL = b"MISS"
-STALE = b"STALE"
+HIT: Final = b"HIT"
+MISS_LABEL: Final = b"MISS"
+STALE: Final = b"STALE"
 
-_CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since"})
-_POOL = RouteKind.POOL
-_NO_BODY = Framing.NONE
-_GET_HEAD = frozenset({b"GET", b"HEAD"})
-_SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+_CONDITIONAL: Final = frozenset({b"if-none-match", b"if-modified-since"})
+_POOL: Final = RouteKind.POOL
+_NO_BODY: Final = Framing.NONE
+_GET_HEAD: Final = frozenset({b"GET", b"HEAD"})
+_SAFE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 # Rounds of lookup and wait in one prepare(): each round ends with a fetch
 # that finished, so a handful covers a few Vary variants in a row.
-_MAX_ROUNDS = 8
-_MAX_REFRESHES = 256
+_MAX_ROUNDS: Final = 8
+_MAX_REFRESHES: Final = 256
 
 
 # ---- answers made from entries -----------------------------------------------------
@@ -152,7 +153,7 @@ def cached_response(
 
 # The field a response relayed while filling the cache carries (see
 # ``forward.client_response_head``'s ``extra``).
-X_CACHE_MISS = b"X-Cache: " + MISS_LABEL
+X_CACHE_MISS: Final = b"X-Cache: " + MISS_LABEL
 
 
 def with_x_cache(head: bytes, label: bytes = MISS_LABEL) -> bytes:

@@ -51,30 +51,31 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from tiers.proxy.httpdate import parse_http_date
 
 Headers = Sequence[tuple[bytes, bytes]]
 
 # Statuses a shared cache may store when the origin gives explicit freshness.
-CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 404, 410})
+CACHEABLE_STATUSES: Final = frozenset({200, 203, 204, 300, 301, 404, 410})
 # RFC 9111 1.2.2: delta-seconds beyond what can be represented count as 2^31.
-_MAX_DELTA = 2**31
+_MAX_DELTA: Final = 2**31
 
-_DIRECTIVE = re.compile(
+_DIRECTIVE: Final = re.compile(
     rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*(?:=[ \t]*(?:\"((?:[^\"\\]|\\.)*)\"|([^ \t,\"]*)))?"
 )
-_QUOTED_PAIR = re.compile(rb"\\(.)")
-_ENTITY_TAG = re.compile(rb'(?:W/)?"([^"]*)"')
+_QUOTED_PAIR: Final = re.compile(rb"\\(.)")
+_ENTITY_TAG: Final = re.compile(rb'(?:W/)?"([^"]*)"')
 
 # What a request header field means to the cache (see request_cacheability).
-_PRIVATE = 1
-_CACHE_CONTROL = 2
-_PRAGMA = 3
-_BYPASS = 4
-_IF_NONE_MATCH = 5
-_IF_MODIFIED_SINCE = 6
-_REQUEST_FIELDS = {
+_PRIVATE: Final = 1
+_CACHE_CONTROL: Final = 2
+_PRAGMA: Final = 3
+_BYPASS: Final = 4
+_IF_NONE_MATCH: Final = 5
+_IF_MODIFIED_SINCE: Final = 6
+_REQUEST_FIELDS: Final = {
     b"cookie": _PRIVATE,
     b"authorization": _PRIVATE,
     b"cache-control": _CACHE_CONTROL,
@@ -86,8 +87,8 @@ _REQUEST_FIELDS = {
     b"if-none-match": _IF_NONE_MATCH,
     b"if-modified-since": _IF_MODIFIED_SINCE,
 }
-_REQUEST_FIELD_NAMES = frozenset(_REQUEST_FIELDS)
-_CACHEABLE_METHODS = frozenset({b"GET", b"HEAD"})
+_REQUEST_FIELD_NAMES: Final = frozenset(_REQUEST_FIELDS)
+_CACHEABLE_METHODS: Final = frozenset({b"GET", b"HEAD"})
 
 
 def parse_cache_control(values: Iterable[bytes]) -> dict[bytes, bytes | None]:

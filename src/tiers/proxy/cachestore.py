@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Final
 
 from tiers.proxy.cachepolicy import Freshness, Headers, RequestRules, vary_matches
 from tiers.proxy.forward import HOP_BY_HOP
@@ -31,12 +32,12 @@ __all__ = [
 ]
 
 # Fields not stored: framing is redone on every answer, Age and X-Cache are the cache's own.
-_STORE_DROP = HOP_BY_HOP | {b"content-length", b"transfer-encoding", b"age", b"x-cache"}
+_STORE_DROP: Final = HOP_BY_HOP | {b"content-length", b"transfer-encoding", b"age", b"x-cache"}
 # What a 304 made from an entry repeats (RFC 9110 15.4.5).
-NOT_MODIFIED_FIELDS = frozenset(
+NOT_MODIFIED_FIELDS: Final = frozenset(
     {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
 )
-_MAX_VARIANTS = 16
+_MAX_VARIANTS: Final = 16
 
 
 @dataclass(slots=True, eq=False)
@@ -100,7 +101,7 @@ class Miss:
     __slots__ = ()
 
 
-MISS = Miss()
+MISS: Final = Miss()
 
 
 @dataclass(slots=True)

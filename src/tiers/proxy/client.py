@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tiers.proxy.errors import ClientGone
 from tiers.proxy.exchange import CLIENT_CLOSED, Exchange
@@ -38,18 +38,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiers.proxy")
 
 # Request bytes buffered per client connection before reading from it pauses.
-_HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
+_HIGH_WATER: Final = 256 * 1024
+_LOW_WATER: Final = 64 * 1024
 # Pipelined requests parsed ahead of the one being served.
-_MAX_QUEUED = 64
+_MAX_QUEUED: Final = 64
 # A request body up to this size is kept until the response starts, so an
 # idempotent request can be sent again to another backend.
-REPLAY_LIMIT = 64 * 1024
+REPLAY_LIMIT: Final = 64 * 1024
 # After answering a malformed request, keep reading (and dropping) for this
 # long before closing, so the kernel does not reset the connection and lose
 # the answer while the client is still sending.
-_LINGER = 2.0
-_PROTOCOLS = {b"1.1": b"HTTP/1.1", b"1.0": b"HTTP/1.0"}
+_LINGER: Final = 2.0
+_PROTOCOLS: Final = {b"1.1": b"HTTP/1.1", b"1.0": b"HTTP/1.0"}
 
 
 def wake(waiter: asyncio.Future[bool] | None, value: bool = True) -> None:

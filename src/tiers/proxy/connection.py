@@ -31,7 +31,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from tiers.config.proxy import RouteKind
 from tiers.proxy.cache import MISS_LABEL, Fill, Serve
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tiers.proxy")
 
-_NONE = Framing.NONE
+_NONE: Final = Framing.NONE
 
 
 class ClientConnection(FastPath):

@@ -10,7 +10,7 @@ connection and when.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tiers.proxy.http1 import Framing
 from tiers.proxy.requestparser import RequestHead
@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from tiers.proxy.upstream import Backend
     from tiers.proxy.upstreamconn import UpstreamConnection
 
-CLIENT_CLOSED = 499  # nginx's code for "client closed the connection first"
+CLIENT_CLOSED: Final = 499  # nginx's code for "client closed the connection first"
 
-_NONE = Framing.NONE
-_CHUNKED = Framing.CHUNKED
+_NONE: Final = Framing.NONE
+_CHUNKED: Final = Framing.CHUNKED
 
 
 class Exchange:

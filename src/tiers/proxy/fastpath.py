@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tiers.proxy.balancer import BUSY, Outcome
 from tiers.proxy.cache import X_CACHE_MISS
@@ -57,11 +57,11 @@ log = logging.getLogger("tiers.proxy")
 
 # The largest response body gathered before it goes to the client in one
 # write; a larger one is streamed by the task path, with flow control.
-FAST_BODY_LIMIT = 64 * 1024
+FAST_BODY_LIMIT: Final = 64 * 1024
 
-_LENGTH = Framing.LENGTH
-_OK = Outcome.OK
-_SERVER_ERROR = Outcome.SERVER_ERROR
+_LENGTH: Final = Framing.LENGTH
+_OK: Final = Outcome.OK
+_SERVER_ERROR: Final = Outcome.SERVER_ERROR
 
 
 class FastPath(Forwarding):

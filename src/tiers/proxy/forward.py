@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Final
 
 from tiers.proxy.http1 import Framing
 from tiers.proxy.requestparser import RequestHead
 from tiers.proxy.responseparser import ResponseHead
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
 )
 # Also rebuilt by the proxy itself rather than copied.
-_REQUEST_DROP = HOP_BY_HOP | {
+_REQUEST_DROP: Final = HOP_BY_HOP | {
     b"host",
     b"content-length",
     b"transfer-encoding",
@@ -29,17 +30,17 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-for",
     b"x-forwarded-proto",
 }
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"transfer-encoding"}
+_RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length", b"transfer-encoding"}
 
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
-_CHUNKED = Framing.CHUNKED
-_CLOSE = Framing.CLOSE
-_NONE = Framing.NONE
-_STATUS_LINES = {status: b"HTTP/1.1 %d " % status for status in range(100, 600)}
+_CHUNKED: Final = Framing.CHUNKED
+_CLOSE: Final = Framing.CLOSE
+_NONE: Final = Framing.NONE
+_STATUS_LINES: Final = {status: b"HTTP/1.1 %d " % status for status in range(100, 600)}
 
 
 def upstream_request_head(
@@ -60,7 +61,6 @@ def upstream_request_head(
     host = head.host if head.host is not None else default_host
     # Lines without their CRLF, joined by it at the end.
     lines = [b"%s %s HTTP/1.1" % (head.method, head.path), b"Host: " + host]
-    add = lines.append
     forwarded: bytes | None = None
     headers = head.headers
     names = head.names
@@ -72,22 +72,22 @@ def upstream_request_head(
         if lname not in drop:
             if lname == b"x-request-id":
                 request_id = None  # the client's (or an outer proxy's) id travels on
-            add(b": ".join(field))
+            lines.append(b": ".join(field))
         elif lname == b"x-forwarded-for":
             value = field[1]
             forwarded = value if forwarded is None else forwarded + b", " + value
     if forwarded is not None:
-        add(b"X-Forwarded-For: %s, %s" % (forwarded, client_ip))
+        lines.append(b"X-Forwarded-For: %s, %s" % (forwarded, client_ip))
     else:
-        add(b"X-Forwarded-For: " + client_ip)
-    add(b"X-Forwarded-Proto: " + proto)
+        lines.append(b"X-Forwarded-For: " + client_ip)
+    lines.append(b"X-Forwarded-Proto: " + proto)
     if request_id is not None:
-        add(b"X-Request-Id: " + request_id)
+        lines.append(b"X-Request-Id: " + request_id)
     if head.framing is _CHUNKED:
-        add(b"Transfer-Encoding: chunked")
+        lines.append(b"Transfer-Encoding: chunked")
     elif head.content_length is not None:
-        add(b"Content-Length: %d" % head.content_length)
-    add(b"\r\n")
+        lines.append(b"Content-Length: %d" % head.content_length)
+    lines.append(b"\r\n")
     return b"\r\n".join(lines)
 
 
@@ -101,7 +101,7 @@ class ResponsePlan:
 
 
 # Every plan there can be, made once: deciding a response allocates nothing.
-_PLANS = {
+_PLANS: Final = {
     (chunked, keep_alive, has_body): ResponsePlan(chunked, keep_alive, has_body)
     for chunked in (False, True)
     for keep_alive in (False, True)
@@ -144,7 +144,6 @@ def client_response_head(
     line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d " % status
     # Lines without their CRLF, joined by it at the end.
     lines = [line + response.reason]
-    add = lines.append
     headers = response.headers
     names = response.names
     if len(names) != len(headers):
@@ -154,19 +153,19 @@ def client_response_head(
     drop = _RESPONSE_DROP if named <= _RESPONSE_DROP else _RESPONSE_DROP | named
     for lname, field in zip(names, headers, strict=False):  # equal lengths, checked
         if lname not in drop:
-            add(b": ".join(field))
+            lines.append(b": ".join(field))
     if plan.chunked:
-        add(b"Transfer-Encoding: chunked")
+        lines.append(b"Transfer-Encoding: chunked")
     elif response.content_length is not None and status != 204:
         # Kept for HEAD and 304 too, where it describes the body not sent.
-        add(b"Content-Length: %d" % response.content_length)
+        lines.append(b"Content-Length: %d" % response.content_length)
     if not plan.keep_alive:
-        add(b"Connection: close")
+        lines.append(b"Connection: close")
     elif request.version == b"1.0":
-        add(b"Connection: keep-alive")
+        lines.append(b"Connection: keep-alive")
     if extra:
-        add(extra)
-    add(b"\r\n")
+        lines.append(extra)
+    lines.append(b"\r\n")
     return b"\r\n".join(lines)
 
 

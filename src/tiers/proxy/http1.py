@@ -11,7 +11,7 @@ HTTP versions spoken, and the lower-cased token lists of Connection fields
 from __future__ import annotations
 
 import enum
-from typing import TypeVar
+from typing import Final, TypeVar
 
 __all__ = [
     "END",
@@ -49,19 +49,19 @@ class MessageEnd:
     __slots__ = ()
 
 
-END = MessageEnd()
+END: Final = MessageEnd()
 
 # What llhttp reports as the version, for the versions the proxy speaks.
-HTTP_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
-NO_TOKENS: frozenset[bytes] = frozenset()
+HTTP_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
+NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 _T = TypeVar("_T")
 
 # Most connections send the same few Host and Connection values again and
 # again: remember the verdicts on short ones, in bounded tables, so each is
 # checked once rather than once per message.
-_MEMO_SIZE = 256
-_MEMO_KEY_LIMIT = 256
+_MEMO_SIZE: Final = 256
+_MEMO_KEY_LIMIT: Final = 256
 _token_sets: dict[bytes, frozenset[bytes]] = {}
 
 

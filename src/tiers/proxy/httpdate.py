@@ -16,16 +16,17 @@ import datetime
 import email.utils
 import re
 import time
+from typing import Final
 
 __all__ = ["DateField", "http_date", "parse_http_date"]
 
-_WEEKDAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
-_MONTHS = (
+_WEEKDAYS: Final = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
+_MONTHS: Final = (
     b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
     b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec",
 )  # fmt: skip
-_MONTH_NUMBERS = {name: number for number, name in enumerate(_MONTHS, start=1)}
-_IMF_FIXDATE = re.compile(
+_MONTH_NUMBERS: Final = {name: number for number, name in enumerate(_MONTHS, start=1)}
+_IMF_FIXDATE: Final = re.compile(
     rb"[A-Z][a-z]{2}, (\d{2}) ([A-Z][a-z]{2}) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT"
 )
 

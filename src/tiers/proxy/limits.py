@@ -47,6 +47,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Final
 
 from tiers.config.proxy import AbuseConfig
 from tiers.errors import ConfigError
@@ -64,11 +65,11 @@ __all__ = [
 ]
 
 # About 200 bytes a client (bucket, key, ordering links): some 13 MB at most.
-DEFAULT_MAX_CLIENTS = 65536
-_SOURCE = "proxy.abuse"
+DEFAULT_MAX_CLIENTS: Final = 65536
+_SOURCE: Final = "proxy.abuse"
 # Buckets dropped on the way when a new client arrives: enough to keep ahead
 # of arrivals, few enough to keep every request O(1).
-_TRIM_PER_INSERT = 2
+_TRIM_PER_INSERT: Final = 2
 
 
 class Action(enum.Enum):
@@ -94,9 +95,9 @@ class Verdict:
     reason: str
 
 
-ALLOW = Verdict(Action.ALLOW, 0, 0, "")
-DENIED_USER_AGENT = Verdict(Action.DENY, 403, 0, "denied user agent")
-DENIED_NETWORK = Verdict(Action.DENY, 403, 0, "denied network")
+ALLOW: Final = Verdict(Action.ALLOW, 0, 0, "")
+DENIED_USER_AGENT: Final = Verdict(Action.DENY, 403, 0, "denied user agent")
+DENIED_NETWORK: Final = Verdict(Action.DENY, 403, 0, "denied network")
 
 
 @dataclass(frozen=True, slots=True)

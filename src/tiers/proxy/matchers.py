@@ -15,7 +15,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from socket import AF_INET, AF_INET6, inet_pton
-from typing import Any
+from typing import Any, Final
 
 from tiers.errors import ConfigError
 
@@ -26,8 +26,8 @@ __all__ = ["Networks", "UserAgentPattern", "parse_address"]
 # Addresses are one int: an IPv6 address is its 128-bit value, an IPv4 address
 # (plain or IPv4-mapped) is _V4 plus its 32-bit value. The two ranges never
 # meet, so an IPv6 network never matches an IPv4 client, even ::/0.
-_V4 = 1 << 128
-_MAPPED_PREFIX = 0xFFFF  # ::ffff:0:0/96, shifted right by 32
+_V4: Final = 1 << 128
+_MAPPED_PREFIX: Final = 0xFFFF  # ::ffff:0:0/96, shifted right by 32
 
 
 def parse_address(ip: bytes) -> int | None:
@@ -110,7 +110,7 @@ class Networks:
 
 # ---- User-Agent patterns ---------------------------------------------------------
 
-_META = frozenset(".^$*+?{}[]()")
+_META: Final = frozenset(".^$*+?{}[]()")
 
 
 def _literal_words(pattern: str) -> list[bytes] | None:

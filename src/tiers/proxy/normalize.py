@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Final
 
 __all__ = ["normalize_host", "normalize_path", "normalize_target"]
 
@@ -44,13 +45,15 @@ def normalize_host(host: bytes | None) -> bytes | None:
     return host or None
 
 
-_ESCAPE_RE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_ESCAPE_RE: Final = re.compile(rb"%([0-9A-Fa-f]{2})")
 # One scan says whether a path needs normalising at all (most do not).
-_NOT_NORMAL = re.compile(rb"%|/\.|//")
-_NOT_NORMAL_OR_QUERY = re.compile(rb"%|/\.|//|\?")
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_NOT_NORMAL: Final = re.compile(rb"%|/\.|//")
+_NOT_NORMAL_OR_QUERY: Final = re.compile(rb"%|/\.|//|\?")
+_UNRESERVED: Final = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # Every escape by its upper-case hex: the character if unreserved, else the escape upper-cased.
-_ESCAPES = {b"%02X" % c: (bytes([c]) if c in _UNRESERVED else b"%%%02X" % c) for c in range(256)}
+_ESCAPES: Final = {
+    b"%02X" % c: (bytes([c]) if c in _UNRESERVED else b"%%%02X" % c) for c in range(256)}
 
 
 def _unescape(match: re.Match[bytes]) -> bytes:

@@ -11,16 +11,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from tiers.proxy.admin import Metric
 
 if TYPE_CHECKING:
     from tiers.proxy.server import ProxyServer
 
-_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+_CLASSES: Final = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 # Per-server counters exported as tiers_proxy_server_<name>_total.
-_SERVER_COUNTERS = ("requests", "connect_errors", "server_errors", "timeouts", "broken", "downs")
+_SERVER_COUNTERS: Final = (
+    "requests", "connect_errors", "server_errors", "timeouts", "broken", "downs")
 
 
 def status(server: ProxyServer) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import math
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from tiers.config.proxy import Pool
 from tiers.proxy.balancer import (
@@ -36,8 +36,8 @@ from tiers.proxy.balancer import (
 
 __all__ = ["PoolState", "PoolStats", "ServerStats"]
 
-_OK = Outcome.OK
-_NEUTRAL = Outcome.NEUTRAL
+_OK: Final = Outcome.OK
+_NEUTRAL: Final = Outcome.NEUTRAL
 
 T = TypeVar("T")
 

@@ -22,6 +22,7 @@ import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import httptools
 
@@ -46,7 +47,7 @@ class Limits:
     max_header_count: int = 100
 
 
-DEFAULT_LIMITS = Limits()
+DEFAULT_LIMITS: Final = Limits()
 
 
 class RequestHead:
@@ -134,16 +135,16 @@ class _Phase(enum.Enum):
 
 # Enum members looked up through the class cost more than a module name; the
 # per-request paths below use these.
-_HEAD = _Phase.HEAD
-_BODY_LENGTH = _Phase.BODY_LENGTH
-_BODY_CHUNKED = _Phase.BODY_CHUNKED
-_CLOSED = _Phase.CLOSED
-_NONE = Framing.NONE
-_LENGTH = Framing.LENGTH
-_CHUNKED = Framing.CHUNKED
+_HEAD: Final = _Phase.HEAD
+_BODY_LENGTH: Final = _Phase.BODY_LENGTH
+_BODY_CHUNKED: Final = _Phase.BODY_CHUNKED
+_CLOSED: Final = _Phase.CLOSED
+_NONE: Final = Framing.NONE
+_LENGTH: Final = Framing.LENGTH
+_CHUNKED: Final = Framing.CHUNKED
 
 # Header names the parser must look at; everything else is passed through untouched.
-_SPECIAL = frozenset(
+_SPECIAL: Final = frozenset(
     {
         b"host",
         b"content-length",
@@ -156,8 +157,8 @@ _SPECIAL = frozenset(
     }
 )
 # RFC 3986 host (reg-name, IPv4 or IP-literal) with an optional port.
-_HOST_RE = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
-_SYNTHETIC_CHUNKED = b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+_HOST_RE: Final = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
+_SYNTHETIC_CHUNKED: Final = b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
 # Host values already found valid (see ``tiers.proxy.http1.remember``).
 _valid_hosts: dict[bytes, bytes] = {}
 
@@ -460,8 +461,7 @@ class RequestParser:
         if method == b"CONNECT":
             raise _Reject(501, "CONNECT is not supported")
         special = self._special
-        get = special.get
-        hosts = get(b"host")
+        hosts = special.get(b"host")
         host = None
         if hosts is not None and len(hosts) == 1:
             host = _valid_hosts.get(hosts[0])
@@ -471,14 +471,14 @@ class RequestParser:
             framing, length = _check_framing(special, version)
         else:
             framing, length = _NONE, None
-        tokens = get(b"connection")
+        tokens = special.get(b"connection")
         connection = NO_TOKENS if tokens is None else header_tokens(tokens)
         if version == b"1.1":
             keep_alive = b"close" not in connection
         else:
             keep_alive = b"keep-alive" in connection
         expect_continue = False
-        expect = get(b"expect")
+        expect = special.get(b"expect")
         if expect is not None:
             if len(expect) != 1 or expect[0].strip(b" \t").lower() != b"100-continue":
                 raise _Reject(417, "unsupported expectation")
@@ -504,9 +504,9 @@ class RequestParser:
         self._line_len = 0
         self._line_done = False
         self._tail = b""
-        user_agent = get(b"user-agent")
-        forwarded = get(b"x-forwarded-for")
-        referer = get(b"referer")
+        user_agent = special.get(b"user-agent")
+        forwarded = special.get(b"x-forwarded-for")
+        referer = special.get(b"referer")
         self._out.append(
             RequestHead(
                 method,

@@ -9,6 +9,7 @@ answer is a failure of that exchange, not an input to answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 import httptools
 
@@ -24,10 +25,10 @@ from tiers.proxy.http1 import (
 )
 
 # Framing members as module names: cheaper than a lookup through the class.
-_NONE = Framing.NONE
-_LENGTH = Framing.LENGTH
-_CHUNKED = Framing.CHUNKED
-_CLOSE = Framing.CLOSE
+_NONE: Final = Framing.NONE
+_LENGTH: Final = Framing.LENGTH
+_CHUNKED: Final = Framing.CHUNKED
+_CLOSE: Final = Framing.CLOSE
 
 
 class ResponseHead:
@@ -60,8 +61,8 @@ class ResponseHead:
 
 ResponseEvent = ResponseHead | BodyData | MessageEnd
 
-_MAX_RESPONSE_HEAD = 65536
-_MAX_RESPONSE_HEADERS = 200
+_MAX_RESPONSE_HEAD: Final = 65536
+_MAX_RESPONSE_HEADERS: Final = 200
 
 
 class _ResponseReader:

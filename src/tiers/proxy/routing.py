@@ -47,6 +47,7 @@ import ipaddress
 import re
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Final
 from urllib.parse import quote, unquote_to_bytes
 
 from tiers.config.proxy import Match, Route, RouteKind
@@ -67,7 +68,7 @@ __all__ = [
 # Well-known crawlers, fetchers of link previews and AI training/search bots,
 # by a token of their User-Agent that no browser carries. Matched
 # case-insensitively (Match.user_agent), so this can be used as it is.
-CRAWLER_NAMES: tuple[str, ...] = (
+CRAWLER_NAMES: Final[tuple[str, ...]] = (
     # search engines
     "Googlebot",
     "Google-InspectionTool",
@@ -133,21 +134,21 @@ CRAWLER_NAMES: tuple[str, ...] = (
     "Timpibot",
     "YouBot",
 )
-CRAWLER_USER_AGENTS: str = "|".join(re.escape(name) for name in CRAWLER_NAMES)
+CRAWLER_USER_AGENTS: Final[str] = "|".join(re.escape(name) for name in CRAWLER_NAMES)
 
-_SOURCE = "proxy.routes"
-_UA_CACHE_SIZE = 4096
-_UA_CACHE_KEY_MAX = 512
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_NO_BODY_STATUSES = frozenset({204, 304})
+_SOURCE: Final = "proxy.routes"
+_UA_CACHE_SIZE: Final = 4096
+_UA_CACHE_KEY_MAX: Final = 512
+_REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
 
 # ---- compiled routes -------------------------------------------------------------
 
-_HOST_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_LOCATION_RE = re.compile(r"[\x21-\x7e]+")
+_HOST_LABEL_RE: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
+_TOKEN_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_LOCATION_RE: Final = re.compile(r"[\x21-\x7e]+")
 
 
 class CompiledRoute:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from tiers.proxy.errors import (
     UpstreamClosed,
@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     from tiers.proxy.upstream import Backend
 
 # Response bytes buffered per connection before reading from the backend pauses.
-_HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
+_HIGH_WATER: Final = 256 * 1024
+_LOW_WATER: Final = 64 * 1024
 
 
 def _wake(waiter: asyncio.Future[bool] | None, value: bool = True) -> None:

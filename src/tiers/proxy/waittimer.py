@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
+from typing import Final
 
 # Timers may fire a loop tick early; a wait this close to its deadline has timed out.
-_SLACK = 0.001
+_SLACK: Final = 0.001
 
 
 class WaitTimer:
