@@ -1,6 +1,6 @@
 """Build: pure Python by default; with TIERS_COMPILE=1 the proxy's request path
-is compiled to C extensions by mypyc (the same typed sources, about a third
-less CPU per proxied request).
+is compiled to C extensions by mypyc (the same typed sources; about half the
+proxy's own CPU per request).
 
     TIERS_COMPILE=1 pip install '.[test]'      # a compiled install
     TIERS_COMPILE=1 python setup.py build_ext --inplace   # compiled, in a checkout
@@ -8,7 +8,7 @@ less CPU per proxied request).
 An editable install stays pure Python unless built in place as above: a
 compiled module next to its source shadows it, so edits to that source would
 not take effect until the next build (``tiers.proxy.compiled_modules()`` tells
-what is compiled in a running install).
+what is compiled in a running process).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.machinery
 import re
 import signal
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import tiers.proxy.fastpath
 from tests.integration.proxykit import (
     _json,
     _read_until_closed,
@@ -43,6 +45,21 @@ def test_round_robin_and_keep_alive_reuse(backends: Any, proxy: Any) -> None:
         assert len(seen) == 10
         # Ten sequential requests ride on one pooled connection.
         assert len({s.connection for s in seen}) == 1
+
+
+def test_the_start_log_names_the_build_that_runs(backends: Any, proxy: Any) -> None:
+    # The proxy process runs the install these tests import: compiled modules
+    # (TIERS_COMPILE=1, setup.py) or pure Python.
+    compiled = tiers.proxy.fastpath.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    (a,) = backends(1)
+    p = proxy([a])
+    said = p.wait_for(r"request path: (.*)", timeout=5).group(1)
+    if compiled:
+        assert re.fullmatch(r"compiled \((\d+) modules\)", said), said
+    else:
+        assert said == "pure Python"
+    status, _, _ = p.get("/after-start")
+    assert status == 200
 
 
 def test_forwarding_headers(backends: Any, proxy: Any) -> None:
