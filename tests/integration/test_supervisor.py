@@ -96,8 +96,11 @@ def test_services_start_in_order_and_stop_in_reverse(tmp_path: Path) -> None:
     with Harness(tmp_path, specs) as h:
         h.wait(lambda: h.plan.phase() is Phase.RUNNING)
         pids = [h.plan.get(n).pid for n in ("first", "second")]
+        # The runner writes the status file after the step that made the plan
+        # running; this thread may look in between.
+        h.wait(lambda: (h.state.read_status() or {}).get("phase") == "running")
         status = h.state.read_status()
-        assert status is not None and status["phase"] == "running"
+        assert status is not None
         assert [s["state"] for s in status["services"]] == ["ready", "ready"]
     assert h.result is Phase.STOPPED
     started = [m for m in h.messages if "started" in m]
