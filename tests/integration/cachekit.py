@@ -9,7 +9,8 @@ started on port 0 and reports the port it chose on stderr.
 
 ``ScriptedServer`` is the third kind of node: a listener in the test process
 that answers each connection with canned bytes (or never answers), for the
-failure paths a healthy server never takes.
+failure paths a healthy server never takes. ``node_state`` reads one node's
+status out of a cluster's stats.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+from tiers.cache.cluster import CacheCluster
+from tiers.cache.ring import NodeSpec
 
 # Ports other services of this machine may own; an ephemeral port never is one,
 # but a test must not even try them.
@@ -267,3 +272,12 @@ class ScriptedServer:
         for conn in self._conns:
             with contextlib.suppress(OSError):
                 conn.close()
+
+
+def node_state(cluster: CacheCluster, spec: NodeSpec) -> dict[str, Any]:
+    """The status of node ``spec`` in ``cluster.stats()``."""
+    nodes = cluster.stats()["nodes"]
+    assert isinstance(nodes, dict)
+    found = nodes[spec.address]
+    assert isinstance(found, dict)
+    return found

@@ -1,4 +1,4 @@
-"""Fixtures shared by the integration tests: real backends and proxy processes."""
+"""Fixtures shared by the integration tests: backends, proxy processes, scripted cache nodes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.cachekit import ScriptedServer
 from tests.integration.proxykit import FAST_HEALTH, Backend, Proxy, start_backends
 
 
@@ -39,3 +40,18 @@ def proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     yield start
     for p in started:
         p.kill()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[Callable[[bytes], object]], ScriptedServer]]:
+    """Makes scripted cache nodes (``cachekit.ScriptedServer``), closed after the test."""
+    servers: list[ScriptedServer] = []
+
+    def make(answer: Callable[[bytes], object]) -> ScriptedServer:
+        server = ScriptedServer(answer)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()

@@ -110,20 +110,6 @@ def own_node(request: pytest.FixtureRequest) -> Iterator[Node]:
     node.cleanup()
 
 
-@pytest.fixture
-def scripted() -> Iterator[Callable[[Callable[[bytes], object]], ScriptedServer]]:
-    servers: list[ScriptedServer] = []
-
-    def make(answer: Callable[[bytes], object]) -> ScriptedServer:
-        server = ScriptedServer(answer)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.close()
-
-
 # --- every command ----------------------------------------------------------
 
 

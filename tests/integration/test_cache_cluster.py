@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import require
 from tests.e2e.stackctl import free_ports
+from tests.integration.cachekit import node_state
 from tiers.cache.client import Client
 from tiers.cache.cluster import CacheCluster, Quorum, memcached_factory, replicated
 from tiers.cache.policy import FailureSettings
@@ -78,14 +79,6 @@ def memcacheds() -> Iterator[list[Memcached]]:
             server.kill()
 
 
-def node_state(cluster: CacheCluster, spec: NodeSpec) -> dict[str, object]:
-    nodes = cluster.stats()["nodes"]
-    assert isinstance(nodes, dict)
-    state = nodes[spec.address]
-    assert isinstance(state, dict)
-    return state
-
-
 def owned_keys(specs: list[NodeSpec], spec: NodeSpec, count: int) -> list[str]:
     ring = KetamaRing(specs)
     keys = (f"item:{i}" for i in range(100000))
@@ -138,7 +131,7 @@ def test_killing_a_node_under_load_gives_no_errors_and_it_rejoins(
             assert direct.get_many(victim_keys) == dict.fromkeys(victim_keys, "after")
         hits = node_state(cluster, victim.spec)["hits"]
         assert cluster.get_many(victim_keys) == dict.fromkeys(victim_keys, "after")
-        assert node_state(cluster, victim.spec)["hits"] == hits + len(victim_keys)  # type: ignore[operator]
+        assert node_state(cluster, victim.spec)["hits"] == hits + len(victim_keys)
 
 
 def test_replicated_keys_survive_a_dead_node(memcacheds: list[Memcached]) -> None:

@@ -13,13 +13,13 @@ used again.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import require
-from tests.integration.cachekit import Node, ScriptedServer, memcached_binary
+from tests.integration.cachekit import Node, ScriptedServer, memcached_binary, node_state
 from tiers.cache.client import Client
 from tiers.cache.cluster import CacheCluster, memcached_factory, replicated
 from tiers.cache.errors import CacheKeyError, NodeError, ProtocolError, ServerError
@@ -44,20 +44,6 @@ def memcacheds() -> Iterator[list[Node]]:
             node.cleanup()
 
 
-@pytest.fixture
-def scripted() -> Iterator[Callable[[Callable[[bytes], object]], ScriptedServer]]:
-    servers: list[ScriptedServer] = []
-
-    def make(answer: Callable[[bytes], object]) -> ScriptedServer:
-        server = ScriptedServer(answer)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.close()
-
-
 def spec_of(port: int) -> NodeSpec:
     return NodeSpec("127.0.0.1", port)
 
@@ -74,14 +60,6 @@ def spread(specs: list[NodeSpec], per_node: int) -> dict[NodeSpec, list[str]]:
         if all(len(keys) == per_node for keys in owned.values()):
             return owned
     raise AssertionError("the ring gave some node too few keys")
-
-
-def state(cluster: CacheCluster, spec: NodeSpec) -> dict[str, Any]:
-    nodes = cluster.stats()["nodes"]
-    assert isinstance(nodes, dict)
-    found = nodes[spec.address]
-    assert isinstance(found, dict)
-    return found
 
 
 def serve_gets(data: bytes) -> bytes:
@@ -211,13 +189,13 @@ def test_keys_spread_over_three_nodes_come_back_in_one_call(memcacheds: list[Nod
     with CacheCluster(specs, memcached_factory, failure=FAILURE) as cluster:
         for key in keys:
             assert cluster.set(key, key.upper(), confirm=True)
-        before = {spec: state(cluster, spec)["latency"]["count"] for spec in specs}
+        before = {spec: node_state(cluster, spec)["latency"]["count"] for spec in specs}
         assert cluster.get_many([*keys, "item:absent"]) == {key: key.upper() for key in keys}
         for spec in specs:
             # One request each, five hits each (and the absent key's miss somewhere).
-            assert state(cluster, spec)["latency"]["count"] == before[spec] + 1
-            assert state(cluster, spec)["hits"] == 5
-        assert sum(state(cluster, spec)["misses"] for spec in specs) == 1
+            assert node_state(cluster, spec)["latency"]["count"] == before[spec] + 1
+            assert node_state(cluster, spec)["hits"] == 5
+        assert sum(node_state(cluster, spec)["misses"] for spec in specs) == 1
 
 
 def test_an_invalid_key_raises_before_any_node_is_asked(memcacheds: list[Node]) -> None:
@@ -226,12 +204,12 @@ def test_an_invalid_key_raises_before_any_node_is_asked(memcacheds: list[Node]) 
     with CacheCluster(specs, memcached_factory, failure=FAILURE) as cluster:
         for key in keys:
             cluster.set(key, key)
-        before = [state(cluster, spec)["latency"]["count"] for spec in specs]
+        before = [node_state(cluster, spec)["latency"]["count"] for spec in specs]
         with pytest.raises(CacheKeyError):
             cluster.get_many([*keys, "has space"])
         with pytest.raises(CacheKeyError):
             cluster.set("x" * 251, 1, copies=replicated(3))
-        assert [state(cluster, spec)["latency"]["count"] for spec in specs] == before
+        assert [node_state(cluster, spec)["latency"]["count"] for spec in specs] == before
         assert cluster.get_many(keys) == {key: key for key in keys}
 
 
@@ -247,15 +225,15 @@ def test_a_killed_node_is_a_miss_for_its_keys_only_and_is_ejected(memcacheds: li
         memcacheds[1].kill()
         for attempt in range(1, FAILURE.failure_limit + 1):
             assert cluster.get_many(keys) == others
-            assert state(cluster, victim)["errors"] == attempt
-        assert state(cluster, victim)["state"] == "ejected"
-        assert state(cluster, victim)["ejections"] == 1
+            assert node_state(cluster, victim)["errors"] == attempt
+        assert node_state(cluster, victim)["state"] == "ejected"
+        assert node_state(cluster, victim)["ejections"] == 1
         # Ejected: its keys go to the next node (absent there), with no error.
         assert cluster.get_many(keys) == others
-        assert state(cluster, victim)["errors"] == FAILURE.failure_limit
+        assert node_state(cluster, victim)["errors"] == FAILURE.failure_limit
         for spec in specs:
             if spec != victim:
-                assert state(cluster, spec)["errors"] == 0
+                assert node_state(cluster, spec)["errors"] == 0
     with CacheCluster(specs, memcached_factory, failure=FAILURE,
                       read_errors_as_misses=False) as strict:  # fmt: skip
         with pytest.raises(NodeError) as info:
@@ -275,13 +253,13 @@ def test_a_silent_node_times_out_and_the_others_answer(
         for key in answering:
             assert cluster.set(key, key, confirm=True)
         assert cluster.get_many(keys) == {key: key for key in answering}
-        assert state(cluster, specs[2])["errors"] == 1
-        assert state(cluster, specs[2])["failures"] == 1
+        assert node_state(cluster, specs[2])["errors"] == 1
+        assert node_state(cluster, specs[2])["failures"] == 1
         # The request still unanswered went with its connection: a new one is made.
         assert cluster.get_many(keys) == {key: key for key in answering}
         assert silent.accepted == 2
-        assert state(cluster, specs[2])["state"] == "ejected"
-        assert [state(cluster, spec)["errors"] for spec in specs[:2]] == [0, 0]
+        assert node_state(cluster, specs[2])["state"] == "ejected"
+        assert [node_state(cluster, spec)["errors"] for spec in specs[:2]] == [0, 0]
 
 
 @pytest.mark.parametrize(
@@ -314,12 +292,12 @@ def test_a_bad_reply_does_not_poison_the_next_call(
         for key in healthy:
             assert cluster.set(key, key, confirm=True)
         assert cluster.get_many(keys) == healthy
-        assert state(cluster, specs[2])["errors"] == 1
+        assert node_state(cluster, specs[2])["errors"] == 1
         # The odd node now answers well, on a new connection: its values are its own.
         assert cluster.get_many(keys) == {**healthy, **{k: k.encode() for k in owned[specs[2]]}}
         assert odd.accepted == 2
-        assert state(cluster, specs[2])["state"] == "up"
-        assert state(cluster, specs[2])["failures"] == 0
+        assert node_state(cluster, specs[2])["state"] == "up"
+        assert node_state(cluster, specs[2])["failures"] == 0
 
 
 def test_replicated_reads_and_writes_and_the_gutter_in_rounds(memcacheds: list[Node]) -> None:
@@ -341,7 +319,7 @@ def test_replicated_reads_and_writes_and_the_gutter_in_rounds(memcacheds: list[N
         memcacheds[0].kill()
         for _ in range(FAILURE.failure_limit):
             cluster.get_many(plain)
-        assert state(cluster, main[0])["state"] == "ejected"
+        assert node_state(cluster, main[0])["state"] == "ejected"
         # The dead node's keys now live in the gutter; the others stay where they are.
         for key in owned[main[0]]:
             assert cluster.set(key, "in-gutter", ttl=3600)
