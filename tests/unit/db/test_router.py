@@ -15,6 +15,7 @@ from psycopg.pq import TransactionStatus
 
 from tiers.db import links
 from tiers.db.errors import Failure, NodeUnavailable
+from tiers.db.fake import FakeCursor
 from tiers.db.health import (
     Check,
     ClusterHealth,
@@ -67,17 +68,6 @@ class FakeNode:
     @property
     def writes(self) -> list[str]:
         return [s for s in self.statements if s.startswith("INSERT")]
-
-
-class FakeCursor:
-    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
-        self.rows = rows
-
-    def fetchone(self) -> tuple[Any, ...] | None:
-        return self.rows[0] if self.rows else None
-
-    def fetchall(self) -> list[tuple[Any, ...]]:
-        return self.rows
 
 
 class FakeInfo:
