@@ -17,6 +17,7 @@ before the next claim, as procrastinate does).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib.util
 import os
@@ -163,7 +164,7 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-class Adapter:
+class Adapter(abc.ABC):
     """One job queue system, driven the same way as every other.
 
     ``start`` runs ``workers`` processes that execute jobs and append to
@@ -189,25 +190,28 @@ class Adapter:
         self.restarts = 0
 
     # What each system implements.
+    @abc.abstractmethod
     def setting(self) -> str:
-        raise NotImplementedError
+        """The settings this system runs with, as the report prints them."""
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 (optional; by default nothing)
         """Check that the system can run here (Unavailable if not) and set up its storage."""
 
+    @abc.abstractmethod
     def worker_argvs(self, workers: int) -> list[list[str]]:
-        raise NotImplementedError
+        """The command lines of the processes that run ``workers`` workers."""
 
     def worker_env(self) -> dict[str, str]:
         return {}
 
+    @abc.abstractmethod
     def enqueue_batch(self, ids: Sequence[int], sleep_ms: float) -> None:
-        raise NotImplementedError
+        """Enqueue one job per id, each running ``run_job(id, sleep_ms)``."""
 
     def enqueue_one(self, job_id: int, sleep_ms: float) -> None:
         self.enqueue_batch([job_id], sleep_ms)
 
-    def settle(self) -> None:
+    def settle(self) -> None:  # noqa: B027 (optional; by default nothing)
         """After a bulk enqueue, before the clock runs: what the store would soon do anyway."""
 
     def job_processes(self) -> list[psutil.Process]:
@@ -221,10 +225,11 @@ class Adapter:
     def restarts_dead_workers(self) -> bool:
         return False
 
+    @abc.abstractmethod
     def reset(self) -> None:
-        raise NotImplementedError
+        """Drop every job and result, ready for the next run."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional; by default nothing)
         """Remove what the system stored (its database or keys)."""
 
     # Shared.
@@ -274,8 +279,9 @@ class Adapter:
     def cpu(self) -> float:
         return sum(tree_cpu(child.proc.pid) for child in self.roots)
 
+    @abc.abstractmethod
     def store_cpu(self) -> float:
-        raise NotImplementedError
+        """CPU seconds used so far by the system's store (database or broker)."""
 
     def stop(self) -> None:
         """Stop every worker process and whatever they forked (even into its own group)."""
