@@ -398,11 +398,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 @dataclass
 class Build:
-    """One build of tiers: its name, the ``src/`` copy it runs from, its processes."""
+    """One build of tiers: its name and the ``src/`` copy it runs from."""
 
     name: str
     src: str
-    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return pythonpath_env(self.src)
 
 
 def prepare_builds(args: argparse.Namespace, tmp: str, python: str) -> list[Build]:
@@ -416,8 +419,6 @@ def prepare_builds(args: argparse.Namespace, tmp: str, python: str) -> list[Buil
         print(f"tiers compiled: skipped: {why_not}")
     else:
         builds.append(Build("tiers compiled", src))
-    for b in builds:
-        b.env = pythonpath_env(b.src)
     return builds
 
 
@@ -450,8 +451,8 @@ def own_cpu(python: str, build: Build) -> str:
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_proxy_cpu.py")
     out = subprocess.run([python, script], env=build.env, capture_output=True, text=True,
                          check=False)
-    return (out.stdout.strip() or out.stderr.strip().splitlines()[-1]) if (
-        out.stdout or out.stderr) else "no output"
+    lines = (out.stdout.strip() or out.stderr.strip()).splitlines()
+    return lines[-1] if lines else "no output"
 
 
 def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
