@@ -72,6 +72,6 @@ def compiled_modules() -> list[str]:
         name
         for name, module in list(sys.modules.items())
         if name.startswith("tiers.proxy.")
-        and str(getattr(module, "__file__", "") or "").endswith(suffixes)
+        and (getattr(module, "__file__", None) or "").endswith(suffixes)
     )
 
