@@ -208,29 +208,35 @@ class Children:
             signal.signal(signal.SIGINT, previous)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` and all its descendants (0 if gone)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of ``pid`` and all its descendants (0 if gone)."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
+        return 0.0, 0.0
+    user = system = 0.0
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             t = p.cpu_times()
-            total += t.user + t.system
-    return total
+            user += t.user
+            system += t.system
+    return user, system
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
-    """One GET to 127.0.0.1:``port``: status, headers (lower-case names), body."""
+    """One GET to 127.0.0.1:``port``: status, headers (lower-case names), body.
+
+    BenchmarkError when no HTTP answer comes (refused, reset, malformed, timeout).
+    """
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"User-Agent": "tiers-benchmark-check"})
         resp = conn.getresponse()
         body = resp.read()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+    except (OSError, http.client.HTTPException) as exc:
+        raise BenchmarkError(f"GET http://127.0.0.1:{port}{path}: {exc!r}") from exc
     finally:
         conn.close()
 
@@ -244,6 +250,9 @@ class WrkResult:
     non_2xx: int
     socket_errors: int
     cpu_us_per_request: float | None = None
+    # The kernel's part of that CPU time (0..1): system calls, and on loopback
+    # the receiving side's TCP work done in the sender's context.
+    cpu_sys_share: float | None = None
 
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -288,7 +297,7 @@ def run_wrk(
     """One wrk run against ``url`` (loopback only), bounded by ``duration`` + a margin.
 
     With ``measure_pid``, the CPU time that process tree used during the run,
-    per request, goes into the result.
+    per request, goes into the result, with the share spent in the kernel.
     """
     if not url.startswith("http://127.0.0.1:"):
         raise BenchmarkError(f"refusing to load anything but 127.0.0.1: {url}")
@@ -301,7 +310,7 @@ def run_wrk(
         f"--timeout={timeout}",
         url,
     ]
-    cpu_before = cpu_seconds(measure_pid) if measure_pid is not None else 0.0
+    cpu_before = cpu_seconds(measure_pid) if measure_pid is not None else (0.0, 0.0)
     child = children.start("wrk", argv)
     try:
         child.proc.wait(timeout=duration + 30)
@@ -309,7 +318,9 @@ def run_wrk(
         raise BenchmarkError(f"wrk did not finish within {duration + 30:g} s") from None
     finally:
         children.stop(child)
-    cpu_used = cpu_seconds(measure_pid) - cpu_before if measure_pid is not None else 0.0
+    cpu_after = cpu_seconds(measure_pid) if measure_pid is not None else (0.0, 0.0)
+    user_used = cpu_after[0] - cpu_before[0]
+    sys_used = cpu_after[1] - cpu_before[1]
     with open(child.log_path, encoding="utf-8", errors="replace") as f:
         output = f.read()
     os.unlink(child.log_path)
@@ -317,8 +328,13 @@ def run_wrk(
         raise BenchmarkError(f"wrk exited with status {child.proc.returncode}:\n{output}")
     result = parse_wrk(output)
     if measure_pid is not None and result.requests:
+        used = user_used + sys_used
         result = WrkResult(
-            **{**result.__dict__, "cpu_us_per_request": cpu_used / result.requests * 1e6}
+            **{
+                **result.__dict__,
+                "cpu_us_per_request": used / result.requests * 1e6,
+                "cpu_sys_share": sys_used / used if used > 0 else 0.0,
+            }
         )
     return result
 

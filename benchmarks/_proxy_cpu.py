@@ -10,11 +10,17 @@ line) except the system calls, so this is what the proxy's Python code costs
 per request, repeatable to a few percent whatever else the machine does:
 the wrk numbers of ``proxy.py`` add the kernel's work and the waits.
 
-    .venv/bin/python benchmarks/_proxy_cpu.py [REQUESTS]
+    .venv/bin/python benchmarks/_proxy_cpu.py [REQUESTS] [--evict KIB]
+
+With ``--evict KIB``, KIB kibibytes of memory are touched before each of
+the two callbacks of a request, as the kernel's work between callbacks
+does under real load, and their cost (measured alone) is taken out: what
+the same code costs when it starts with cold CPU caches.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import statistics
@@ -65,7 +71,19 @@ class _Transport:
         return False
 
 
-async def _measure(requests: int, repeats: int) -> list[float]:
+class _Evictor:
+    """Touches one byte of every cache line of ``kib`` KiB: the CPU caches lose the rest."""
+
+    def __init__(self, kib: int) -> None:
+        self._memory = bytearray(kib * 1024)
+        self._ones = b"\x01" * len(self._memory[::64])
+
+    def __call__(self) -> None:
+        if self._ones:
+            self._memory[::64] = self._ones
+
+
+async def _measure(requests: int, repeats: int, evict_kib: int = 0) -> list[float]:
     settings, _ = parse_args(["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9",
                               "--access-log", "/dev/null"])
     loop = asyncio.get_running_loop()
@@ -85,11 +103,21 @@ async def _measure(requests: int, repeats: int) -> list[float]:
     answers = _Transport()
     client.connection_made(answers)  # type: ignore[arg-type]
 
+    evict = _Evictor(evict_kib)
+
     def serve(count: int) -> None:
         for _ in range(count):
+            evict()
             client.data_received(REQUEST)
             sent.clear()
+            evict()
             upstream.data_received(RESPONSE)
+
+    def evict_only(count: int) -> None:
+        for _ in range(count):
+            evict()
+            sent.clear()
+            evict()
 
     serve(2000)
     if answers.writes != 2000 or client.task is not None:
@@ -98,18 +126,33 @@ async def _measure(requests: int, repeats: int) -> list[float]:
     for _ in range(repeats):
         gc.collect()
         began = time.process_time()
+        evict_only(requests)
+        eviction = time.process_time() - began
+        gc.collect()
+        began = time.process_time()
         serve(requests)
-        results.append((time.process_time() - began) / requests * 1e6)
+        results.append((time.process_time() - began - eviction) / requests * 1e6)
     server.access_log.close()
     return results
 
 
-def own_cpu_per_request(requests: int = 50_000, repeats: int = 5) -> float:
+def own_cpu_per_request(requests: int = 50_000, repeats: int = 5, evict_kib: int = 0) -> float:
     """Median CPU microseconds per request of the proxy's code, without I/O."""
-    return statistics.median(uvloop.run(_measure(requests, repeats)))
+    return statistics.median(uvloop.run(_measure(requests, repeats, evict_kib)))
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="benchmarks/_proxy_cpu.py")
+    p.add_argument("requests", type=int, nargs="?", default=50_000)
+    p.add_argument("--evict", type=int, default=0, metavar="KIB",
+                   help="KiB of memory touched before each callback (cold caches)")
+    args = p.parse_args(argv)
+    if args.requests < 1 or not 0 <= args.evict <= 65536:
+        p.error("need REQUESTS >= 1 and 0 <= --evict <= 65536")
+    cold = f", {args.evict} KiB touched before each callback" if args.evict else ""
+    print(f"the proxy's own code, with transports that do no I/O{cold}: "
+          f"{own_cpu_per_request(args.requests, evict_kib=args.evict):.1f} us of CPU per request")
 
 
 if __name__ == "__main__":
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
-    print(f"the proxy's own code, with transports that do no I/O: "
-          f"{own_cpu_per_request(count):.1f} us of CPU per request")
+    main(sys.argv[1:])

@@ -15,6 +15,11 @@ temporary directory: pure Python, and compiled by mypyc as
 ``TIERS_COMPILE=1 pip install .`` builds it (about a minute to build; needs
 mypy, which the bench extra installs; ``--no-compiled`` skips it).
 
+Two reference rows come with the first part: the backend loaded directly,
+and ``_relay.py``, a uvloop byte relay with no HTTP work at all (no
+parsing, routing or log): what the event loop and the kernel cost per
+request here, under any Python proxy.
+
 A second part loads a cacheable page (``Cache-Control: public, max-age=60``)
 through nginx's proxy_cache, HAProxy's cache and tiers' page cache (on by
 default); each must prove it answers from its cache first, otherwise that row
@@ -59,6 +64,9 @@ BODY = (
     "</body></html>\n"
 )
 PLAIN_PATH = "/"
+# Bytes relayed on uvloop with no HTTP work at all (_relay.py): the floor
+# under any Python proxy here, so a proxy's own work per request shows.
+RELAY = "uvloop relay (floor)"
 CACHEABLE_PATH = "/cacheable"
 HEALTH_PATH = "/_tiers/health"  # tiers' default; HAProxy checks the same path
 
@@ -305,10 +313,12 @@ def run_rounds(
             )
             t.results.append(res)
             cpu = res.cpu_us_per_request
+            sys_share = res.cpu_sys_share
             print(
                 f"  {title} round {r + 1}/{args.rounds}  {name:<22} {res.rps:>10.0f} req/s"
                 f"  p50 {res.p50_ms:7.3f} ms  p99 {res.p99_ms:7.3f} ms"
                 f"  cpu {cpu if cpu is not None else float('nan'):6.1f} us/req"
+                f" ({sys_share if sys_share is not None else float('nan'):4.0%} sys)"
                 + (
                     f"  ERRORS non-2xx {res.non_2xx} socket {res.socket_errors}"
                     if res.non_2xx or res.socket_errors
@@ -328,7 +338,7 @@ def print_table(title: str, targets: Sequence[Target]) -> None:
     print(title)
     print(
         f"  {'target':<30}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
-        f"{'CPU us/req':>12}{'errors':>8}   req/s per round"
+        f"{'CPU us/req':>12}{'sys':>6}{'errors':>8}   req/s per round"
     )
     for t in targets:
         errors = sum(r.non_2xx + r.socket_errors for r in t.results)
@@ -336,7 +346,7 @@ def print_table(title: str, targets: Sequence[Target]) -> None:
         print(
             f"  {t.name:<30}{_med(t, 'rps'):>10.0f}{_med(t, 'p50_ms'):>10.3f}"
             f"{_med(t, 'p99_ms'):>10.3f}{_med(t, 'cpu_us_per_request'):>12.1f}"
-            f"{errors:>8}   {rounds}"
+            f"{_med(t, 'cpu_sys_share'):>6.0%}{errors:>8}   {rounds}"
         )
 
 
@@ -464,8 +474,9 @@ def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
         nginx_cache_port,
         haproxy_port,
         haproxy_cache_port,
+        relay_port,
         *tiers_ports,
-    ) = h.free_ports(9)
+    ) = h.free_ports(10)
     builds = prepare_builds(args, tmp, python)
 
     # The backend, and a check that it is far faster than any front end needs.
@@ -502,6 +513,13 @@ def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
     for child, port in ((nginx, nginx_port), (haproxy, haproxy_port)):
         children.wait_listening(child, port)
 
+    relay = children.start(
+        "relay",
+        [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_relay.py"),
+         str(relay_port), str(backend_port)],
+    )
+    children.wait_listening(relay, relay_port)
+
     peers = [
         Target("nginx", nginx_port, PLAIN_PATH, nginx.proc.pid),
         Target("haproxy", haproxy_port, PLAIN_PATH, haproxy.proc.pid),
@@ -510,6 +528,7 @@ def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
         *(t for t, _ in tiers_targets),
         *peers,
         Target("backend (direct)", backend_port, PLAIN_PATH, backend.proc.pid),
+        Target(RELAY, relay_port, PLAIN_PATH, relay.proc.pid),
     ]
     for t in targets:
         check_page(t)
