@@ -40,6 +40,7 @@ COMPILED_MODULES = (
     "tiers.proxy.upstream",
     "tiers.proxy.upstreamconn",
     "tiers.proxy.waittimer",
+    "tiers.proxy.writebatch",
 )
 
 # What the compiled build needs besides setuptools: mypyc (the mypy the

@@ -87,6 +87,15 @@ class ClientIO(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def _flush_batched(self) -> None:
+        """Send what the callback paths batched, before a direct write or a close.
+
+        Those writes wait for the end of the loop iteration (``WriteBatch``);
+        one to this connection must not be overtaken by a later direct write
+        nor lost by a close.
+        """
+        self._server.writes.flush()
+
     # ---- the event queue --------------------------------------------------------
 
     def _queue(self, events: list[RequestEvent]) -> None:
@@ -212,6 +221,7 @@ class ClientIO(asyncio.Protocol):
             status, message, keep_alive=keep_alive, head_only=head_only, extra=extra, body=body
         )
         assert self._transport is not None
+        self._flush_batched()
         self._transport.write(response)
         x.status = status
         x.responded = True
@@ -222,6 +232,7 @@ class ClientIO(asyncio.Protocol):
         """Answer a request that cannot be served, then close after a lingering read."""
         assert self._transport is not None
         body = error_response(status, reason, keep_alive=False)
+        self._flush_batched()
         self._transport.write(body)
         self._server.counters.count(status, len(reason) + 1)
         access_log = self._server.access_log
@@ -246,6 +257,7 @@ class ClientIO(asyncio.Protocol):
         if transport is None or self._lost:
             return
         self._lingering = True
+        self._flush_batched()
         if transport.can_write_eof():
             transport.write_eof()
         self._loop.call_later(_LINGER, transport.close)
@@ -257,6 +269,7 @@ class ClientIO(asyncio.Protocol):
     def _cut_client(self) -> None:
         # The response is cut short; closing is the only signal HTTP/1.1 has.
         if self._transport is not None:
+            self._flush_batched()
             self._transport.close()
 
     @staticmethod

@@ -99,6 +99,7 @@ class ClientConnection(FastPath):
         self._eof = True
         wake(self._waiter)
         if self._lingering and self._transport is not None:
+            self._flush_batched()
             self._transport.close()
         elif self._busy:
             # As nginx does, a client that closes while its request is in
@@ -277,6 +278,7 @@ class ClientConnection(FastPath):
         self._closing = True
         self._deadline.stop()
         if self._transport is not None and not self._lingering and not self._lost:
+            self._flush_batched()
             self._transport.close()
 
     # ---- serving in a task ----------------------------------------------------------
@@ -470,6 +472,7 @@ class ClientConnection(FastPath):
         keep_alive = x.body_done and head.keep_alive and not self._server.stopping
         x.status, x.responded, x.size = plan.status, True, plan.size
         assert self._transport is not None
+        self._flush_batched()
         try:
             await send_static(self._loop, self._transport, plan, self._drain,
                               keep_alive=keep_alive, version=head.version)

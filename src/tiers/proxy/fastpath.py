@@ -30,6 +30,12 @@ gives way to a stale page where stale-if-error allows.
 A client that leaves (close or EOF) while the request is out abandons it as
 the task path does: the backend connection is dropped, 499 is logged, the
 backend learns nothing (``Outcome.NEUTRAL``).
+
+Both writes, the request head to the backend and the answer to the client,
+go through the server's ``WriteBatch``: at once when first in the event
+loop's turn, else at its end (``tiers.proxy.writebatch``). Whatever writes
+to or closes a client connection directly sends the batch first
+(``ClientIO._flush_batched``).
 """
 
 from __future__ import annotations
@@ -123,8 +129,9 @@ class FastPath(Forwarding):
         conn.listen(self._on_backend_news)
         self._deadline.set(now + self._settings.read_timeout)
         try:
-            conn.write(upstream_request_head(sent, self._client_ip, backend.label_bytes,
-                                             request_id=x.request_id))
+            conn.write_batched(upstream_request_head(sent, self._client_ip, backend.label_bytes,
+                                                     request_id=x.request_id),
+                               self._server.writes)
         except UpstreamError:
             # Closed under our feet: the task path finds out and retries by its rules.
             self._fast_hand_over(expired=False)
@@ -209,9 +216,9 @@ class FastPath(Forwarding):
         if body:
             data = body[0] if len(body) == 1 else b"".join(body)
             x.size = len(data)
-            transport.write(client_head + data)
+            self._server.writes.write(transport, client_head + data)
         else:
-            transport.write(client_head)
+            self._server.writes.write(transport, client_head)
         if capturing:
             assert fill is not None
             for piece in body:

@@ -67,7 +67,8 @@ class Forwarding(ClientIO):
         keep_alive = x.head.keep_alive and not self._server.stopping and not self._lost
         answer = serve.response(req, keep_alive=keep_alive)
         assert self._transport is not None
-        self._transport.write(answer.head + answer.body if answer.body else answer.head)
+        self._server.writes.write(self._transport,
+                                  answer.head + answer.body if answer.body else answer.head)
         x.status, x.size, x.responded, x.cache = answer.status, len(answer.body), True, serve.label
         return keep_alive
 
@@ -188,6 +189,7 @@ class Forwarding(ClientIO):
                 if not x.continue_sent:
                     x.continue_sent = True
                     assert self._transport is not None
+                    self._flush_batched()
                     self._transport.write(CONTINUE)
                 self._relay_queued(x, out)
             conn.writelines(out)
@@ -232,6 +234,7 @@ class Forwarding(ClientIO):
             while True:
                 event = conn.pop_ready()
                 if event is None:
+                    self._flush_batched()
                     transport.writelines(pieces)
                     pieces = []
                     if self._write_paused:
@@ -268,6 +271,7 @@ class Forwarding(ClientIO):
             return False
         if chunked:
             pieces.append(LAST_CHUNK)
+        self._flush_batched()
         transport.writelines(pieces)
         x.size = size
         if capturing:

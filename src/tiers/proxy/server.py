@@ -34,6 +34,7 @@ from tiers.proxy.settings import ProxySettings
 from tiers.proxy.static import StaticRoot
 from tiers.proxy.upstream import Pools
 from tiers.proxy.upstreamconn import UpstreamConnection
+from tiers.proxy.writebatch import WriteBatch
 
 log = logging.getLogger("tiers.proxy")
 
@@ -60,6 +61,8 @@ class ProxyServer:
         self._retiring: set[asyncio.Task[None]] = set()
         self.access_log: AccessLog | None = None
         self.counters = RequestCounters()
+        # The callback paths' writes, sent together at the end of each loop iteration.
+        self.writes = WriteBatch()
         self.admin: AdminServer | None = None
         self.peers: PeerListener | None = None
         self._telling: set[asyncio.Task[None]] = set()

@@ -38,6 +38,7 @@ from tiers.proxy.errors import (
 from tiers.proxy.http1 import END, BodyData
 from tiers.proxy.responseparser import ResponseEvent, ResponseHead, ResponseParser
 from tiers.proxy.waittimer import WaitTimer
+from tiers.proxy.writebatch import WriteBatch
 
 if TYPE_CHECKING:
     from tiers.proxy.upstream import Backend
@@ -182,6 +183,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self._transport is None or self.closed:
             raise UpstreamClosed(f"connection to {self.backend.label} is closed")
         self._transport.write(data)
+
+    def write_batched(self, data: bytes, batch: WriteBatch) -> None:
+        """``write`` through ``batch``: at once or at the end of this loop iteration."""
+        if self._transport is None or self.closed:
+            raise UpstreamClosed(f"connection to {self.backend.label} is closed")
+        batch.write(self._transport, data)
 
     def writelines(self, data: list[bytes]) -> None:
         if self._transport is None or self.closed:
