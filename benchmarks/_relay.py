@@ -33,14 +33,12 @@ class _Backend(asyncio.Protocol):
 class _Client(asyncio.Protocol):
     def __init__(self, backend_port: int) -> None:
         self._backend_port = backend_port
-        self._client: asyncio.Transport | None = None
         self._backend: asyncio.Transport | None = None
         self._early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         client = cast(asyncio.Transport, transport)
-        self._client = client
         asyncio.get_running_loop().create_task(self._connect(client))
 
     async def _connect(self, client: asyncio.Transport) -> None:

@@ -533,18 +533,7 @@ def run(args: argparse.Namespace, tmp: str, children: h.Children) -> None:
     for t in targets:
         check_page(t)
 
-    cpu_model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?"
-            )
-    except OSError:
-        pass
-    print(
-        f"machine: {os.cpu_count()} CPUs ({cpu_model}), load average "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at start"
-    )
+    print(h.machine_summary())
     print(
         f"tiers {importlib.metadata.version('tiers')} on Python {platform.python_version()}, "
         f"uvloop {importlib.metadata.version('uvloop')}, "

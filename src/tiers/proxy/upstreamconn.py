@@ -179,21 +179,26 @@ class UpstreamConnection(asyncio.Protocol):
         self._active = False
         self.idle_since = now
 
-    def write(self, data: bytes) -> None:
+    def _live_transport(self) -> asyncio.Transport:
+        """The transport to write to; ``UpstreamClosed`` once the connection is closed."""
         if self._transport is None or self.closed:
             raise UpstreamClosed(f"connection to {self.backend.label} is closed")
-        self._transport.write(data)
+        return self._transport
+
+    def write(self, data: bytes) -> None:
+        self._live_transport().write(data)
 
     def write_batched(self, data: bytes, batch: WriteBatch) -> None:
-        """``write`` through ``batch``: at once or at the end of this loop iteration."""
-        if self._transport is None or self.closed:
-            raise UpstreamClosed(f"connection to {self.backend.label} is closed")
-        batch.write(self._transport, data)
+        """``write`` through ``batch``: at once or at the end of this loop iteration.
+
+        For a request head sent from callbacks: nothing else is written on the
+        connection until the response comes, and the response cannot come
+        before the head has gone out.
+        """
+        batch.write(self._live_transport(), data)
 
     def writelines(self, data: list[bytes]) -> None:
-        if self._transport is None or self.closed:
-            raise UpstreamClosed(f"connection to {self.backend.label} is closed")
-        self._transport.writelines(data)
+        self._live_transport().writelines(data)
 
     async def drain(self) -> None:
         """Wait until the backend reads what was written (flow control)."""

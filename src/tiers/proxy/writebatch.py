@@ -14,9 +14,11 @@ requests per second by about two thirds and lowered p99
 (``benchmarks/proxy.py``); a lone connection sees no change.
 
 Order per transport is kept as long as nothing else writes to, or closes, a
-transport while batched writes are pending: whoever writes or closes
-directly calls ``flush`` first. A transport closed or aborted meanwhile
-gets nothing (its data had nowhere to go anyway).
+transport while batched writes are pending. On a client connection, whatever
+writes or closes directly calls ``flush`` first. On a backend connection the
+batched write is a request head, and nothing else is written there before
+its response comes. A transport closed or aborted meanwhile gets nothing
+(its data had nowhere to go anyway).
 """
 
 from __future__ import annotations

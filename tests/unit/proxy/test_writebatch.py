@@ -97,9 +97,6 @@ _RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\
 class _Recorder(_Transport):
     """A transport of a proxied connection: writes and closes, in one shared log."""
 
-    def __init__(self, name: str, log: list[tuple[str, bytes]]) -> None:
-        super().__init__(name, log)
-
     def writelines(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
 
