@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.integration.cachekit import node_state
 from tiers.cache.cluster import (
     CacheCluster,
     CopyRule,
@@ -60,14 +61,6 @@ def owner(key: str, count: int = 3) -> NodeSpec:
 
 def successors(key: str, count: int = 3) -> list[NodeSpec]:
     return KetamaRing(specs(count)).nodes_for(key, count)
-
-
-def node_stats(cluster: CacheCluster, spec: NodeSpec) -> dict[str, object]:
-    nodes = cluster.stats()["nodes"]
-    assert isinstance(nodes, dict)
-    found = nodes[spec.address]
-    assert isinstance(found, dict)
-    return found
 
 
 # ---- routing and batching ------------------------------------------------------------
@@ -168,9 +161,9 @@ def test_dead_node_reads_miss_then_its_keys_go_to_the_next_node_and_it_rejoins(
     fake.kill(first)
     # Failures turn into misses; the second one ejects the node.
     assert cluster.get(key) is None
-    assert node_stats(cluster, first)["state"] == "up"
+    assert node_state(cluster, first)["state"] == "up"
     assert cluster.get(key) is None
-    stats = node_stats(cluster, first)
+    stats = node_state(cluster, first)
     assert (stats["state"], stats["ejections"], stats["errors"]) == ("ejected", 1, 2)
     # Ejected: the key's traffic goes to the next node on the ring, without errors.
     calls = len(fake.server(first).calls)
@@ -182,8 +175,8 @@ def test_dead_node_reads_miss_then_its_keys_go_to_the_next_node_and_it_rejoins(
     fake.revive(first)
     clock.now += FAILURE.dead_timeout
     assert cluster.get(key) == "on-owner"  # what the owner held before (see module notes)
-    assert node_stats(cluster, first)["state"] == "up"
-    assert node_stats(cluster, first)["ejections"] == 1
+    assert node_state(cluster, first)["state"] == "up"
+    assert node_state(cluster, first)["ejections"] == 1
 
 
 def test_a_still_dead_node_is_probed_and_ejected_again(
@@ -196,7 +189,7 @@ def test_a_still_dead_node_is_probed_and_ejected_again(
     cluster.get(key)
     clock.now += FAILURE.dead_timeout
     assert cluster.get(key) is None  # the probe failed: a miss, not an error
-    assert node_stats(cluster, first)["state"] == "ejected"
+    assert node_state(cluster, first)["state"] == "ejected"
     assert cluster.set(key, 1)  # goes to the next node again
     assert cluster.get(key) == 1
 
@@ -217,7 +210,7 @@ def test_writes_confirm_or_count(cluster: CacheCluster, fake: FakeNodes) -> None
     key = "write:1"
     fake.kill(owner(key))
     assert cluster.set(key, 1) is False  # swallowed, counted
-    assert node_stats(cluster, owner(key))["errors"] == 1
+    assert node_state(cluster, owner(key))["errors"] == 1
     with pytest.raises(UnconfirmedWrite) as raised:
         cluster.set(key, 1, confirm=True)
     assert isinstance(raised.value.__cause__, NodeError)
@@ -233,7 +226,7 @@ def test_server_errors_count_but_do_not_eject(cluster: CacheCluster) -> None:
         assert cluster.incr(key) is None
     with pytest.raises(UnconfirmedWrite):
         cluster.incr(key, confirm=True)
-    stats = node_stats(cluster, owner(key))
+    stats = node_state(cluster, owner(key))
     assert (stats["errors"], stats["state"]) == (4, "up")
 
 
@@ -383,7 +376,7 @@ def test_stats_count_hits_misses_and_latency(cluster: CacheCluster) -> None:
     cluster.get(key)
     cluster.get(key)
     cluster.get("m:absent-on-" + owner(key).address.replace(":", "-"))
-    stats = node_stats(cluster, owner(key))
+    stats = node_state(cluster, owner(key))
     assert stats["hits"] == 2
     latency = stats["latency"]
     assert isinstance(latency, dict)
@@ -393,7 +386,7 @@ def test_stats_count_hits_misses_and_latency(cluster: CacheCluster) -> None:
     assert buckets[-1] == ("+Inf", latency["count"])
     total_misses = 0
     for spec in specs(3):
-        misses = node_stats(cluster, spec)["misses"]
+        misses = node_state(cluster, spec)["misses"]
         assert isinstance(misses, int)
         total_misses += misses
     assert total_misses == 1
