@@ -1,10 +1,11 @@
 """The two builds of tiers' proxy that ``proxy.py`` measures, each in its own copy.
 
-``pure``: the checkout's sources as they are, without any compiled module
-(a checkout built in place with TIERS_COMPILE=1 holds some). ``compiled``:
-the same sources built by ``setup.py`` with TIERS_COMPILE=1 (mypyc), as
-``TIERS_COMPILE=1 pip install .`` builds them. Each copy is a directory to
-put first on PYTHONPATH; neither touches the checkout.
+``pure``: the checkout's sources as ``pip install .`` builds them: Python,
+plus the C head scanner (``tiers.proxy._heads``). ``compiled``: the same
+sources built with TIERS_COMPILE=1, the request path compiled by mypyc as
+well, as ``TIERS_COMPILE=1 pip install .`` builds them. Each copy is a
+directory to put first on PYTHONPATH; neither touches the checkout (whose
+own compiled modules, if it was built in place, are left out).
 """
 
 from __future__ import annotations
@@ -18,11 +19,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SKIP = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
 
 
-def pure_copy(tmp: str) -> str:
-    """A copy of ``src/`` without compiled modules; returns its path."""
-    src = os.path.join(tmp, "pure", "src")
-    shutil.copytree(os.path.join(REPO, "src"), src, ignore=_SKIP)
-    return src
+def _build_copy(tmp: str, name: str, python: str, compile_: bool) -> tuple[str | None, str]:
+    root = os.path.join(tmp, name)
+    shutil.copytree(os.path.join(REPO, "src"), os.path.join(root, "src"), ignore=_SKIP)
+    shutil.copytree(os.path.join(REPO, "build_backend"), os.path.join(root, "build_backend"),
+                    ignore=_SKIP)
+    for file in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(REPO, file), root)
+    done = subprocess.run(
+        [python, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=root,
+        check=False,
+        env={**os.environ, "TIERS_COMPILE": "1" if compile_ else "0"},
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        return None, f"the {name} build failed:\n{tail}"
+    return os.path.join(root, "src"), ""
+
+
+def pure_copy(tmp: str, python: str = sys.executable) -> tuple[str | None, str]:
+    """Build the default install in a copy: (its ``src/`` path, "") or (None, why not)."""
+    return _build_copy(tmp, "pure", python, compile_=False)
 
 
 def compiled_copy(tmp: str, python: str = sys.executable) -> tuple[str | None, str]:
@@ -32,24 +52,7 @@ def compiled_copy(tmp: str, python: str = sys.executable) -> tuple[str | None, s
     if probe.returncode != 0:
         return None, (f"mypyc is not installed for {python} "
                       "(.venv/bin/pip install -e '.[bench]')")
-    root = os.path.join(tmp, "compiled")
-    shutil.copytree(os.path.join(REPO, "src"), os.path.join(root, "src"), ignore=_SKIP)
-    shutil.copytree(os.path.join(REPO, "build_backend"), os.path.join(root, "build_backend"),
-                    ignore=_SKIP)
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy(os.path.join(REPO, name), root)
-    done = subprocess.run(
-        [python, "setup.py", "-q", "build_ext", "--inplace"],
-        cwd=root,
-        check=False,
-        env={**os.environ, "TIERS_COMPILE": "1"},
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-        return None, f"the compiled build failed:\n{tail}"
-    return os.path.join(root, "src"), ""
+    return _build_copy(tmp, "compiled", python, compile_=True)
 
 
 def pythonpath_env(src: str) -> dict[str, str]:

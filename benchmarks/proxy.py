@@ -11,9 +11,10 @@ request written to a file. wrk loads each in turn, the order rotating every
 round; the table gives medians over the rounds and the ratios tiers/peer.
 
 tiers runs in two builds of the same sources, each from a copy in the
-temporary directory: pure Python, and compiled by mypyc as
-``TIERS_COMPILE=1 pip install .`` builds it (about a minute to build; needs
-mypy, which the bench extra installs; ``--no-compiled`` skips it).
+temporary directory: the default one (Python, and the C head scanner), and
+compiled by mypyc as ``TIERS_COMPILE=1 pip install .`` builds it (about a
+minute to build; needs mypy, which the bench extra installs;
+``--no-compiled`` skips it).
 
 Two reference rows come with the first part: the backend loaded directly,
 and ``_relay.py``, a uvloop byte relay with no HTTP work at all (no
@@ -419,7 +420,10 @@ class Build:
 
 
 def prepare_builds(args: argparse.Namespace, tmp: str, python: str) -> list[Build]:
-    builds = [Build("tiers", pure_copy(tmp))]
+    src, why_not = pure_copy(tmp, python)
+    if src is None:
+        raise h.BenchmarkError(why_not)
+    builds = [Build("tiers", src)]
     if args.no_compiled:
         print("tiers compiled: skipped (--no-compiled)")
         return builds
@@ -453,6 +457,8 @@ def start_tiers(children: h.Children, python: str, build: Build, *, name: str, p
         time.sleep(0.05)
     if ("request path: compiled" in log) != compiled:
         raise h.BenchmarkError(f"{name} does not run the {build.name} build:\n{log}")
+    if "C helpers: head scanner, log line" not in log:
+        raise h.BenchmarkError(f"{name} runs without its C helpers:\n{log}")
     return child
 
 

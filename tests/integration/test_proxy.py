@@ -18,11 +18,13 @@ from typing import Any
 import pytest
 
 import tiers.proxy.fastpath
+from tests.conftest import require
 from tests.integration.proxykit import (
     _json,
     _read_until_closed,
     _wait,
 )
+from tiers.proxy import c_helpers
 from tiers.proxy.accesslog import parse_line
 
 # ---- tests ---------------------------------------------------------------------
@@ -53,11 +55,14 @@ def test_the_start_log_names_the_build_that_runs(backends: Any, proxy: Any) -> N
     compiled = tiers.proxy.fastpath.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
     (a,) = backends(1)
     p = proxy([a])
-    said = p.wait_for(r"request path: (.*)", timeout=5).group(1)
+    said, helpers = p.wait_for(r"request path: (.*); C helpers: (.*)", timeout=5).groups()
     if compiled:
         assert re.fullmatch(r"compiled \((\d+) modules\)", said), said
     else:
         assert said == "pure Python"
+    # The C helpers are part of both builds wherever a compiler was at hand.
+    assert helpers == (", ".join(c_helpers()) or "none (built without a C compiler)")
+    require(helpers == "head scanner, log line", "the C helpers are not built")
     status, _, _ = p.get("/after-start")
     assert status == 200
 

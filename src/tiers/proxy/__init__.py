@@ -6,6 +6,7 @@ HTTP/1.1 (sans-I/O):
     requestparser   client requests: events, limits and checks
     responseparser  backend responses
     forward         what is sent on: request heads for backends, response heads for clients
+    heads           the C head scanners and writer (_heads.c), or their stand-ins
     httpdate        HTTP dates, written and read
 
 Requests (pure decisions):
@@ -45,7 +46,8 @@ Static files and the page cache:
 Operating it:
 
     settings        the frozen settings the process runs with
-    accesslog       one LTSV line per request, and the request ids in it
+    accesslog       one LTSV line per request (the line made in C by _ltsv.c if built),
+                    and the request ids in it
     admin           the admin listener: status, metrics, purge
     observe         the status JSON and Prometheus metrics it shows, request counters
     peers           worker processes asking each other for the admin listener
@@ -57,21 +59,38 @@ Run it with ``python -m tiers.proxy`` (see ``tiers.proxy.__main__``).
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import sys
 
+# Written in C, not compiled from Python sources: part of every build that
+# had a C compiler (setup.py), by what each does.
+_C_HELPERS = {"tiers.proxy._heads": "head scanner", "tiers.proxy._ltsv": "log line"}
+
+
+def c_helpers() -> list[str]:
+    """What the C helper modules that are built do (empty without a C compiler at install)."""
+    found = []
+    for name, does in _C_HELPERS.items():
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        found.append(does)
+    return found
+
 
 def compiled_modules() -> list[str]:
-    """The proxy's loaded modules that run as compiled extensions.
+    """The proxy's loaded modules compiled from their Python sources.
 
-    Empty in the default pure-Python install; a build with TIERS_COMPILE=1
-    (see setup.py) compiles the request path with mypyc.
+    Empty in the default install; a build with TIERS_COMPILE=1 (see
+    setup.py) compiles the request path with mypyc.
     """
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     return sorted(
         name
         for name, module in list(sys.modules.items())
-        if name.startswith("tiers.proxy.")
+        if name.startswith("tiers.proxy.") and name not in _C_HELPERS
         and (getattr(module, "__file__", None) or "").endswith(suffixes)
     )
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
 
+from tiers.proxy.heads import JOIN_HEAD
 from tiers.proxy.http1 import Framing
 from tiers.proxy.requestparser import RequestHead
 from tiers.proxy.responseparser import ResponseHead
@@ -59,36 +60,30 @@ def upstream_request_head(
     ``request_id`` is sent as X-Request-Id unless the request carries one.
     """
     host = head.host if head.host is not None else default_host
-    # Lines without their CRLF, joined by it at the end.
-    lines = [b"%s %s HTTP/1.1" % (head.method, head.path), b"Host: " + host]
-    forwarded: bytes | None = None
     headers = head.headers
     names = head.names
-    if len(names) != len(headers):
+    if not isinstance(names, list) or len(names) != len(headers):
         names = _lower_names(headers)
     named = head.connection
     drop = _REQUEST_DROP if named <= _REQUEST_DROP else _REQUEST_DROP | named
-    for lname, field in zip(names, headers, strict=False):  # equal lengths, checked
-        if lname not in drop:
-            if lname == b"x-request-id":
-                request_id = None  # the client's (or an outer proxy's) id travels on
-            lines.append(b": ".join(field))
-        elif lname == b"x-forwarded-for":
-            value = field[1]
-            forwarded = value if forwarded is None else forwarded + b", " + value
-    if forwarded is not None:
-        lines.append(b"X-Forwarded-For: %s, %s" % (forwarded, client_ip))
+    if request_id is not None and b"x-request-id" in names and b"x-request-id" not in drop:
+        request_id = None  # the client's (or an outer proxy's) id travels on
+    # Own lines, without their CRLF.
+    if b"x-forwarded-for" in names:
+        forwarded = b", ".join([field[1] for lname, field in zip(names, headers, strict=True)
+                                if lname == b"x-forwarded-for"])
+        last = [b"X-Forwarded-For: %s, %s" % (forwarded, client_ip)]
     else:
-        lines.append(b"X-Forwarded-For: " + client_ip)
-    lines.append(b"X-Forwarded-Proto: " + proto)
+        last = [b"X-Forwarded-For: " + client_ip]
+    last.append(b"X-Forwarded-Proto: " + proto)
     if request_id is not None:
-        lines.append(b"X-Request-Id: " + request_id)
+        last.append(b"X-Request-Id: " + request_id)
     if head.framing is _CHUNKED:
-        lines.append(b"Transfer-Encoding: chunked")
+        last.append(b"Transfer-Encoding: chunked")
     elif head.content_length is not None:
-        lines.append(b"Content-Length: %d" % head.content_length)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+        last.append(b"Content-Length: %d" % head.content_length)
+    return JOIN_HEAD([b"%s %s HTTP/1.1" % (head.method, head.path), b"Host: " + host], names,
+                     headers, drop, last)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,31 +137,27 @@ def client_response_head(
     """
     status = response.status
     line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d " % status
-    # Lines without their CRLF, joined by it at the end.
-    lines = [line + response.reason]
     headers = response.headers
     names = response.names
-    if len(names) != len(headers):
+    if not isinstance(names, list) or len(names) != len(headers):
         names = _lower_names(headers)
     named = response.connection
     # Hop-by-hop, plus what the Connection header named.
     drop = _RESPONSE_DROP if named <= _RESPONSE_DROP else _RESPONSE_DROP | named
-    for lname, field in zip(names, headers, strict=False):  # equal lengths, checked
-        if lname not in drop:
-            lines.append(b": ".join(field))
+    # Own lines, without their CRLF.
+    last: list[bytes] = []
     if plan.chunked:
-        lines.append(b"Transfer-Encoding: chunked")
+        last.append(b"Transfer-Encoding: chunked")
     elif response.content_length is not None and status != 204:
         # Kept for HEAD and 304 too, where it describes the body not sent.
-        lines.append(b"Content-Length: %d" % response.content_length)
+        last.append(b"Content-Length: %d" % response.content_length)
     if not plan.keep_alive:
-        lines.append(b"Connection: close")
+        last.append(b"Connection: close")
     elif request.version == b"1.0":
-        lines.append(b"Connection: keep-alive")
+        last.append(b"Connection: keep-alive")
     if extra:
-        lines.append(extra)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+        last.append(extra)
+    return JOIN_HEAD([line + response.reason], names, headers, drop, last)
 
 
 def _lower_names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:

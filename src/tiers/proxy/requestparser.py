@@ -10,6 +10,10 @@ no limits). It also hides one trap: on an ``Upgrade`` request httptools tells
 llhttp to skip the body, so a request body would be parsed as the next
 request; the parser below re-frames that body instead (see ``_resume``).
 
+A plain head without a body, whole in one read, is read in one call by the
+C scanner (``tiers.proxy.heads``) when it is built; it declines anything
+else, which llhttp then parses as before, so both give the same events.
+
 Events, in order, per request: one ``RequestHead``, any number of
 ``BodyData``, then ``END``; or a ``RequestError`` after which the parser stays
 closed. Requests may be pipelined: the events of several can come from one
@@ -26,6 +30,7 @@ from typing import Final
 
 import httptools
 
+from tiers.proxy.heads import SCAN_REQUEST, ScanRequest
 from tiers.proxy.http1 import (
     END,
     HTTP_VERSIONS,
@@ -264,8 +269,9 @@ class RequestParser:
     connection alive, further bytes are ignored as well.
     """
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, use_scanner: bool = True) -> None:
         self._limits = limits
+        self._scan: ScanRequest | None = SCAN_REQUEST if use_scanner else None
         self._max_line = limits.max_request_line
         self._max_head = limits.max_head_size
         self._max_headers = limits.max_header_count
@@ -337,6 +343,18 @@ class RequestParser:
                 stop = found + 4
                 if (stop - pos <= self._max_head
                         and data.find(b"\n", pos, stop) - pos - 1 <= self._max_line):
+                    scan = self._scan
+                    if scan is not None:
+                        scanned = scan(data, pos, stop, self._max_headers)
+                        if scanned is not None:
+                            method, target, version, headers, names, special = scanned
+                            self._complete_head(method, version, target, headers, names,
+                                                special, None)
+                            # No body: the request is whole (as llhttp's
+                            # on_message_complete would say next).
+                            self._out.append(END)
+                            self._phase = _HEAD if self._keep_alive else _CLOSED
+                            return stop
                     self._feeding_head = True
                     try:
                         self._execute(data if pos == 0 and stop == len(data) else data[pos:stop])
@@ -457,10 +475,16 @@ class RequestParser:
         version = HTTP_VERSIONS.get(parser.get_http_version())
         if version is None:
             raise _Reject(505, "HTTP version not supported")
-        method = parser.get_method()
+        self._complete_head(parser.get_method(), version, self._url, self._headers,
+                            self._names, self._special, parser)
+
+    def _complete_head(self, method: bytes, version: bytes, target: bytes,  # noqa: PLR0917
+                       headers: list[tuple[bytes, bytes]], names: list[bytes],
+                       special: dict[bytes, list[bytes]],
+                       parser: httptools.HttpRequestParser | None) -> None:
+        """Check a parsed head; emit its ``RequestHead`` (``parser``: llhttp, if it read it)."""
         if method == b"CONNECT":
             raise _Reject(501, "CONNECT is not supported")
-        special = self._special
         hosts = special.get(b"host")
         host = None
         if hosts is not None and len(hosts) == 1:
@@ -483,7 +507,6 @@ class RequestParser:
             if len(expect) != 1 or expect[0].strip(b" \t").lower() != b"100-continue":
                 raise _Reject(417, "unsupported expectation")
             expect_continue = version == b"1.1"
-        target = self._url
         # Origin form, by far the most common. (``find`` rather than ``in``:
         # bytes.__contains__ first tries its argument as an integer.)
         if target[:1] == b"/" and target.find(b"#") == -1:
@@ -491,7 +514,7 @@ class RequestParser:
         else:
             path, host = _check_target(method, target, host)
 
-        if framing is not _NONE and parser.should_upgrade():
+        if framing is not _NONE and parser is not None and parser.should_upgrade():
             self._resume_framing = framing
             self._skip_end = True
         self._keep_alive = keep_alive
@@ -513,7 +536,7 @@ class RequestParser:
                 target,
                 path,
                 version,
-                self._headers,
+                headers,
                 host,
                 keep_alive,
                 framing,
@@ -527,7 +550,7 @@ class RequestParser:
                 if len(forwarded) == 1
                 else b", ".join(forwarded),
                 None if referer is None else referer[0],
-                self._names,
+                names,
             )
         )
 

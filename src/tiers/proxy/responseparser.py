@@ -4,6 +4,10 @@ Events, in order, per response: one ``ResponseHead`` (1xx interim responses
 are consumed silently), any number of ``BodyData``, then ``END``. Anything
 that cannot be framed raises ``UpstreamProtocolError``: a backend's bad
 answer is a failure of that exchange, not an input to answer.
+
+A plain response that arrives whole in one read, head and body framed by
+Content-Length, is read in one call by the C scanner (``tiers.proxy.heads``)
+when it is built; anything else is llhttp's, with the same events.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Final
 import httptools
 
 from tiers.proxy.errors import UpstreamProtocolError
+from tiers.proxy.heads import SCAN_RESPONSE, ScanResponse
 from tiers.proxy.http1 import (
     END,
     HTTP_VERSIONS,
@@ -63,6 +68,40 @@ ResponseEvent = ResponseHead | BodyData | MessageEnd
 
 _MAX_RESPONSE_HEAD: Final = 65536
 _MAX_RESPONSE_HEADERS: Final = 200
+
+
+def _response_head(status: int, reason: bytes, version: bytes,  # noqa: PLR0917
+                   headers: list[tuple[bytes, bytes]], names: list[bytes],
+                   length: int | None, head_request: bool) -> ResponseHead:
+    """The ``ResponseHead`` of a final response whose Content-Length (if any) is ``length``."""
+    chunked = False
+    if b"transfer-encoding" in names:
+        # Only chunked is undone here; another coding would reach the
+        # client undeclared once the header is re-framed.
+        coding = headers[names.index(b"transfer-encoding")][1]
+        if names.count(b"transfer-encoding") > 1 or coding.strip(b" \t").lower() != b"chunked":
+            raise UpstreamProtocolError("unsupported transfer coding in response")
+        chunked = True
+    connection = NO_TOKENS
+    if b"connection" in names:
+        if names.count(b"connection") == 1:
+            connection = header_tokens([headers[names.index(b"connection")][1]])
+        else:
+            connection = header_tokens([
+                field[1] for lname, field in zip(names, headers, strict=True)
+                if lname == b"connection"
+            ])
+    if head_request or status in {204, 304}:
+        framing = _NONE
+    elif chunked:
+        framing = _CHUNKED
+    elif length is not None:
+        framing = _LENGTH
+    else:
+        framing = _CLOSE
+    keep_alive = b"close" not in connection if version == b"1.1" else b"keep-alive" in connection
+    return ResponseHead(status, reason, version, headers, framing, length,
+                        keep_alive and framing is not _CLOSE, connection, names)
 
 
 class _ResponseReader:
@@ -157,48 +196,10 @@ class _ResponseReader:
         if b"content-length" in names:
             # llhttp checked its digits and that it is not repeated.
             length = int(headers[names.index(b"content-length")][1].strip(b" \t"))
-        chunked = False
-        if b"transfer-encoding" in names:
-            # Only chunked is undone here; another coding would reach the
-            # client undeclared once the header is re-framed.
-            coding = headers[names.index(b"transfer-encoding")][1]
-            if names.count(b"transfer-encoding") > 1 or coding.strip(b" \t").lower() != b"chunked":
-                raise UpstreamProtocolError("unsupported transfer coding in response")
-            chunked = True
-        connection = NO_TOKENS
-        if b"connection" in names:
-            if names.count(b"connection") == 1:
-                connection = header_tokens([headers[names.index(b"connection")][1]])
-            else:
-                connection = header_tokens([
-                    field[1] for lname, field in zip(names, headers, strict=True)
-                    if lname == b"connection"
-                ])
         head_request = self.head_request
-        if head_request or status in {204, 304}:
-            framing = _NONE
-        elif chunked:
-            framing = _CHUNKED
-        elif length is not None:
-            framing = _LENGTH
-        else:
-            framing = _CLOSE
-        self.framing = framing
-        if version == b"1.1":
-            keep_alive = b"close" not in connection
-        else:
-            keep_alive = b"keep-alive" in connection
-        head = ResponseHead(
-            status,
-            self.reason,
-            version,
-            headers,
-            framing,
-            length,
-            keep_alive and framing is not _CLOSE,
-            connection,
-            names,
-        )
+        head = _response_head(status, self.reason, version, headers, names, length,
+                              head_request)
+        self.framing = head.framing
         self.head = head
         out = self.out
         out.append(head)
@@ -206,6 +207,31 @@ class _ResponseReader:
             # llhttp would wait for the body the headers announce; there is none.
             self.done = True
             out.append(END)
+
+    def take_scanned(self, data: bytes, status: int, reason: bytes,  # noqa: PLR0917
+                     version: bytes, headers: list[tuple[bytes, bytes]], names: list[bytes],
+                     head_end: int, length: int) -> list[ResponseEvent] | None:
+        """The events of a whole response the scanner read: its head ends at
+        ``head_end`` and ``length`` is its Content-Length or -1. None unless
+        ``data`` holds exactly that response, head and body."""
+        size = len(data)
+        head_request = self.head_request
+        if head_request or status in {204, 304}:
+            if head_end != size:
+                return None
+        elif length < 0 or head_end + length != size:
+            return None
+        head = _response_head(status, reason, version, headers, names,
+                              None if length < 0 else length, head_request)
+        self.head = head
+        self.framing = head.framing
+        self.in_head = False
+        self.done = True
+        # llhttp has seen none of it and still expects a message.
+        self.clean = True
+        if head_end == size:
+            return [head, END]
+        return [head, BodyData(data[head_end:]), END]
 
     def on_body(self, body: bytes) -> None:
         if self.done:
@@ -238,9 +264,10 @@ class ResponseParser:
     A parser holds no reference cycle: dropping it frees it at once.
     """
 
-    __slots__ = ("_llhttp", "_reader")
+    __slots__ = ("_llhttp", "_reader", "_scan")
 
-    def __init__(self, head_request: bool = False) -> None:
+    def __init__(self, head_request: bool = False, use_scanner: bool = True) -> None:
+        self._scan: ScanResponse | None = SCAN_RESPONSE if use_scanner else None
         reader = _ResponseReader(head_request)
         self._reader = reader
         self._llhttp = httptools.HttpResponseParser(reader)
@@ -289,6 +316,15 @@ class ResponseParser:
         if reader.done:
             reader.extra = True
             return []
+        scan = self._scan
+        if scan is not None and reader.in_head and reader.head_used == 0:
+            scanned = scan(data, _MAX_RESPONSE_HEADERS)
+            if scanned is not None:
+                status, reason, version, headers, names, head_end, length = scanned
+                events = reader.take_scanned(data, status, reason, version, headers, names,
+                                             head_end, length)
+                if events is not None:
+                    return events
         out: list[ResponseEvent] = []
         reader.out = out
         llhttp = self._llhttp

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 from pathlib import Path
 
 import pytest
 
-from tiers.proxy.accesslog import AccessLog, escape, parse_line, unescape
+from tests.conftest import require
+from tiers.proxy.accesslog import AccessLog, escape, format_line, parse_line, unescape
+
+try:
+    from tiers.proxy._ltsv import format_line as c_format_line
+except ImportError:
+    c_format_line = None
 
 LABELS = [
     "time", "host", "forwardedfor", "method", "uri", "protocol", "status", "size", "reqsize",
@@ -168,3 +175,52 @@ def test_each_client_value_is_escaped_alone(tmp_path: Path, field: str, byte: by
     assert record[field] == value
     assert lines[0].count(escape(value)) == 1
     assert parse_line(lines[1])["uri"] == b"/clean"
+
+
+def _random_text(rng: random.Random) -> bytes | None:
+    if rng.random() < 0.15:
+        return None
+    alphabet = b"ab/?=&:- \t\n\r\\\x00\xff%"
+    return bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+
+
+def _random_seconds(rng: random.Random) -> float:
+    return rng.choice([0.0, 0.0005, 0.0015, 0.0025, 1e-9, 2.675, 1 / 3, 86400.123456,
+                       rng.random() * 10 ** rng.randrange(-4, 7)])
+
+
+def test_the_c_line_is_the_python_line() -> None:
+    require(c_format_line is not None,
+            "the C module tiers.proxy._ltsv is not built (pip install -e . needs a C compiler)")
+    assert c_format_line is not None
+    rng = random.Random(7)
+    for _ in range(5000):
+        args = (
+            b"2026-12-06T08:00:00+00:00", _random_text(rng) or b"::1", _random_text(rng),
+            _random_text(rng) or b"GET", _random_text(rng) or b"/", b"HTTP/1.1",
+            rng.choice([200, 404, 503]), rng.randrange(0, 10 ** rng.randrange(1, 12)),
+            rng.randrange(0, 2 ** 40), _random_text(rng), _random_seconds(rng),
+            None if rng.random() < 0.3 else _random_seconds(rng), _random_text(rng),
+            _random_text(rng), _random_text(rng), _random_text(rng), _random_text(rng),
+        )
+        line = c_format_line(*args)
+        assert line == format_line(*args), args
+        assert line.count(b"\t") == len(LABELS) - 1 and line.endswith(b"\n")
+        assert line.count(b"\n") == 1
+
+
+def test_the_c_line_refuses_what_is_not_a_field() -> None:
+    require(c_format_line is not None, "the C module tiers.proxy._ltsv is not built")
+    assert c_format_line is not None
+    args: list[object] = [b"t", b"h", None, b"GET", b"/", b"HTTP/1.1", 200, 1, 0, None, 0.5,
+                          None, None, None, None, None, None]
+    assert c_format_line(*args).startswith(b"time:t\thost:h\tforwardedfor:-\t")
+    with pytest.raises(TypeError, match="17 arguments"):
+        c_format_line(*args[:-1])
+    with pytest.raises(TypeError, match="uri"):
+        c_format_line(*args[:4], "/", *args[5:])
+    with pytest.raises(TypeError):
+        c_format_line(*args[:6], None, *args[7:])
+    for seconds in (1e300, -1e300, float("inf"), float("-inf"), float("nan"), -float("nan")):
+        with_seconds = [*args[:10], seconds, seconds, *args[12:]]
+        assert c_format_line(*with_seconds) == format_line(*with_seconds)  # type: ignore[arg-type]

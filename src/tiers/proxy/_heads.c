@@ -1,0 +1,645 @@
+/* HTTP/1.1 message heads read and written in one C call each.
+ *
+ * Reading: one-pass scanners for the usual message head.
+ * llhttp reports a head field by field, each through a Python callback; for
+ * the plain heads that make up nearly all traffic this module reads the
+ * whole head in one C call instead. It accepts a deliberately narrow grammar
+ * (a subset of what llhttp accepts in strict mode) and returns None for
+ * anything outside it: the caller then parses the same bytes with llhttp as
+ * before, so every refusal, and every message with a body to frame, keeps
+ * llhttp's verdict. What it never accepts: bare CR or LF, obs-fold, any
+ * whitespace before a colon or after a value, control or non-ASCII bytes,
+ * Content-Length or Transfer-Encoding in a request, Transfer-Encoding,
+ * repeated or malformed Content-Length in a response, Upgrade, 1xx status.
+ *
+ * Writing: join_head copies a head's kept fields and the proxy's own lines
+ * into one bytes object, sized first, rather than joining a list of lines.
+ *
+ * Names, lower-cased names and short values repeat from message to message:
+ * small direct-mapped tables hand back the same bytes objects, which saves
+ * the allocations and keeps each object's cached hash for the dict lookups
+ * that follow.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+/* tchar (RFC 9110, 5.6.2) */
+static unsigned char is_tchar[256];
+/* a field value byte besides SP and HTAB: VCHAR only (obs-text goes to llhttp) */
+static unsigned char is_vchar[256];
+/* a request target byte: the path and query characters of RFC 3986 */
+static unsigned char is_target[256];
+
+#define CACHE_SLOTS 512
+#define CACHE_MAX_LEN 96
+static PyObject *name_cache[CACHE_SLOTS];
+static PyObject *lower_cache[CACHE_SLOTS];
+static PyObject *value_cache[CACHE_SLOTS];
+
+static PyObject *version_11, *version_10;
+static PyObject *method_objs[7];
+static const char *method_names[7] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"};
+
+
+static unsigned int
+slot_of(const char *s, Py_ssize_t n)
+{
+    /* FNV-1a over the bytes: cheap, and short names spread well. */
+    unsigned int h = 2166136261u;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 16777619u;
+    }
+    return (h ^ (h >> 15)) & (CACHE_SLOTS - 1);
+}
+
+/* The bytes object for s[0:n], from `cache` when it holds the same bytes. */
+static PyObject *
+cached_bytes(PyObject **cache, const char *s, Py_ssize_t n)
+{
+    if (n > CACHE_MAX_LEN) {
+        return PyBytes_FromStringAndSize(s, n);
+    }
+    unsigned int slot = slot_of(s, n);
+    PyObject *hit = cache[slot];
+    if (hit != NULL && PyBytes_GET_SIZE(hit) == n && memcmp(PyBytes_AS_STRING(hit), s, n) == 0) {
+        Py_INCREF(hit);
+        return hit;
+    }
+    PyObject *made = PyBytes_FromStringAndSize(s, n);
+    if (made == NULL) {
+        return NULL;
+    }
+    Py_XSETREF(cache[slot], made);
+    Py_INCREF(made);
+    return made;
+}
+
+static PyObject *
+lowered_bytes(const char *s, Py_ssize_t n)
+{
+    char buf[CACHE_MAX_LEN];
+    if (n > CACHE_MAX_LEN) {
+        PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+        if (out == NULL) {
+            return NULL;
+        }
+        char *dst = PyBytes_AS_STRING(out);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            unsigned char c = (unsigned char)s[i];
+            dst[i] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
+        }
+        return out;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        buf[i] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
+    }
+    return cached_bytes(lower_cache, buf, n);
+}
+
+/* Whether the lower-cased name `lname` is the literal `lower`. */
+#define NAME_IS(lname, lower)                                                                  \
+    (PyBytes_GET_SIZE(lname) == (Py_ssize_t)sizeof(lower) - 1                                  \
+     && memcmp(PyBytes_AS_STRING(lname), lower, sizeof(lower) - 1) == 0)
+
+/* The outcome of reading the header fields: parsed, declined (not the
+ * narrow grammar: let llhttp decide), or a Python error. */
+enum { FIELDS_OK = 0, FIELDS_DECLINE = 1, FIELDS_ERROR = -1 };
+
+typedef struct {
+    PyObject *headers; /* list of (name, value) */
+    PyObject *names;   /* list of lower-cased names */
+    Py_ssize_t end;    /* offset just past the blank line */
+} fields_t;
+
+/* Read "name: value\r\n" lines from p until the blank line; `stop` bounds
+ * the scan. Calls `hook(ctx, lname, value)` for each, which may decline (1)
+ * or fail (-1). */
+typedef int (*field_hook)(void *ctx, PyObject *lname, PyObject *value);
+
+static int
+scan_fields(const char *base, Py_ssize_t p, Py_ssize_t stop, Py_ssize_t max_fields,
+            fields_t *out, field_hook hook, void *ctx)
+{
+    out->headers = PyList_New(0);
+    out->names = PyList_New(0);
+    if (out->headers == NULL || out->names == NULL) {
+        return FIELDS_ERROR;
+    }
+    Py_ssize_t count = 0;
+    for (;;) {
+        if (p + 1 >= stop) {
+            return FIELDS_DECLINE; /* no blank line within the bounds */
+        }
+        if (base[p] == '\r') {
+            if (base[p + 1] != '\n') {
+                return FIELDS_DECLINE;
+            }
+            out->end = p + 2;
+            return FIELDS_OK;
+        }
+        Py_ssize_t name_start = p;
+        while (p < stop && is_tchar[(unsigned char)base[p]]) {
+            p++;
+        }
+        Py_ssize_t name_len = p - name_start;
+        if (name_len == 0 || p >= stop || base[p] != ':') {
+            return FIELDS_DECLINE;
+        }
+        p++;
+        while (p < stop && (base[p] == ' ' || base[p] == '\t')) {
+            p++;
+        }
+        Py_ssize_t value_start = p;
+        while (p < stop) {
+            unsigned char c = (unsigned char)base[p];
+            if (is_vchar[c] || c == ' ' || c == '\t') {
+                p++;
+            } else {
+                break;
+            }
+        }
+        Py_ssize_t value_len = p - value_start;
+        if (p + 1 >= stop || base[p] != '\r' || base[p + 1] != '\n') {
+            return FIELDS_DECLINE;
+        }
+        if (value_len > 0) {
+            char last = base[p - 1];
+            if (last == ' ' || last == '\t') {
+                return FIELDS_DECLINE; /* trailing whitespace: llhttp's to trim */
+            }
+        }
+        p += 2;
+        if (++count > max_fields) {
+            return FIELDS_DECLINE; /* llhttp's path answers 431 */
+        }
+        PyObject *name = cached_bytes(name_cache, base + name_start, name_len);
+        if (name == NULL) {
+            return FIELDS_ERROR;
+        }
+        PyObject *value = cached_bytes(value_cache, base + value_start, value_len);
+        if (value == NULL) {
+            Py_DECREF(name);
+            return FIELDS_ERROR;
+        }
+        PyObject *lname = lowered_bytes(base + name_start, name_len);
+        if (lname == NULL) {
+            Py_DECREF(name);
+            Py_DECREF(value);
+            return FIELDS_ERROR;
+        }
+        int verdict = hook(ctx, lname, value);
+        if (verdict != FIELDS_OK) {
+            Py_DECREF(name);
+            Py_DECREF(value);
+            Py_DECREF(lname);
+            return verdict;
+        }
+        PyObject *pair = PyTuple_Pack(2, name, value);
+        Py_DECREF(name);
+        Py_DECREF(value);
+        if (pair == NULL) {
+            Py_DECREF(lname);
+            return FIELDS_ERROR;
+        }
+        int failed = PyList_Append(out->headers, pair) < 0 || PyList_Append(out->names, lname) < 0;
+        Py_DECREF(pair);
+        Py_DECREF(lname);
+        if (failed) {
+            return FIELDS_ERROR;
+        }
+    }
+}
+
+/* ---- requests -------------------------------------------------------- */
+
+typedef struct {
+    PyObject *special; /* dict: lower-cased name -> list of values */
+} request_ctx;
+
+static int
+request_field(void *ctx_, PyObject *lname, PyObject *value)
+{
+    request_ctx *ctx = (request_ctx *)ctx_;
+    if (NAME_IS(lname, "content-length") || NAME_IS(lname, "transfer-encoding")
+        || NAME_IS(lname, "upgrade")) {
+        return FIELDS_DECLINE; /* a body to frame or a protocol switch: llhttp's */
+    }
+    /* The names the request parser collects by name (requestparser._SPECIAL,
+     * less the framing ones, declined above). */
+    if (NAME_IS(lname, "host") || NAME_IS(lname, "connection") || NAME_IS(lname, "user-agent")
+        || NAME_IS(lname, "x-forwarded-for") || NAME_IS(lname, "referer")
+        || NAME_IS(lname, "expect")) {
+        PyObject *values = PyDict_GetItemWithError(ctx->special, lname);
+        if (values != NULL) {
+            return PyList_Append(values, value) < 0 ? FIELDS_ERROR : FIELDS_OK;
+        }
+        if (PyErr_Occurred()) {
+            return FIELDS_ERROR;
+        }
+        values = PyList_New(1);
+        if (values == NULL) {
+            return FIELDS_ERROR;
+        }
+        Py_INCREF(value);
+        PyList_SET_ITEM(values, 0, value);
+        int failed = PyDict_SetItem(ctx->special, lname, values) < 0;
+        Py_DECREF(values);
+        return failed ? FIELDS_ERROR : FIELDS_OK;
+    }
+    return FIELDS_OK;
+}
+
+PyDoc_STRVAR(scan_request_doc,
+"scan_request(data, start, stop, max_fields)\n"
+"--\n\n"
+"Read the request head data[start:stop] (which must end with the blank line)\n"
+"if it is a plain one without a body: (method, target, version, headers,\n"
+"names, special). None when it is not: parse it with llhttp instead.");
+
+static PyObject *
+scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "scan_request(data: bytes, start, stop, max_fields)");
+        return NULL;
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t stop = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t max_fields = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (start < 0 || stop > size || start > stop) {
+        PyErr_SetString(PyExc_ValueError, "scan_request: bounds outside the data");
+        return NULL;
+    }
+    const char *base = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t p = start;
+
+    PyObject *method = NULL;
+    for (int i = 0; i < 7; i++) {
+        Py_ssize_t len = (Py_ssize_t)strlen(method_names[i]);
+        if (stop - p > len && memcmp(base + p, method_names[i], len) == 0 && base[p + len] == ' ') {
+            method = method_objs[i];
+            p += len + 1;
+            break;
+        }
+    }
+    if (method == NULL || p >= stop || base[p] != '/') {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t target_start = p;
+    while (p < stop && is_target[(unsigned char)base[p]]) {
+        p++;
+    }
+    Py_ssize_t target_len = p - target_start;
+    if (stop - p < 10 || base[p] != ' ' || memcmp(base + p + 1, "HTTP/1.", 7) != 0
+        || base[p + 9] != '\r' || base[p + 10] != '\n') {
+        Py_RETURN_NONE;
+    }
+    PyObject *version;
+    if (base[p + 8] == '1') {
+        version = version_11;
+    } else if (base[p + 8] == '0') {
+        version = version_10;
+    } else {
+        Py_RETURN_NONE;
+    }
+    p += 11;
+
+    request_ctx ctx = {PyDict_New()};
+    if (ctx.special == NULL) {
+        return NULL;
+    }
+    fields_t fields = {NULL, NULL, 0};
+    int verdict = scan_fields(base, p, stop, max_fields, &fields, request_field, &ctx);
+    PyObject *result = NULL;
+    if (verdict == FIELDS_OK && fields.end != stop) {
+        verdict = FIELDS_DECLINE; /* the blank line is not where the caller found it */
+    }
+    if (verdict == FIELDS_OK) {
+        PyObject *target = PyBytes_FromStringAndSize(base + target_start, target_len);
+        if (target != NULL) {
+            result = PyTuple_Pack(6, method, target, version, fields.headers, fields.names,
+                                  ctx.special);
+            Py_DECREF(target);
+        }
+    } else if (verdict == FIELDS_DECLINE) {
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    Py_XDECREF(fields.headers);
+    Py_XDECREF(fields.names);
+    Py_DECREF(ctx.special);
+    return result;
+}
+
+/* ---- responses ------------------------------------------------------- */
+
+typedef struct {
+    long long content_length; /* -1: none */
+} response_ctx;
+
+static int
+response_field(void *ctx_, PyObject *lname, PyObject *value)
+{
+    response_ctx *ctx = (response_ctx *)ctx_;
+    if (NAME_IS(lname, "transfer-encoding") || NAME_IS(lname, "upgrade")) {
+        return FIELDS_DECLINE;
+    }
+    if (NAME_IS(lname, "content-length")) {
+        if (ctx->content_length != -1) {
+            return FIELDS_DECLINE; /* repeated: llhttp's to refuse */
+        }
+        const char *digits = PyBytes_AS_STRING(value);
+        Py_ssize_t len = PyBytes_GET_SIZE(value);
+        if (len == 0 || len > 18) {
+            return FIELDS_DECLINE;
+        }
+        long long length = 0;
+        for (Py_ssize_t i = 0; i < len; i++) {
+            if (digits[i] < '0' || digits[i] > '9') {
+                return FIELDS_DECLINE;
+            }
+            length = length * 10 + (digits[i] - '0');
+        }
+        ctx->content_length = length;
+    }
+    return FIELDS_OK;
+}
+
+PyDoc_STRVAR(scan_response_doc,
+"scan_response(data, max_fields)\n"
+"--\n\n"
+"Read the final response head at the start of data if it is a plain one:\n"
+"(status, reason, version, headers, names, head_end, content_length), with\n"
+"content_length -1 when there is no Content-Length. None when it is not,\n"
+"or when data does not hold the whole head: parse it with llhttp instead.");
+
+static PyObject *
+scan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "scan_response(data: bytes, max_fields)");
+        return NULL;
+    }
+    Py_ssize_t max_fields = PyLong_AsSsize_t(args[1]);
+    if (max_fields == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    const char *base = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t stop = PyBytes_GET_SIZE(args[0]);
+    /* "HTTP/1.x NNN " */
+    if (stop < 13 || memcmp(base, "HTTP/1.", 7) != 0 || base[8] != ' ' || base[12] != ' ') {
+        Py_RETURN_NONE;
+    }
+    PyObject *version;
+    if (base[7] == '1') {
+        version = version_11;
+    } else if (base[7] == '0') {
+        version = version_10;
+    } else {
+        Py_RETURN_NONE;
+    }
+    int status = 0;
+    for (int i = 9; i < 12; i++) {
+        if (base[i] < '0' || base[i] > '9') {
+            Py_RETURN_NONE;
+        }
+        status = status * 10 + (base[i] - '0');
+    }
+    if (status < 200) {
+        Py_RETURN_NONE; /* interim responses: llhttp's */
+    }
+    Py_ssize_t p = 13;
+    Py_ssize_t reason_start = p;
+    while (p < stop && (is_vchar[(unsigned char)base[p]] || base[p] == ' ' || base[p] == '\t')) {
+        p++;
+    }
+    Py_ssize_t reason_len = p - reason_start;
+    if (p + 1 >= stop || base[p] != '\r' || base[p + 1] != '\n') {
+        Py_RETURN_NONE;
+    }
+    p += 2;
+
+    response_ctx ctx = {-1};
+    fields_t fields = {NULL, NULL, 0};
+    int verdict = scan_fields(base, p, stop, max_fields, &fields, response_field, &ctx);
+    PyObject *result = NULL;
+    if (verdict == FIELDS_OK) {
+        PyObject *reason = cached_bytes(value_cache, base + reason_start, reason_len);
+        if (reason != NULL) {
+            result = Py_BuildValue("(iNOOOnL)", status, reason, version, fields.headers,
+                                   fields.names, fields.end, ctx.content_length);
+        }
+    } else if (verdict == FIELDS_DECLINE) {
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    Py_XDECREF(fields.headers);
+    Py_XDECREF(fields.names);
+    return result;
+}
+
+/* ---- writing heads --------------------------------------------------- */
+
+/* The bytes of line `i` of a list of lines; -1 with an error set if not bytes. */
+static Py_ssize_t
+line_size(PyObject *lines, Py_ssize_t i)
+{
+    PyObject *line = PyList_GET_ITEM(lines, i);
+    if (!PyBytes_Check(line)) {
+        PyErr_SetString(PyExc_TypeError, "join_head: lines must be bytes");
+        return -1;
+    }
+    return PyBytes_GET_SIZE(line);
+}
+
+/* Whether field i is kept: its lower-cased name is not in `drop` (1, 0, or -1 on error). */
+static int
+field_kept(PyObject *names, PyObject *drop, Py_ssize_t i)
+{
+    PyObject *name = PyList_GET_ITEM(names, i);
+    if (!PyBytes_CheckExact(name)) {
+        /* Only bytes: a subclass's __eq__ could change the lists being read. */
+        PyErr_SetString(PyExc_TypeError, "join_head: names must be bytes");
+        return -1;
+    }
+    int dropped = PySet_Contains(drop, name);
+    return dropped < 0 ? -1 : !dropped;
+}
+
+static int
+field_parts(PyObject *headers, Py_ssize_t i, PyObject **name, PyObject **value)
+{
+    PyObject *field = PyList_GET_ITEM(headers, i);
+    if (!PyTuple_Check(field) || PyTuple_GET_SIZE(field) != 2
+        || !PyBytes_Check(PyTuple_GET_ITEM(field, 0))
+        || !PyBytes_Check(PyTuple_GET_ITEM(field, 1))) {
+        PyErr_SetString(PyExc_TypeError, "join_head: header fields must be (bytes, bytes)");
+        return -1;
+    }
+    *name = PyTuple_GET_ITEM(field, 0);
+    *value = PyTuple_GET_ITEM(field, 1);
+    return 0;
+}
+
+static char *
+put(char *out, const char *data, Py_ssize_t n)
+{
+    memcpy(out, data, n);
+    return out + n;
+}
+
+PyDoc_STRVAR(join_head_doc,
+"join_head(first, names, headers, drop, last)\n"
+"--\n\n"
+"A message head: the lines of `first`, then each header field (name, value)\n"
+"of `headers` whose lower-cased name (parallel list `names`) is not in the\n"
+"set `drop`, as \"name: value\", then the lines of `last`, each line ended\n"
+"by CRLF, then the blank line.");
+
+static PyObject *
+join_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyList_Check(args[0]) || !PyList_Check(args[1])
+        || !PyList_Check(args[2]) || !PyAnySet_Check(args[3]) || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "join_head(first: list, names: list, headers: list, drop: set, last: list)");
+        return NULL;
+    }
+    PyObject *first = args[0], *names = args[1], *headers = args[2], *drop = args[3];
+    PyObject *last = args[4];
+    Py_ssize_t count = PyList_GET_SIZE(headers);
+    if (PyList_GET_SIZE(names) != count) {
+        PyErr_SetString(PyExc_ValueError, "join_head: names and headers differ in length");
+        return NULL;
+    }
+    Py_ssize_t total = 2;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(first); i++) {
+        Py_ssize_t n = line_size(first, i);
+        if (n < 0) {
+            return NULL;
+        }
+        total += n + 2;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(last); i++) {
+        Py_ssize_t n = line_size(last, i);
+        if (n < 0) {
+            return NULL;
+        }
+        total += n + 2;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name, *value;
+        if (field_parts(headers, i, &name, &value) < 0) {
+            return NULL;
+        }
+        int kept = field_kept(names, drop, i);
+        if (kept < 0) {
+            return NULL;
+        }
+        if (kept) {
+            total += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4;
+        }
+    }
+    PyObject *head = PyBytes_FromStringAndSize(NULL, total);
+    if (head == NULL) {
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(head);
+    char *end = out + total;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(first); i++) {
+        PyObject *line = PyList_GET_ITEM(first, i);
+        out = put(out, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line));
+        out = put(out, "\r\n", 2);
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name, *value;
+        field_parts(headers, i, &name, &value); /* checked above */
+        int kept = field_kept(names, drop, i);
+        if (kept < 0) {
+            Py_DECREF(head);
+            return NULL;
+        }
+        if (kept) {
+            Py_ssize_t need = PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4;
+            if (need > end - out) {
+                /* The lists changed under us (a set's __eq__ may run Python code). */
+                Py_DECREF(head);
+                PyErr_SetString(PyExc_RuntimeError, "join_head: headers changed while joined");
+                return NULL;
+            }
+            out = put(out, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name));
+            out = put(out, ": ", 2);
+            out = put(out, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
+            out = put(out, "\r\n", 2);
+        }
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(last); i++) {
+        PyObject *line = PyList_GET_ITEM(last, i);
+        if (PyBytes_GET_SIZE(line) + 2 > end - out) {
+            Py_DECREF(head);
+            PyErr_SetString(PyExc_RuntimeError, "join_head: headers changed while joined");
+            return NULL;
+        }
+        out = put(out, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line));
+        out = put(out, "\r\n", 2);
+    }
+    if (end - out != 2) {
+        Py_DECREF(head);
+        PyErr_SetString(PyExc_RuntimeError, "join_head: headers changed while joined");
+        return NULL;
+    }
+    put(out, "\r\n", 2);
+    return head;
+}
+
+static PyMethodDef scan_methods[] = {
+    {"scan_request", (PyCFunction)(void (*)(void))scan_request, METH_FASTCALL, scan_request_doc},
+    {"scan_response", (PyCFunction)(void (*)(void))scan_response, METH_FASTCALL,
+     scan_response_doc},
+    {"join_head", (PyCFunction)(void (*)(void))join_head, METH_FASTCALL, join_head_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef scan_module = {
+    PyModuleDef_HEAD_INIT, "tiers.proxy._heads",
+    "HTTP/1.1 heads read and written in one call each (scanners: None means ask llhttp).", -1,
+    scan_methods,
+};
+
+static void
+fill_tables(void)
+{
+    const char *extra_tchar = "!#$%&'*+-.^_`|~";
+    const char *extra_target = "-._~!$&'()*+,;=:@/?%";
+    for (int c = 0; c < 256; c++) {
+        int alnum = (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z');
+        is_tchar[c] = alnum || (c != 0 && strchr(extra_tchar, c) != NULL);
+        is_target[c] = alnum || (c != 0 && strchr(extra_target, c) != NULL);
+        is_vchar[c] = c >= 0x21 && c <= 0x7e;
+    }
+}
+
+PyMODINIT_FUNC
+PyInit__heads(void)
+{
+    fill_tables();
+    version_11 = PyBytes_FromString("1.1");
+    version_10 = PyBytes_FromString("1.0");
+    if (version_11 == NULL || version_10 == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < 7; i++) {
+        method_objs[i] = PyBytes_FromString(method_names[i]);
+        if (method_objs[i] == NULL) {
+            return NULL;
+        }
+    }
+    return PyModule_Create(&scan_module);
+}

@@ -1,0 +1,254 @@
+"""The C heads module (``tiers.proxy._heads``): its scanners against llhttp,
+its head writer against the Python one.
+
+The scanners may only read what llhttp would read the same way, and must
+decline the rest. So every request of the corpus, and thousands of mutants
+of plain requests and responses, go through each parser twice, with the
+scanner and without, and the events must be the same; separate tests show
+that the scanner does take the plain heads (or the comparison would prove
+nothing) and declines what it should.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require
+from tiers.errors import ProxyError
+from tiers.proxy.heads import JOIN_HEAD, SCAN_REQUEST, SCAN_RESPONSE, join_head
+from tiers.proxy.http1 import MessageEnd
+from tiers.proxy.requestparser import RequestError, RequestEvent, RequestHead, RequestParser
+from tiers.proxy.responseparser import ResponseEvent, ResponseHead, ResponseParser
+
+CORPUS = Path(__file__).parent / "requests"
+ALL_REQUESTS = sorted(CORPUS.glob("*/*.http"))
+
+PLAIN_REQUEST = (b"GET /index.html?q=1&r=%41 HTTP/1.1\r\nHost: example.com:8080\r\n"
+                 b"User-Agent: Mozilla/5.0 (X11)\r\nAccept: */*\r\nX-Forwarded-For: 10.0.0.1\r\n"
+                 b"Connection: keep-alive\r\nReferer: http://a.test/\r\n\r\n")
+PLAIN_RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: app\r\nContent-Type: text/html\r\n"
+                  b"Content-Length: 5\r\nConnection: keep-alive\r\n\r\nhello")
+# Bytes that break a plain head in interesting ways where they land.
+_MUTANT_BYTES = [b"\r", b"\n", b" ", b"\t", b":", b"\x00", b"\x7f", b"\x80", b"#", b"\r\n",
+                 b"\r\n ", b"\r\n\r\n", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 3\r\n",
+                 b"Host: b\r\n", b"\xff", b"\"", b"{", b"HTTP/1.1", b"0", b"9"]
+
+
+@pytest.fixture(autouse=True)
+def _scanner_built() -> None:
+    require(SCAN_REQUEST is not None and SCAN_RESPONSE is not None and JOIN_HEAD is not join_head,
+            "the C module tiers.proxy._heads is not built (pip install -e . needs a C compiler)")
+
+
+def _request_events(data: bytes, use_scanner: bool) -> list[object]:
+    events: list[RequestEvent] = RequestParser(use_scanner=use_scanner).feed(data)
+    out: list[object] = []
+    for event in events:
+        if isinstance(event, RequestHead):
+            out.append(("head", event.method, event.target, event.path, event.version,
+                        event.headers, list(event.names), event.host, event.keep_alive,
+                        event.framing, event.content_length, event.expect_continue,
+                        event.connection, event.user_agent, event.forwarded_for,
+                        event.referer))
+        elif isinstance(event, RequestError):
+            out.append(("error", event.status, event.reason))
+        elif isinstance(event, MessageEnd):
+            out.append("end")
+        else:
+            out.append(("body", event.data))
+    return out
+
+
+def _mutants(base: bytes, count: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 2)):
+            at = rng.randrange(len(data) + 1)
+            if rng.random() < 0.3 and at < len(data):
+                del data[at : at + rng.randint(1, 3)]
+            else:
+                data[at:at] = rng.choice(_MUTANT_BYTES)
+        out.append(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("path", ALL_REQUESTS,
+                         ids=[f"{p.parent.name}/{p.stem}" for p in ALL_REQUESTS])
+def test_corpus_requests_parse_the_same_with_and_without_the_scanner(path: Path) -> None:
+    data = path.read_bytes()
+    assert _request_events(data, True) == _request_events(data, False)
+
+
+def test_mutated_requests_parse_the_same_with_and_without_the_scanner() -> None:
+    scanned = 0
+    for data in _mutants(PLAIN_REQUEST, 4000, seed=1):
+        assert _request_events(data, True) == _request_events(data, False), data
+        end = data.find(b"\r\n\r\n")
+        if end != -1 and SCAN_REQUEST is not None and SCAN_REQUEST(data, 0, end + 4, 100):
+            scanned += 1
+    # Mutants the scanner read itself were compared too, not only its refusals.
+    assert scanned > 100
+
+
+def test_plain_requests_are_read_by_the_scanner() -> None:
+    assert SCAN_REQUEST is not None
+    method, target, version, headers, names, special = SCAN_REQUEST(
+        PLAIN_REQUEST, 0, len(PLAIN_REQUEST), 100) or pytest.fail("declined")
+    assert (method, target, version) == (b"GET", b"/index.html?q=1&r=%41", b"1.1")
+    assert headers[0] == (b"Host", b"example.com:8080")
+    assert names == [b"host", b"user-agent", b"accept", b"x-forwarded-for", b"connection",
+                     b"referer"]
+    assert special == {b"host": [b"example.com:8080"], b"user-agent": [b"Mozilla/5.0 (X11)"],
+                       b"x-forwarded-for": [b"10.0.0.1"], b"connection": [b"keep-alive"],
+                       b"referer": [b"http://a.test/"]}
+    # Within bounds in a larger buffer, HTTP/1.0 too; names met again are the same objects.
+    data = b"xx" + PLAIN_REQUEST.replace(b"HTTP/1.1", b"HTTP/1.0") + b"GET / HTTP/1.1\r\n"
+    again = SCAN_REQUEST(data, 2, 2 + len(PLAIN_REQUEST), 100)
+    assert again is not None and again[2] == b"1.0"
+    assert again[4][0] is names[0] and again[3][0][0] is headers[0][0]
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /a#frag HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"get / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a \r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: caf\xc3\xa9\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
+], ids=lambda h: repr(h[:40]))
+def test_the_request_scanner_declines_what_is_not_plain(head: bytes) -> None:
+    assert SCAN_REQUEST is not None
+    assert SCAN_REQUEST(head, 0, len(head), 100) is None
+
+
+def test_the_request_scanner_checks_its_bounds() -> None:
+    assert SCAN_REQUEST is not None
+    with pytest.raises(ValueError, match="bounds"):
+        SCAN_REQUEST(PLAIN_REQUEST, 0, len(PLAIN_REQUEST) + 1, 100)
+    # A blank line short of the stop given is not the head the caller found.
+    assert SCAN_REQUEST(PLAIN_REQUEST + b"x", 0, len(PLAIN_REQUEST) + 1, 100) is None
+
+
+def _response_run(data: bytes, head_request: bool, use_scanner: bool) -> list[object]:
+    parser = ResponseParser(head_request, use_scanner=use_scanner)
+    try:
+        events: list[ResponseEvent] = parser.feed(data)
+    except ProxyError as exc:
+        return ["error", str(exc)]
+    out: list[object] = []
+    for event in events:
+        if isinstance(event, ResponseHead):
+            out.append((event.status, event.reason, event.version, event.headers,
+                        list(event.names), event.framing, event.content_length,
+                        event.keep_alive, event.connection))
+        elif isinstance(event, MessageEnd):
+            out.append("end")
+        else:
+            out.append(event.data)
+    out.append((parser.done, parser.extra, parser.reusable))
+    # The parser reads the next response on the connection alike either way.
+    if parser.reusable:
+        parser.begin(False)
+        out.append([type(e).__name__ for e in parser.feed(PLAIN_RESPONSE)])
+    return out
+
+
+@pytest.mark.parametrize("head_request", [False, True])
+def test_mutated_responses_parse_the_same_with_and_without_the_scanner(
+    head_request: bool,
+) -> None:
+    base = PLAIN_RESPONSE[: PLAIN_RESPONSE.index(b"\r\n\r\n") + 4] if head_request \
+        else PLAIN_RESPONSE
+    scanned = 0
+    for data in [base, *_mutants(base, 3000, seed=2 + head_request)]:
+        assert _response_run(data, head_request, True) == \
+            _response_run(data, head_request, False), data
+        if SCAN_RESPONSE is not None and SCAN_RESPONSE(data, 200) is not None:
+            scanned += 1
+    assert scanned > 100
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 204 No Content\r\nServer: a\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\nETag: \"x\"\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
+    b"HTTP/1.1 200 OK\r\n\r\nuntil close",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok",
+], ids=lambda r: repr(r[:30]))
+@pytest.mark.parametrize("head_request", [False, True])
+def test_responses_parse_the_same_with_and_without_the_scanner(
+    raw: bytes, head_request: bool,
+) -> None:
+    assert _response_run(raw, head_request, True) == _response_run(raw, head_request, False)
+
+
+def test_plain_responses_are_read_by_the_scanner() -> None:
+    assert SCAN_RESPONSE is not None
+    assert SCAN_RESPONSE(PLAIN_RESPONSE, 200) == (
+        200, b"OK", b"1.1",
+        [(b"Server", b"app"), (b"Content-Type", b"text/html"), (b"Content-Length", b"5"),
+         (b"Connection", b"keep-alive")],
+        [b"server", b"content-type", b"content-length", b"connection"],
+        len(PLAIN_RESPONSE) - 5, 5)
+    assert SCAN_RESPONSE(b"HTTP/1.0 404 Not Found\r\n\r\n", 200) == (
+        404, b"Not Found", b"1.0", [], [], 26, -1)
+    # Incomplete, interim, chunked, too many fields: llhttp's.
+    assert SCAN_RESPONSE(PLAIN_RESPONSE[:30], 200) is None
+    assert SCAN_RESPONSE(b"HTTP/1.1 103 Early Hints\r\n\r\n", 200) is None
+    assert SCAN_RESPONSE(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 200) is None
+    assert SCAN_RESPONSE(PLAIN_RESPONSE, 3) is None
+
+
+def test_the_c_head_writer_writes_what_the_python_one_does() -> None:
+    rng = random.Random(3)
+    pool = [b"Host", b"Accept", b"X-A", b"Connection", b"Keep-Alive", b"Cookie", b"", b"te"]
+    for _ in range(2000):
+        headers = [(rng.choice(pool),
+                    bytes(rng.randrange(32, 127) for _ in range(rng.randrange(6))))
+                   for _ in range(rng.randrange(8))]
+        names = [name.lower() for name, _ in headers]
+        drop = frozenset(rng.sample([b"host", b"connection", b"keep-alive", b"te", b"x-a"],
+                                    rng.randrange(4)))
+        first = [b"GET / HTTP/1.1"][: rng.randrange(2)]
+        last = [b"X-Forwarded-For: 10.0.0.%d" % i for i in range(rng.randrange(3))]
+        head = JOIN_HEAD(first, names, headers, drop, last)
+        assert head == join_head(first, names, headers, drop, last)
+        assert head.endswith(b"\r\n\r\n") or head == b"\r\n"
+    assert JOIN_HEAD([b"HTTP/1.1 200 OK"], [b"a", b"b"], [(b"A", b"1"), (b"B", b"2")],
+                     frozenset({b"b"}), [b"Content-Length: 0"]) == (
+        b"HTTP/1.1 200 OK\r\nA: 1\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (([], [b"a"], [], frozenset(), []), ValueError),
+    (([], [b"a"], [(b"A", "1")], frozenset(), []), TypeError),
+    (([], [b"a"], [(b"A",)], frozenset(), []), TypeError),
+    (([], ["a"], [(b"A", b"1")], frozenset(), []), TypeError),
+    ((["GET"], [], [], frozenset(), []), TypeError),
+    (([], [], [], [b"a"], []), TypeError),
+], ids=["lengths", "str-value", "short-field", "str-name", "str-line", "list-drop"])
+def test_the_c_head_writer_refuses_what_is_not_a_head(args: tuple[object, ...],
+                                                      error: type[Exception]) -> None:
+    with pytest.raises(error):
+        JOIN_HEAD(*args)  # type: ignore[arg-type]
