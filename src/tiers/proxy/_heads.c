@@ -22,6 +22,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 /* tchar (RFC 9110, 5.6.2) */
@@ -33,25 +34,38 @@ static unsigned char is_target[256];
 
 #define CACHE_SLOTS 512
 #define CACHE_MAX_LEN 96
-static PyObject *name_cache[CACHE_SLOTS];
-static PyObject *lower_cache[CACHE_SLOTS];
+/* A header name as sent and lower-cased (the same object when it already was). */
+typedef struct {
+    PyObject *raw;
+    PyObject *lower;
+} name_entry;
+static name_entry name_cache[CACHE_SLOTS];
 static PyObject *value_cache[CACHE_SLOTS];
 
 static PyObject *version_11, *version_10;
 static PyObject *method_objs[7];
 static const char *method_names[7] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"};
+static const Py_ssize_t method_lens[7] = {3, 4, 4, 3, 6, 7, 5};
 
 
 static unsigned int
 slot_of(const char *s, Py_ssize_t n)
 {
-    /* FNV-1a over the bytes: cheap, and short names spread well. */
-    unsigned int h = 2166136261u;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        h ^= (unsigned char)s[i];
-        h *= 16777619u;
+    /* From the length and the first and last eight bytes: constant time, and
+     * enough to tell apart the names and values that recur. Two that share
+     * a slot only miss the cache. */
+    uint64_t head = 0, tail = 0;
+    if (n >= 8) {
+        memcpy(&head, s, 8);
+        memcpy(&tail, s + n - 8, 8);
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            head = (head << 8) | (unsigned char)s[i];
+        }
     }
-    return (h ^ (h >> 15)) & (CACHE_SLOTS - 1);
+    uint64_t h = head * 0x9E3779B97F4A7C15ull ^ tail * 0xC2B2AE3D27D4EB4Full
+                 ^ (uint64_t)n * 0x165667B19E3779F9ull;
+    return (unsigned int)(h >> 40) & (CACHE_SLOTS - 1);
 }
 
 /* The bytes object for s[0:n], from `cache` when it holds the same bytes. */
@@ -76,27 +90,56 @@ cached_bytes(PyObject **cache, const char *s, Py_ssize_t n)
     return made;
 }
 
-static PyObject *
-lowered_bytes(const char *s, Py_ssize_t n)
+/* The name s[0:n] as sent (*raw) and lower-cased (*lower), both new references,
+ * from the cache when it holds the same name. */
+static int
+cached_name(const char *s, Py_ssize_t n, PyObject **raw, PyObject **lower)
 {
-    char buf[CACHE_MAX_LEN];
-    if (n > CACHE_MAX_LEN) {
-        PyObject *out = PyBytes_FromStringAndSize(NULL, n);
-        if (out == NULL) {
-            return NULL;
+    name_entry *entry = NULL;
+    if (n <= CACHE_MAX_LEN) {
+        entry = &name_cache[slot_of(s, n)];
+        PyObject *hit = entry->raw;
+        if (hit != NULL && PyBytes_GET_SIZE(hit) == n
+            && memcmp(PyBytes_AS_STRING(hit), s, n) == 0) {
+            Py_INCREF(hit);
+            Py_INCREF(entry->lower);
+            *raw = hit;
+            *lower = entry->lower;
+            return 0;
         }
-        char *dst = PyBytes_AS_STRING(out);
+    }
+    int has_upper = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        has_upper |= s[i] >= 'A' && s[i] <= 'Z';
+    }
+    PyObject *made_raw = PyBytes_FromStringAndSize(s, n);
+    if (made_raw == NULL) {
+        return -1;
+    }
+    PyObject *made_lower = made_raw;
+    if (has_upper) {
+        made_lower = PyBytes_FromStringAndSize(NULL, n);
+        if (made_lower == NULL) {
+            Py_DECREF(made_raw);
+            return -1;
+        }
+        char *dst = PyBytes_AS_STRING(made_lower);
         for (Py_ssize_t i = 0; i < n; i++) {
             unsigned char c = (unsigned char)s[i];
             dst[i] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
         }
-        return out;
+    } else {
+        Py_INCREF(made_lower);
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        buf[i] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
+    if (entry != NULL) {
+        Py_INCREF(made_raw);
+        Py_INCREF(made_lower);
+        Py_XSETREF(entry->raw, made_raw);
+        Py_XSETREF(entry->lower, made_lower);
     }
-    return cached_bytes(lower_cache, buf, n);
+    *raw = made_raw;
+    *lower = made_lower;
+    return 0;
 }
 
 /* Whether the lower-cased name `lname` is the literal `lower`. */
@@ -175,19 +218,14 @@ scan_fields(const char *base, Py_ssize_t p, Py_ssize_t stop, Py_ssize_t max_fiel
         if (++count > max_fields) {
             return FIELDS_DECLINE; /* llhttp's path answers 431 */
         }
-        PyObject *name = cached_bytes(name_cache, base + name_start, name_len);
-        if (name == NULL) {
+        PyObject *name, *lname;
+        if (cached_name(base + name_start, name_len, &name, &lname) < 0) {
             return FIELDS_ERROR;
         }
         PyObject *value = cached_bytes(value_cache, base + value_start, value_len);
         if (value == NULL) {
             Py_DECREF(name);
-            return FIELDS_ERROR;
-        }
-        PyObject *lname = lowered_bytes(base + name_start, name_len);
-        if (lname == NULL) {
-            Py_DECREF(name);
-            Py_DECREF(value);
+            Py_DECREF(lname);
             return FIELDS_ERROR;
         }
         int verdict = hook(ctx, lname, value);
@@ -282,7 +320,7 @@ scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
     PyObject *method = NULL;
     for (int i = 0; i < 7; i++) {
-        Py_ssize_t len = (Py_ssize_t)strlen(method_names[i]);
+        Py_ssize_t len = method_lens[i];
         if (stop - p > len && memcmp(base + p, method_names[i], len) == 0 && base[p + len] == ' ') {
             method = method_objs[i];
             p += len + 1;

@@ -9,32 +9,84 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
 
 enum { F_BYTES, F_INT, F_FLOAT, F_FLOAT_OR_NONE };
 
+#define FIELD(label, kind) {label, sizeof(label) - 1, kind}
+
 /* The fields in argument order, each with the label written before it. */
 static const struct {
     const char *label;
+    Py_ssize_t label_len;
     int kind;
 } fields[] = {
-    {"time:", F_BYTES},           {"\thost:", F_BYTES},      {"\tforwardedfor:", F_BYTES},
-    {"\tmethod:", F_BYTES},       {"\turi:", F_BYTES},       {"\tprotocol:", F_BYTES},
-    {"\tstatus:", F_INT},         {"\tsize:", F_INT},        {"\treqsize:", F_INT},
-    {"\treferer:", F_BYTES},      {"\treqtime:", F_FLOAT},   {"\tapptime:", F_FLOAT_OR_NONE},
-    {"\tupstream:", F_BYTES},     {"\tcache:", F_BYTES},     {"\troute:", F_BYTES},
-    {"\treqid:", F_BYTES},        {"\tua:", F_BYTES},
+    FIELD("time:", F_BYTES),         FIELD("\thost:", F_BYTES),
+    FIELD("\tforwardedfor:", F_BYTES), FIELD("\tmethod:", F_BYTES),
+    FIELD("\turi:", F_BYTES),        FIELD("\tprotocol:", F_BYTES),
+    FIELD("\tstatus:", F_INT),       FIELD("\tsize:", F_INT),
+    FIELD("\treqsize:", F_INT),      FIELD("\treferer:", F_BYTES),
+    FIELD("\treqtime:", F_FLOAT),    FIELD("\tapptime:", F_FLOAT_OR_NONE),
+    FIELD("\tupstream:", F_BYTES),   FIELD("\tcache:", F_BYTES),
+    FIELD("\troute:", F_BYTES),      FIELD("\treqid:", F_BYTES),
+    FIELD("\tua:", F_BYTES),
 };
 #define NFIELDS ((Py_ssize_t)(sizeof(fields) / sizeof(fields[0])))
 /* Room for any double with three decimals (DBL_MAX has 309 digits). */
 #define NUMBER_MAX 320
 
+/* What a byte becomes in a value: 0 if itself, else the letter after the backslash. */
+static unsigned char escape_as[256];
+
+/* The decimal digits of `number` at `out`; returns their count. */
 static int
-escapable(unsigned char c)
+put_decimal(char *out, long long number)
 {
-    return c == '\t' || c == '\n' || c == '\r' || c == '\\';
+    char digits[24];
+    int n = 0;
+    unsigned long long magnitude = number < 0 ? 0ULL - (unsigned long long)number
+                                              : (unsigned long long)number;
+    do {
+        digits[n++] = (char)('0' + magnitude % 10);
+        magnitude /= 10;
+    } while (magnitude != 0);
+    int len = 0;
+    if (number < 0) {
+        out[len++] = '-';
+    }
+    while (n > 0) {
+        out[len++] = digits[--n];
+    }
+    return len;
+}
+
+/* `seconds` with three decimals at `out` (NUMBER_MAX bytes), as Python's "%.3f"
+ * writes it: the exact binary value rounded half to even. Returns the length. */
+static int
+put_seconds(char *out, double seconds)
+{
+#if LDBL_MANT_DIG >= 64
+    /* The usual case without printf: a double times 1000 needs at most
+     * 63 bits of mantissa, so in long double the product is exact, and
+     * rintl rounds it half to even (the default rounding mode). */
+    if (!signbit(seconds) && seconds < 1e15) {
+        long long millis = (long long)rintl((long double)seconds * 1000.0L);
+        int len = put_decimal(out, millis / 1000);
+        out[len++] = '.';
+        int fraction = (int)(millis % 1000);
+        out[len++] = (char)('0' + fraction / 100);
+        out[len++] = (char)('0' + fraction / 10 % 10);
+        out[len++] = (char)('0' + fraction % 10);
+        return len;
+    }
+#endif
+    if (isnan(seconds)) {
+        return snprintf(out, NUMBER_MAX, "nan"); /* Python: "nan" whatever its sign */
+    }
+    return snprintf(out, NUMBER_MAX, "%.3f", seconds);
 }
 
 PyDoc_STRVAR(format_line_doc,
@@ -58,7 +110,7 @@ format_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t total = 1; /* the newline */
     for (Py_ssize_t i = 0; i < NFIELDS; i++) {
         PyObject *value = args[i];
-        total += (Py_ssize_t)strlen(fields[i].label);
+        total += fields[i].label_len;
         int kind = fields[i].kind;
         if (value == Py_None && (kind == F_BYTES || kind == F_FLOAT_OR_NONE)) {
             lengths[i] = 1;
@@ -72,7 +124,7 @@ format_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_ssize_t n = PyBytes_GET_SIZE(value);
             Py_ssize_t extra = 0;
             for (Py_ssize_t j = 0; j < n; j++) {
-                extra += escapable(s[j]);
+                extra += escape_as[s[j]] != 0;
             }
             lengths[i] = n + extra;
         } else if (kind == F_INT) {
@@ -80,15 +132,13 @@ format_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (number == -1 && PyErr_Occurred()) {
                 return NULL;
             }
-            lengths[i] = snprintf(numbers[i], NUMBER_MAX, "%lld", number);
+            lengths[i] = put_decimal(numbers[i], number);
         } else {
             double number = PyFloat_AsDouble(value);
             if (number == -1.0 && PyErr_Occurred()) {
                 return NULL;
             }
-            /* Python writes a NaN of either sign as "nan". */
-            int written = isnan(number) ? snprintf(numbers[i], NUMBER_MAX, "nan")
-                                        : snprintf(numbers[i], NUMBER_MAX, "%.3f", number);
+            int written = put_seconds(numbers[i], number);
             if (written < 0 || written >= NUMBER_MAX) {
                 PyErr_SetString(PyExc_SystemError, "format_line: a number did not fit");
                 return NULL;
@@ -103,9 +153,8 @@ format_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     char *out = PyBytes_AS_STRING(line);
     for (Py_ssize_t i = 0; i < NFIELDS; i++) {
-        size_t label = strlen(fields[i].label);
-        memcpy(out, fields[i].label, label);
-        out += label;
+        memcpy(out, fields[i].label, fields[i].label_len);
+        out += fields[i].label_len;
         PyObject *value = args[i];
         int kind = fields[i].kind;
         if (value == Py_None && (kind == F_BYTES || kind == F_FLOAT_OR_NONE)) {
@@ -119,9 +168,9 @@ format_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             } else {
                 for (Py_ssize_t j = 0; j < n; j++) {
                     unsigned char c = s[j];
-                    if (escapable(c)) {
+                    if (escape_as[c]) {
                         *out++ = '\\';
-                        *out++ = c == '\t' ? 't' : c == '\n' ? 'n' : c == '\r' ? 'r' : '\\';
+                        *out++ = (char)escape_as[c];
                     } else {
                         *out++ = (char)c;
                     }
@@ -149,5 +198,9 @@ static struct PyModuleDef ltsv_module = {
 PyMODINIT_FUNC
 PyInit__ltsv(void)
 {
+    escape_as['\t'] = 't';
+    escape_as['\n'] = 'n';
+    escape_as['\r'] = 'r';
+    escape_as['\\'] = '\\';
     return PyModule_Create(&ltsv_module);
 }

@@ -185,8 +185,11 @@ def _random_text(rng: random.Random) -> bytes | None:
 
 
 def _random_seconds(rng: random.Random) -> float:
-    return rng.choice([0.0, 0.0005, 0.0015, 0.0025, 1e-9, 2.675, 1 / 3, 86400.123456,
-                       rng.random() * 10 ** rng.randrange(-4, 7)])
+    # Near and exact ties of the third decimal (an odd number of sixteenths is
+    # exactly halfway: half to even), both sides of 1e15, signs, tiny values.
+    return rng.choice([0.0, -0.0, 0.0005, 0.0015, 0.0025, 1e-9, 2.675, 1 / 3, 86400.123456,
+                       rng.randrange(1, 10 ** 6, 2) / 16, 999999999999999.9, 1e15, 3e17,
+                       -1.5, -rng.random(), rng.random() * 10 ** rng.randrange(-4, 12)])
 
 
 def test_the_c_line_is_the_python_line() -> None:
