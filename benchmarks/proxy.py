@@ -352,13 +352,18 @@ def print_table(title: str, targets: Sequence[Target]) -> None:
 
 
 def print_ratios(ours: Target, peers: Sequence[Target]) -> None:
-    print(f"  {'ratio':<44}{'req/s':>10}{'p99':>10}{'CPU/req':>12}")
+    print(f"  {'ratio':<44}{'req/s':>10}{'p99':>10}{'CPU/req':>12}   req/s ratio per round")
     for peer in peers:
         label = f"{ours.name} / {peer.name}"
+        # Within a round the two ran minutes apart at most: these ratios show
+        # how far the machine's drift between rounds moves the medians' ratio.
+        per_round = " ".join(f"{a.rps / b.rps:.2f}"
+                             for a, b in zip(ours.results, peer.results, strict=True))
         print(
             f"  {label:<44}{_med(ours, 'rps') / _med(peer, 'rps'):>10.2f}"
             f"{_med(ours, 'p99_ms') / _med(peer, 'p99_ms'):>10.2f}"
             f"{_med(ours, 'cpu_us_per_request') / _med(peer, 'cpu_us_per_request'):>12.2f}"
+            f"   {per_round}"
         )
 
 
