@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiers.proxy")
 
 _NONE: Final = Framing.NONE
+# Enum members read through their (interpreted) class cost a type lookup each time.
+_POOL: Final = RouteKind.POOL
+_STATIC: Final = RouteKind.STATIC
+_REDIRECT: Final = RouteKind.REDIRECT
 
 
 class ClientConnection(FastPath):
@@ -226,7 +230,7 @@ class ClientConnection(FastPath):
             self._exchange_done(x, found)
             return
         route = found
-        if route.kind is not RouteKind.POOL:
+        if route.kind is not _POOL:
             self._hand_over(x, lambda: self._serve_static(x, route))
             return
         assert route.pool is not None
@@ -424,9 +428,9 @@ class ClientConnection(FastPath):
             return self._answer(x, 404, "no route for this request")
         x.route = route.label
         kind = route.kind
-        if kind is RouteKind.POOL or kind is RouteKind.STATIC:
+        if kind is _POOL or kind is _STATIC:
             return route
-        if kind is RouteKind.REDIRECT:
+        if kind is _REDIRECT:
             location = route.location(head.path)
             return self._answer(x, route.status, "", extra=b"Location: %s\r\n" % location,
                                 body=b"")
@@ -437,7 +441,7 @@ class ClientConnection(FastPath):
         found = self._route(x)
         if isinstance(found, bool):
             return found
-        if found.kind is RouteKind.POOL:
+        if found.kind is _POOL:
             assert found.pool is not None
             return await self._from_pool(x, found, self._server.pools[found.pool])
         return await self._serve_static(x, found)
