@@ -485,7 +485,7 @@ scan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* ---- writing heads --------------------------------------------------- */
 
-/* The bytes of line `i` of a list of lines; -1 with an error set if not bytes. */
+/* The size of the bytes line `i` of `lines`; -1 with an error set if not bytes. */
 static Py_ssize_t
 line_size(PyObject *lines, Py_ssize_t i)
 {
@@ -497,18 +497,19 @@ line_size(PyObject *lines, Py_ssize_t i)
     return PyBytes_GET_SIZE(line);
 }
 
-/* Whether field i is kept: its lower-cased name is not in `drop` (1, 0, or -1 on error). */
-static int
-field_kept(PyObject *names, PyObject *drop, Py_ssize_t i)
+/* The total size of the lines of `lines`, each with its CRLF; -1 on error. */
+static Py_ssize_t
+lines_size(PyObject *lines)
 {
-    PyObject *name = PyList_GET_ITEM(names, i);
-    if (!PyBytes_CheckExact(name)) {
-        /* Only bytes: a subclass's __eq__ could change the lists being read. */
-        PyErr_SetString(PyExc_TypeError, "join_head: names must be bytes");
-        return -1;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lines); i++) {
+        Py_ssize_t n = line_size(lines, i);
+        if (n < 0) {
+            return -1;
+        }
+        total += n + 2;
     }
-    int dropped = PySet_Contains(drop, name);
-    return dropped < 0 ? -1 : !dropped;
+    return total;
 }
 
 static int
@@ -531,6 +532,17 @@ put(char *out, const char *data, Py_ssize_t n)
 {
     memcpy(out, data, n);
     return out + n;
+}
+
+static char *
+put_lines(char *out, PyObject *lines)
+{
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lines); i++) {
+        PyObject *line = PyList_GET_ITEM(lines, i);
+        out = put(out, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line));
+        out = put(out, "\r\n", 2);
+    }
+    return out;
 }
 
 PyDoc_STRVAR(join_head_doc,
@@ -557,83 +569,66 @@ join_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "join_head: names and headers differ in length");
         return NULL;
     }
-    Py_ssize_t total = 2;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(first); i++) {
-        Py_ssize_t n = line_size(first, i);
-        if (n < 0) {
-            return NULL;
-        }
-        total += n + 2;
+    /* Which fields are kept, asked of `drop` once each. A set lookup may run
+     * Python code (an odd member's __eq__); nothing after this loop does, so
+     * the lists are measured and copied as they then stand. */
+    unsigned char on_stack[64];
+    unsigned char *kept = count <= 64 ? on_stack : PyMem_Malloc(count);
+    if (kept == NULL) {
+        return PyErr_NoMemory();
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(last); i++) {
-        Py_ssize_t n = line_size(last, i);
-        if (n < 0) {
-            return NULL;
+    PyObject *head = NULL;
+    for (Py_ssize_t i = 0; i < count && i < PyList_GET_SIZE(names); i++) {
+        PyObject *name = PyList_GET_ITEM(names, i);
+        if (!PyBytes_CheckExact(name)) {
+            PyErr_SetString(PyExc_TypeError, "join_head: names must be bytes");
+            goto done;
         }
-        total += n + 2;
+        int dropped = PySet_Contains(drop, name);
+        if (dropped < 0) {
+            goto done;
+        }
+        kept[i] = !dropped;
     }
+    if (PyList_GET_SIZE(names) != count || PyList_GET_SIZE(headers) != count) {
+        PyErr_SetString(PyExc_RuntimeError, "join_head: the headers changed while read");
+        goto done;
+    }
+    Py_ssize_t first_size = lines_size(first), last_size = lines_size(last);
+    if (first_size < 0 || last_size < 0) {
+        goto done;
+    }
+    Py_ssize_t total = first_size + last_size + 2;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *name, *value;
         if (field_parts(headers, i, &name, &value) < 0) {
-            return NULL;
+            goto done;
         }
-        int kept = field_kept(names, drop, i);
-        if (kept < 0) {
-            return NULL;
-        }
-        if (kept) {
+        if (kept[i]) {
             total += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4;
         }
     }
-    PyObject *head = PyBytes_FromStringAndSize(NULL, total);
+    head = PyBytes_FromStringAndSize(NULL, total);
     if (head == NULL) {
-        return NULL;
+        goto done;
     }
-    char *out = PyBytes_AS_STRING(head);
-    char *end = out + total;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(first); i++) {
-        PyObject *line = PyList_GET_ITEM(first, i);
-        out = put(out, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line));
-        out = put(out, "\r\n", 2);
-    }
+    char *out = put_lines(PyBytes_AS_STRING(head), first);
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *name, *value;
-        field_parts(headers, i, &name, &value); /* checked above */
-        int kept = field_kept(names, drop, i);
-        if (kept < 0) {
-            Py_DECREF(head);
-            return NULL;
-        }
-        if (kept) {
-            Py_ssize_t need = PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4;
-            if (need > end - out) {
-                /* The lists changed under us (a set's __eq__ may run Python code). */
-                Py_DECREF(head);
-                PyErr_SetString(PyExc_RuntimeError, "join_head: headers changed while joined");
-                return NULL;
-            }
+        if (kept[i]) {
+            PyObject *field = PyList_GET_ITEM(headers, i);
+            PyObject *name = PyTuple_GET_ITEM(field, 0), *value = PyTuple_GET_ITEM(field, 1);
             out = put(out, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name));
             out = put(out, ": ", 2);
             out = put(out, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
             out = put(out, "\r\n", 2);
         }
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(last); i++) {
-        PyObject *line = PyList_GET_ITEM(last, i);
-        if (PyBytes_GET_SIZE(line) + 2 > end - out) {
-            Py_DECREF(head);
-            PyErr_SetString(PyExc_RuntimeError, "join_head: headers changed while joined");
-            return NULL;
-        }
-        out = put(out, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line));
-        out = put(out, "\r\n", 2);
-    }
-    if (end - out != 2) {
-        Py_DECREF(head);
-        PyErr_SetString(PyExc_RuntimeError, "join_head: headers changed while joined");
-        return NULL;
-    }
+    out = put_lines(out, last);
     put(out, "\r\n", 2);
+done:
+    if (kept != on_stack) {
+        PyMem_Free(kept);
+    }
     return head;
 }
 

@@ -68,10 +68,9 @@ def upstream_request_head(
     drop = _REQUEST_DROP if named <= _REQUEST_DROP else _REQUEST_DROP | named
     if request_id is not None and b"x-request-id" in names and b"x-request-id" not in drop:
         request_id = None  # the client's (or an outer proxy's) id travels on
-    # Own lines, without their CRLF.
-    if b"x-forwarded-for" in names:
-        forwarded = b", ".join([field[1] for lname, field in zip(names, headers, strict=True)
-                                if lname == b"x-forwarded-for"])
+    # Own lines, without their CRLF. The parser joined repeated X-Forwarded-For.
+    forwarded = head.forwarded_for
+    if forwarded is not None:
         last = [b"X-Forwarded-For: %s, %s" % (forwarded, client_ip)]
     else:
         last = [b"X-Forwarded-For: " + client_ip]

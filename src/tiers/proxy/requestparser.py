@@ -350,10 +350,8 @@ class RequestParser:
                             method, target, version, headers, names, special = scanned
                             self._complete_head(method, version, target, headers, names,
                                                 special, None)
-                            # No body: the request is whole (as llhttp's
-                            # on_message_complete would say next).
-                            self._out.append(END)
-                            self._phase = _HEAD if self._keep_alive else _CLOSED
+                            # No body: the request is whole, as llhttp would say next.
+                            self.on_message_complete()
                             return stop
                     self._feeding_head = True
                     try:

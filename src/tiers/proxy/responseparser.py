@@ -70,6 +70,11 @@ _MAX_RESPONSE_HEAD: Final = 65536
 _MAX_RESPONSE_HEADERS: Final = 200
 
 
+def _bodyless(status: int, head_request: bool) -> bool:
+    """A response that has no body whatever its headers say."""
+    return head_request or status in {204, 304}
+
+
 def _response_head(status: int, reason: bytes, version: bytes,  # noqa: PLR0917
                    headers: list[tuple[bytes, bytes]], names: list[bytes],
                    length: int | None, head_request: bool) -> ResponseHead:
@@ -91,7 +96,7 @@ def _response_head(status: int, reason: bytes, version: bytes,  # noqa: PLR0917
                 field[1] for lname, field in zip(names, headers, strict=True)
                 if lname == b"connection"
             ])
-    if head_request or status in {204, 304}:
+    if _bodyless(status, head_request):
         framing = _NONE
     elif chunked:
         framing = _CHUNKED
@@ -216,7 +221,7 @@ class _ResponseReader:
         ``data`` holds exactly that response, head and body."""
         size = len(data)
         head_request = self.head_request
-        if head_request or status in {204, 304}:
+        if _bodyless(status, head_request):
             if head_end != size:
                 return None
         elif length < 0 or head_end + length != size:
