@@ -46,6 +46,8 @@ def test_workers_share_the_port_and_are_kept_at_their_count(
     assert _wait(lambda: len(workers_of(p)) == 2
                  and victim.pid not in {w.pid for w in workers_of(p)}, 10)
     p.wait_for(rf"worker \d \(pid {victim.pid}\) was killed by SIGKILL", timeout=5)
+    # Its replacement listens too before it is told anything.
+    assert _wait(lambda: sum("listening on" in line for line in p.lines) == 3, 10)
     for i in range(5):
         status, _, _ = p.get(f"/after/{i}")
         assert status == 200

@@ -138,19 +138,24 @@ class Master:
                 os.kill(pid, signum)
 
     def _spawn(self, index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    signal.signal(signum, signal.SIG_DFL)
-                # SIGHUP would kill a worker that has not set up its handler
-                # yet: it waits, blocked, until the worker can reload.
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-                ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-                code = self.run_worker(worker_settings(self.settings, index), index)
-            finally:
-                os._exit(code)
+        # SIGHUP would kill a worker that has not set up its handler yet, or
+        # land in the master's handler copied into it: the worker is forked
+        # with SIGHUP blocked (the mask is inherited), and it stays blocked
+        # until the worker can reload. The master holds it back for the fork only.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                        signal.signal(signum, signal.SIG_DFL)
+                    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+                    code = self.run_worker(worker_settings(self.settings, index), index)
+                finally:
+                    os._exit(code)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self.children[pid] = (index, time.monotonic())
 
 
