@@ -171,7 +171,7 @@ class FastPath(Forwarding):
         self._deadline.set(now + self._settings.read_timeout)
 
     def _respond(self, x: Exchange, conn: UpstreamConnection, response: ResponseHead,
-                 body: list[bytes]) -> None:
+                 body: bytes) -> None:
         """Relay a whole response to the client, free the backend, log."""
         upstreams, backend = self._fast_pool, self._fast_backend
         assert upstreams is not None and backend is not None
@@ -193,7 +193,7 @@ class FastPath(Forwarding):
         self._end(x, keep_alive)
 
     def _relay(self, x: Exchange, conn: UpstreamConnection, response: ResponseHead,
-               body: list[bytes]) -> bool:
+               body: bytes) -> bool:
         """Write the response to the client and fill the cache; True if the client stays."""
         fill = x.fill
         capturing = False
@@ -214,18 +214,13 @@ class FastPath(Forwarding):
         transport = self._transport
         assert transport is not None
         if body:
-            data = body[0] if len(body) == 1 else b"".join(body)
-            x.size = len(data)
-            self._server.writes.write(transport, client_head + data)
+            x.size = len(body)
+            self._server.writes.write(transport, client_head + body)
         else:
             self._server.writes.write(transport, client_head)
         if capturing:
             assert fill is not None
-            for piece in body:
-                capturing = fill.on_body(piece)
-                if not capturing:
-                    break
-            if capturing:
+            if not body or fill.on_body(body):
                 fill.on_end()
         return plan.keep_alive and not self._lost
 

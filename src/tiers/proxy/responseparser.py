@@ -215,10 +215,11 @@ class _ResponseReader:
 
     def take_scanned(self, data: bytes, status: int, reason: bytes,  # noqa: PLR0917
                      version: bytes, headers: list[tuple[bytes, bytes]], names: list[bytes],
-                     head_end: int, length: int) -> list[ResponseEvent] | None:
-        """The events of a whole response the scanner read: its head ends at
+                     head_end: int, length: int) -> ResponseHead | None:
+        """The head of a whole response the scanner read: its head ends at
         ``head_end`` and ``length`` is its Content-Length or -1. None unless
-        ``data`` holds exactly that response, head and body."""
+        ``data`` holds exactly that response, head and body; its body is then
+        the last ``content_length`` bytes of ``data`` (none if it has no body)."""
         size = len(data)
         head_request = self.head_request
         if _bodyless(status, head_request):
@@ -234,9 +235,7 @@ class _ResponseReader:
         self.done = True
         # llhttp has seen none of it and still expects a message.
         self.clean = True
-        if head_end == size:
-            return [head, END]
-        return [head, BodyData(data[head_end:]), END]
+        return head
 
     def on_body(self, body: bytes) -> None:
         if self.done:
@@ -315,21 +314,41 @@ class ResponseParser:
             self._reader = reader
             self._llhttp = httptools.HttpResponseParser(reader)
 
+    def feed_whole(self, data: bytes) -> ResponseHead | None:
+        """Parse ``data`` if it is exactly one whole response the head scanner reads.
+
+        Then its head, with the body the last ``content_length`` bytes of
+        ``data`` (none when the framing says there is none): the events
+        ``feed`` would have given, without making them. Else None, and
+        nothing has changed: ``feed`` takes the bytes as usual.
+        """
+        if self._reader.done:
+            return None
+        return self._scan_whole(data)
+
+    def _scan_whole(self, data: bytes) -> ResponseHead | None:
+        reader = self._reader
+        scan = self._scan
+        if scan is None or not reader.in_head or reader.head_used != 0:
+            return None
+        scanned = scan(data, _MAX_RESPONSE_HEADERS)
+        if scanned is None:
+            return None
+        status, reason, version, headers, names, head_end, length = scanned
+        return reader.take_scanned(data, status, reason, version, headers, names,
+                                   head_end, length)
+
     def feed(self, data: bytes) -> list[ResponseEvent]:
         """Parse ``data``; return the events it completes."""
         reader = self._reader
         if reader.done:
             reader.extra = True
             return []
-        scan = self._scan
-        if scan is not None and reader.in_head and reader.head_used == 0:
-            scanned = scan(data, _MAX_RESPONSE_HEADERS)
-            if scanned is not None:
-                status, reason, version, headers, names, head_end, length = scanned
-                events = reader.take_scanned(data, status, reason, version, headers, names,
-                                             head_end, length)
-                if events is not None:
-                    return events
+        head = self._scan_whole(data)
+        if head is not None:
+            if head.framing is _LENGTH and head.content_length:
+                return [head, BodyData(data[len(data) - head.content_length:]), END]
+            return [head, END]
         out: list[ResponseEvent] = []
         reader.out = out
         llhttp = self._llhttp

@@ -35,13 +35,15 @@ from tiers.proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from tiers.proxy.http1 import END, BodyData
+from tiers.proxy.http1 import END, BodyData, Framing
 from tiers.proxy.responseparser import ResponseEvent, ResponseHead, ResponseParser
 from tiers.proxy.waittimer import WaitTimer
 from tiers.proxy.writebatch import WriteBatch
 
 if TYPE_CHECKING:
     from tiers.proxy.upstream import Backend
+
+_LENGTH: Final = Framing.LENGTH
 
 # Response bytes buffered per connection before reading from the backend pauses.
 _HIGH_WATER: Final = 256 * 1024
@@ -75,6 +77,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._reading_paused = False
         self._waiter: asyncio.Future[bool] | None = None
         self._listener: Callable[[], None] | None = None
+        # A whole response that came in one read while a listener listened,
+        # kept as it came rather than as events, until taken (take_response).
+        self._whole: ResponseHead | None = None
+        self._whole_data = b""
         self._timer = WaitTimer(loop)
         self._write_paused = False
         self._drain_waiter: asyncio.Future[bool] | None = None
@@ -99,6 +105,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamProtocolError("unsolicited bytes from backend"))
             return
         self.received += len(data)
+        if self._listener is not None and not self._events and self._whole is None:
+            whole = parser.feed_whole(data)
+            if whole is not None:
+                self._whole, self._whole_data = whole, data
+                self._listener()
+                return
         try:
             events = parser.feed(data)
         except UpstreamProtocolError as exc:
@@ -163,6 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser = ResponseParser(head_request)
         else:
             parser.begin(head_request)
+        self._whole, self._whole_data = None, b""
         if self._events:
             # Left over from an exchange that was given up: not this one's.
             self._events.clear()
@@ -254,6 +267,8 @@ class UpstreamConnection(asyncio.Protocol):
         the flow control back.
         """
         self._listener = listener
+        if listener is None and self._whole is not None:
+            self._events.extend(self._whole_events())
         if listener is None and self._events:
             self._buffered = sum(len(e.data) for e in self._events if type(e) is BodyData)
             if not self._reading_paused and self._buffered > _HIGH_WATER and self._transport:
@@ -262,6 +277,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def queued_head(self) -> ResponseHead | None:
         """The response head, if it has arrived and nothing was taken yet."""
+        if self._whole is not None:
+            return self._whole
         events = self._events
         if events:
             first = events[0]
@@ -269,21 +286,36 @@ class UpstreamConnection(asyncio.Protocol):
                 return first
         return None
 
-    def take_response(self) -> tuple[ResponseHead, list[bytes]] | None:
-        """The whole response, head and body pieces, if all of it has arrived; else None.
+    def take_response(self) -> tuple[ResponseHead, bytes] | None:
+        """The whole response, head and body, if all of it has arrived; else None.
 
         For a listener (see ``listen``). Taking it empties the queue; None
         leaves the queue as it was.
         """
+        head = self._whole
+        if head is not None:
+            data = self._whole_data
+            self._whole, self._whole_data = None, b""
+            length = head.content_length
+            if head.framing is _LENGTH and length:
+                return head, data[len(data) - length:]
+            return head, b""
         events = self._events
         if not events or events[-1] is not END:
             return None
         events.pop()
-        head = events.popleft()
-        assert type(head) is ResponseHead
+        first = events.popleft()
+        assert type(first) is ResponseHead
         body = [event.data for event in events if type(event) is BodyData]
         events.clear()
-        return head, body
+        return first, body[0] if len(body) == 1 else b"".join(body)
+
+    def _whole_events(self) -> list[ResponseEvent]:
+        """The events of the whole response kept by ``data_received``; it is no longer kept."""
+        taken = self.take_response()
+        assert taken is not None
+        head, body = taken
+        return [head, BodyData(body), END] if body else [head, END]
 
     def _pop(self) -> ResponseEvent:
         event = self._events.popleft()

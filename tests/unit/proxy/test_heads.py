@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import require
 from tiers.errors import ProxyError
 from tiers.proxy.heads import JOIN_HEAD, SCAN_REQUEST, SCAN_RESPONSE, join_head
-from tiers.proxy.http1 import MessageEnd
+from tiers.proxy.http1 import END, BodyData, Framing, MessageEnd
 from tiers.proxy.requestparser import RequestError, RequestEvent, RequestHead, RequestParser
 from tiers.proxy.responseparser import ResponseEvent, ResponseHead, ResponseParser
 
@@ -175,10 +175,23 @@ def test_the_request_scanner_checks_its_bounds() -> None:
     assert SCAN_REQUEST(PLAIN_REQUEST + b"x", 0, len(PLAIN_REQUEST) + 1, 100) is None
 
 
-def _response_run(data: bytes, head_request: bool, use_scanner: bool) -> list[object]:
+def _whole_or_feed(parser: ResponseParser, data: bytes) -> list[ResponseEvent]:
+    """``feed_whole``'s head and body as the events ``feed`` gives; ``feed`` if it declines."""
+    head = parser.feed_whole(data)
+    if head is None:
+        return parser.feed(data)
+    length = head.content_length
+    if head.framing is Framing.LENGTH and length:
+        return [head, BodyData(data[len(data) - length:]), END]
+    return [head, END]
+
+
+def _response_run(data: bytes, head_request: bool, use_scanner: bool,
+                  whole: bool = False) -> list[object]:
     parser = ResponseParser(head_request, use_scanner=use_scanner)
     try:
-        events: list[ResponseEvent] = parser.feed(data)
+        events: list[ResponseEvent] = (_whole_or_feed(parser, data) if whole
+                                       else parser.feed(data))
     except ProxyError as exc:
         return ["error", str(exc)]
     out: list[object] = []
@@ -207,8 +220,9 @@ def test_mutated_responses_parse_the_same_with_and_without_the_scanner(
         else PLAIN_RESPONSE
     scanned = 0
     for data in [base, *_mutants(base, 3000, seed=2 + head_request)]:
-        assert _response_run(data, head_request, True) == \
-            _response_run(data, head_request, False), data
+        by_llhttp = _response_run(data, head_request, False)
+        assert _response_run(data, head_request, True) == by_llhttp, data
+        assert _response_run(data, head_request, True, whole=True) == by_llhttp, data
         if SCAN_RESPONSE is not None and SCAN_RESPONSE(data, 200) is not None:
             scanned += 1
     assert scanned > 100
@@ -231,7 +245,9 @@ def test_mutated_responses_parse_the_same_with_and_without_the_scanner(
 def test_responses_parse_the_same_with_and_without_the_scanner(
     raw: bytes, head_request: bool,
 ) -> None:
-    assert _response_run(raw, head_request, True) == _response_run(raw, head_request, False)
+    by_llhttp = _response_run(raw, head_request, False)
+    assert _response_run(raw, head_request, True) == by_llhttp
+    assert _response_run(raw, head_request, True, whole=True) == by_llhttp
 
 
 def test_plain_responses_are_read_by_the_scanner() -> None:
@@ -249,6 +265,23 @@ def test_plain_responses_are_read_by_the_scanner() -> None:
     assert SCAN_RESPONSE(b"HTTP/1.1 103 Early Hints\r\n\r\n", 200) is None
     assert SCAN_RESPONSE(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 200) is None
     assert SCAN_RESPONSE(PLAIN_RESPONSE, 3) is None
+
+
+def test_feed_whole_takes_a_whole_plain_response_or_leaves_the_parser_as_it_was() -> None:
+    require(SCAN_RESPONSE is not None, "the C helpers are not built")
+    parser = ResponseParser()
+    # Part of it, or more than it: declined, and feed still reads it all.
+    assert parser.feed_whole(PLAIN_RESPONSE[:-1]) is None
+    assert parser.feed_whole(PLAIN_RESPONSE + b"x") is None
+    assert not parser.done
+    head = parser.feed_whole(PLAIN_RESPONSE)
+    assert head is not None and head.status == 200 and head.content_length == 5
+    assert parser.done and parser.reusable and parser.head is head
+    # Once a response has ended, more bytes are feed's to judge (extra).
+    assert parser.feed_whole(PLAIN_RESPONSE) is None
+    assert parser.feed(b"x") == [] and parser.extra
+    # Without the scanner, there is nothing it could take.
+    assert ResponseParser(use_scanner=False).feed_whole(PLAIN_RESPONSE) is None
 
 
 def test_the_c_head_writer_writes_what_the_python_one_does() -> None:

@@ -68,10 +68,56 @@ def test_a_listener_is_called_as_the_response_arrives_and_takes_it_whole() -> No
         conn.data_received(b"56789")
         taken = conn.take_response()
         assert taken is not None
-        assert taken[0] is head and b"".join(taken[1]) == b"0123456789"
+        assert taken[0] is head and taken[1] == b"0123456789"
         assert conn.take_response() is None
         conn.listen(None)
         assert conn.reusable
+
+    asyncio.run(scenario())
+
+
+def test_a_response_whole_in_one_read_is_taken_as_it_came() -> None:
+    async def scenario() -> None:
+        conn, _ = _connection(asyncio.get_running_loop())
+        news: list[int] = []
+        conn.begin(False)
+        conn.listen(lambda: news.append(len(news)))
+        conn.data_received(HEAD + b"0123456789")
+        assert news == [0] and conn.received == len(HEAD) + 10
+        head = conn.queued_head()
+        assert isinstance(head, ResponseHead) and head.status == 200
+        assert conn.take_response() == (head, b"0123456789")
+        assert conn.take_response() is None and conn.queued_head() is None
+        conn.listen(None)
+        assert conn.reusable
+        # The next exchange on the connection starts clean.
+        conn.begin(True)
+        conn.data_received(HEAD)
+        taken = conn.take_response()
+        assert taken is not None and taken[0].status == 200 and taken[1] == b""
+        conn.listen(None)
+        assert conn.reusable
+
+    asyncio.run(scenario())
+
+
+def test_a_whole_response_not_taken_waits_for_next_event() -> None:
+    async def scenario() -> None:
+        conn, _ = _connection(asyncio.get_running_loop())
+        conn.begin(False)
+        conn.listen(lambda: None)
+        conn.data_received(HEAD + b"0123456789")
+        conn.listen(None)
+        head = await conn.next_event(1.0)
+        assert isinstance(head, ResponseHead) and head.content_length == 10
+        body = await conn.next_event(1.0)
+        assert isinstance(body, BodyData) and body.data == b"0123456789"
+        assert await conn.next_event(1.0) is END
+        assert conn.reusable
+        # Bytes after the response ended make the connection unfit, as ever.
+        conn.listen(lambda: None)
+        conn.data_received(b"HTTP/1.1 200 OK\r\n")
+        assert not conn.reusable
 
     asyncio.run(scenario())
 
