@@ -41,6 +41,10 @@ typedef struct {
 } name_entry;
 static name_entry name_cache[CACHE_SLOTS];
 static PyObject *value_cache[CACHE_SLOTS];
+/* (name, value) pairs of cached names and values. A pair holds both, so
+ * neither can be freed, and its address reused, while it is cached: the
+ * same two addresses are the same two objects. */
+static PyObject *pair_cache[CACHE_SLOTS];
 
 static PyObject *version_11, *version_10;
 static PyObject *method_objs[7];
@@ -142,6 +146,33 @@ cached_name(const char *s, Py_ssize_t n, PyObject **raw, PyObject **lower)
     return 0;
 }
 
+/* The tuple (name, value), from the cache when it holds that very pair.
+ * Only pairs of a short value are kept (those are the cached values), so the
+ * cache holds little memory. */
+static PyObject *
+cached_pair(PyObject *name, PyObject *value)
+{
+    if (PyBytes_GET_SIZE(value) > CACHE_MAX_LEN) {
+        return PyTuple_Pack(2, name, value);
+    }
+    uint64_t key = ((uint64_t)(uintptr_t)name
+                    ^ (uint64_t)(uintptr_t)value * 0xC2B2AE3D27D4EB4Full)
+                   * 0x9E3779B97F4A7C15ull;
+    PyObject **slot = &pair_cache[(key >> 40) & (CACHE_SLOTS - 1)];
+    PyObject *hit = *slot;
+    if (hit != NULL && PyTuple_GET_ITEM(hit, 0) == name && PyTuple_GET_ITEM(hit, 1) == value) {
+        Py_INCREF(hit);
+        return hit;
+    }
+    PyObject *made = PyTuple_Pack(2, name, value);
+    if (made == NULL) {
+        return NULL;
+    }
+    Py_INCREF(made);
+    Py_XSETREF(*slot, made);
+    return made;
+}
+
 /* Whether the lower-cased name `lname` is the literal `lower`. */
 #define NAME_IS(lname, lower)                                                                  \
     (PyBytes_GET_SIZE(lname) == (Py_ssize_t)sizeof(lower) - 1                                  \
@@ -235,7 +266,7 @@ scan_fields(const char *base, Py_ssize_t p, Py_ssize_t stop, Py_ssize_t max_fiel
             Py_DECREF(lname);
             return verdict;
         }
-        PyObject *pair = PyTuple_Pack(2, name, value);
+        PyObject *pair = cached_pair(name, value);
         Py_DECREF(name);
         Py_DECREF(value);
         if (pair == NULL) {

@@ -267,6 +267,17 @@ def test_plain_responses_are_read_by_the_scanner() -> None:
     assert SCAN_RESPONSE(PLAIN_RESPONSE, 3) is None
 
 
+def test_recurring_header_fields_are_shared_and_long_ones_are_not() -> None:
+    require(SCAN_RESPONSE is not None, "the C helpers are not built")
+    long_value = b"v" * 200
+    data = b"HTTP/1.1 200 OK\r\nServer: app\r\nX-Long: %s\r\n\r\n" % long_value
+    first, second = SCAN_RESPONSE(data, 10), SCAN_RESPONSE(data, 10)
+    assert first is not None and second is not None
+    assert first[3] == second[3] == [(b"Server", b"app"), (b"X-Long", long_value)]
+    assert first[3][0] is second[3][0]  # one tuple for a field that recurs
+    assert first[3][1] is not second[3][1]  # the cache keeps no long value alive
+
+
 def test_feed_whole_takes_a_whole_plain_response_or_leaves_the_parser_as_it_was() -> None:
     require(SCAN_RESPONSE is not None, "the C helpers are not built")
     parser = ResponseParser()
