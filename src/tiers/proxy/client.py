@@ -278,7 +278,8 @@ class ClientIO(asyncio.Protocol):
 
     # ---- the access log ---------------------------------------------------------
 
-    def _log(self, x: Exchange) -> None:
+    def _log(self, x: Exchange, now: float) -> None:
+        """Count ``x`` and write its access log line; ``now`` is the loop's time."""
         server = self._server
         server.counters.count(x.status, x.size)
         access_log = server.access_log
@@ -293,7 +294,7 @@ class ClientIO(asyncio.Protocol):
                 _PROTOCOLS.get(version) or b"HTTP/" + version,
                 x.status,
                 x.size,
-                self._loop.time() - x.start,
+                now - x.start,
                 x.apptime,
                 x.upstream,
                 head.user_agent,

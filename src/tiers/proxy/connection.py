@@ -83,21 +83,24 @@ class ClientConnection(FastPath):
         if isinstance(peer, tuple) and peer:
             self._client_ip = str(peer[0]).encode()
         self._server.connections.add(self)
-        self._idle_since = self._loop.time()
-        self._advance()
+        self._idle_since = now = self._loop.time()
+        self._advance(now)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return
+        # One clock reading serves the whole callback: its steps are
+        # microseconds apart, and the loop's clock counts milliseconds.
+        now = self._loop.time()
         events = self._parser.feed(data)
         if self._awaiting_head and self._head_started is None:
-            self._head_started = self._loop.time()
+            self._head_started = now
         if events:
             self._queue(events)
         if self._task is not None:
             wake(self._waiter)
         elif not self._busy:
-            self._advance()
+            self._advance(now)
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -110,7 +113,7 @@ class ClientConnection(FastPath):
             # flight has given up on it (a half-close cannot be told apart).
             self._abandon()
         elif self._task is None:
-            self._advance()
+            self._advance(self._loop.time())
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -132,7 +135,7 @@ class ClientConnection(FastPath):
         wake(self._drain_waiter)
         if self._write_blocked:
             self._write_blocked = False
-            self._advance()
+            self._advance(self._loop.time())
 
     def _abandon(self) -> None:
         # Nobody will read the answer; stop waiting for the backend.
@@ -162,8 +165,11 @@ class ClientConnection(FastPath):
 
     # ---- serving by callbacks -----------------------------------------------------
 
-    def _advance(self) -> None:
-        """Serve what is queued by callbacks as far as they go; then wait for more, or close."""
+    def _advance(self, now: float) -> None:
+        """Serve what is queued by callbacks as far as they go; then wait for more, or close.
+
+        ``now`` is the loop's time, read at the start of the callback.
+        """
         if self._advancing or self._closing or self._lost:
             return
         self._advancing = True
@@ -179,7 +185,7 @@ class ClientConnection(FastPath):
                     # The client reads nothing: serve it nothing more until it does.
                     if not self._write_blocked:
                         self._write_blocked = True
-                        self._deadline.set(self._loop.time() + self._settings.send_timeout)
+                        self._deadline.set(now + self._settings.send_timeout)
                     return
                 head = queue[0]
                 if (type(head) is not RequestHead or head.framing is not _NONE
@@ -195,7 +201,7 @@ class ClientConnection(FastPath):
                 self._head_started = None
                 self._served += 1
                 self._busy = True
-                self._dispatch_now(x)
+                self._dispatch_now(x, now)
                 if self._busy or self._task is not None:
                     return  # in flight, or handed to a task
             self._await_head()
@@ -223,11 +229,11 @@ class ClientConnection(FastPath):
             limit = settings.client_idle_timeout if self._served else settings.header_timeout
             self._deadline.set(self._idle_since + limit)
 
-    def _dispatch_now(self, x: Exchange) -> None:
+    def _dispatch_now(self, x: Exchange, now: float) -> None:
         """``_dispatch`` for a request without a body, by callbacks as far as it goes."""
-        found = self._route(x)
+        found = self._route(x, now)
         if isinstance(found, bool):
-            self._exchange_done(x, found)
+            self._exchange_done(x, found, now)
             return
         route = found
         if route.kind is not _POOL:
@@ -243,22 +249,22 @@ class ClientConnection(FastPath):
                 self._hand_over(x, lambda: self._from_pool(x, route, upstreams))
                 return
             if type(plan) is Serve:
-                self._exchange_done(x, self._serve_cached(x, req, plan))
+                self._exchange_done(x, self._serve_cached(x, req, plan), now)
                 return
             assert isinstance(plan, Fill)
             x.fill, x.cache_req, x.cache = plan, req, MISS_LABEL
-        self._forward_now(x, upstreams)
+        self._forward_now(x, upstreams, now)
 
-    def _exchange_done(self, x: Exchange, keep_alive: bool) -> None:
+    def _exchange_done(self, x: Exchange, keep_alive: bool, now: float) -> None:
         self._busy = False
-        self._log(x)
+        self._log(x, now)
         if not keep_alive or self._stopping or self._lost:
             self._close()
             return
-        self._idle_since = self._loop.time()
+        self._idle_since = now
         if not self._advancing:  # else the loop in _advance goes on by itself
             if self._events:
-                self._advance()
+                self._advance(now)
             else:
                 self._await_head()
 
@@ -314,8 +320,8 @@ class ClientConnection(FastPath):
                 self._close()
                 self._server.connection_done(self)
         if back:
-            self._idle_since = self._loop.time()
-            self._advance()
+            self._idle_since = now = self._loop.time()
+            self._advance(now)
 
     async def _serve_in_task(
         self, x: Exchange | None, work: Callable[[], Awaitable[bool]] | None
@@ -404,11 +410,11 @@ class ClientConnection(FastPath):
                 await self._stop_pump(x)
             finally:
                 self._busy = False
-                self._log(x)
+                self._log(x, self._loop.time())
 
     # ---- one request ----------------------------------------------------------
 
-    def _route(self, x: Exchange) -> CompiledRoute | bool:
+    def _route(self, x: Exchange, now: float) -> CompiledRoute | bool:
         """Abuse limits, body size, routing: the route to a pool or files, else the answer.
 
         What needs no backend and no file is answered here; then the result
@@ -416,7 +422,7 @@ class ClientConnection(FastPath):
         """
         server = self._server
         head = x.head
-        verdict = server.abuse.check(self._client_ip, head.user_agent, self._loop.time())
+        verdict = server.abuse.check(self._client_ip, head.user_agent, now)
         if verdict is not ALLOW:
             retry = b"Retry-After: %d\r\n" % verdict.retry_after if verdict.retry_after else b""
             return self._answer(x, verdict.status, verdict.reason, extra=retry)
@@ -438,7 +444,7 @@ class ClientConnection(FastPath):
 
     async def _dispatch(self, x: Exchange) -> bool:
         """Route ``x``, then forward it, serve a file or answer directly."""
-        found = self._route(x)
+        found = self._route(x, self._loop.time())
         if isinstance(found, bool):
             return found
         if found.kind is _POOL:

@@ -97,22 +97,24 @@ class FastPath(Forwarding):
         """Have a task finish ``x`` by awaiting ``work()``, then serve on."""
         raise NotImplementedError
 
-    def _exchange_done(self, x: Exchange, keep_alive: bool) -> None:
-        """``x`` was answered in a callback: log it, then serve on or close."""
+    def _exchange_done(self, x: Exchange, keep_alive: bool, now: float) -> None:
+        """``x`` was answered in a callback: log it, then serve on or close.
+
+        ``now`` is the loop's time, read at the start of the callback.
+        """
         raise NotImplementedError
 
     # ---- the exchange -------------------------------------------------------------
 
-    def _forward_now(self, x: Exchange, upstreams: Upstreams) -> None:
+    def _forward_now(self, x: Exchange, upstreams: Upstreams, now: float) -> None:
         """Forward ``x`` (a request without a body) by callbacks, or hand it to a task."""
-        now = self._loop.time()
         x.request_id = self._server.request_ids.next()
         found = upstreams.try_acquire((), x.head.path, now)
         if found is BUSY:
             self._hand_over(x, lambda: self._forward_pool(x, upstreams))
             return
         if found is None:
-            self._end(x, self._fail(x, 503, "no backend is available"))
+            self._end(x, self._fail(x, 503, "no backend is available"), now)
             return
         backend = found
         conn = upstreams.take_idle(backend, now)
@@ -190,7 +192,7 @@ class FastPath(Forwarding):
             # Before anything else is served: least connections must not see
             # this exchange in flight any more.
             upstreams.finish(backend, _SERVER_ERROR if status >= 500 else _OK, now)
-        self._end(x, keep_alive)
+        self._end(x, keep_alive, now)
 
     def _relay(self, x: Exchange, conn: UpstreamConnection, response: ResponseHead,
                body: bytes) -> bool:
@@ -224,13 +226,13 @@ class FastPath(Forwarding):
                 fill.on_end()
         return plan.keep_alive and not self._lost
 
-    def _end(self, x: Exchange, keep_alive: bool) -> None:
+    def _end(self, x: Exchange, keep_alive: bool, now: float) -> None:
         """What the task path does after ``_forward``: close the cache's fill, tell the cache."""
         fill = x.fill
         if fill is not None:
             fill.close()
         self._server.cache.invalidate(x.head, x.upstream_status)
-        self._exchange_done(x, keep_alive)
+        self._exchange_done(x, keep_alive, now)
 
     # ---- leaving the callback path --------------------------------------------------
 
@@ -261,9 +263,10 @@ class FastPath(Forwarding):
         assert conn is not None
         self._fast_clear(conn)
         conn.abort()
-        upstreams.finish(backend, Outcome.NEUTRAL, self._loop.time())
+        now = self._loop.time()
+        upstreams.finish(backend, Outcome.NEUTRAL, now)
         if x.fill is not None:
             x.fill.close()
         x.status = CLIENT_CLOSED
         self._busy = False
-        self._log(x)
+        self._log(x, now)
