@@ -321,32 +321,11 @@ request_field(void *ctx_, PyObject *lname, PyObject *value)
     return FIELDS_OK;
 }
 
-PyDoc_STRVAR(scan_request_doc,
-"scan_request(data, start, stop, max_fields)\n"
-"--\n\n"
-"Read the request head data[start:stop] (which must end with the blank line)\n"
-"if it is a plain one without a body: (method, target, version, headers,\n"
-"names, special). None when it is not: parse it with llhttp instead.");
-
+/* The plain request head base[start:stop] (which ends with the blank line) as
+ * scan_request's tuple; None if it is not plain; NULL with an error set. */
 static PyObject *
-scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+read_request(const char *base, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t max_fields)
 {
-    if (nargs != 4 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "scan_request(data: bytes, start, stop, max_fields)");
-        return NULL;
-    }
-    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
-    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t stop = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t max_fields = PyLong_AsSsize_t(args[3]);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    if (start < 0 || stop > size || start > stop) {
-        PyErr_SetString(PyExc_ValueError, "scan_request: bounds outside the data");
-        return NULL;
-    }
-    const char *base = PyBytes_AS_STRING(args[0]);
     Py_ssize_t p = start;
 
     PyObject *method = NULL;
@@ -393,8 +372,8 @@ scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (verdict == FIELDS_OK) {
         PyObject *target = PyBytes_FromStringAndSize(base + target_start, target_len);
         if (target != NULL) {
-            result = PyTuple_Pack(6, method, target, version, fields.headers, fields.names,
-                                  ctx.special);
+            result = Py_BuildValue("(OOOOOOn)", method, target, version, fields.headers,
+                                   fields.names, ctx.special, stop);
             Py_DECREF(target);
         }
     } else if (verdict == FIELDS_DECLINE) {
@@ -404,6 +383,57 @@ scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XDECREF(fields.headers);
     Py_XDECREF(fields.names);
     Py_DECREF(ctx.special);
+    return result;
+}
+
+PyDoc_STRVAR(scan_request_doc,
+"scan_request(data, start, max_head, max_line, max_fields)\n"
+"--\n\n"
+"Find the request head that begins at data[start] and read it if it is a\n"
+"plain one without a body. The head must end (blank line included) within\n"
+"max_head bytes and its request line, CRLF excluded, be at most max_line.\n"
+"Returns (method, target, version, headers, names, special, stop) when read,\n"
+"where the head is data[start:stop]; the int stop when the head is there\n"
+"within the limits but not plain (parse data[start:stop] with llhttp); -1\n"
+"when the head does not end within data or the limits.");
+
+static PyObject *
+scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "scan_request(data: bytes, start, max_head, max_line, max_fields)");
+        return NULL;
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t max_head = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t max_line = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t max_fields = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (start < 0 || start > size || max_head < 0 || max_line < 0) {
+        PyErr_SetString(PyExc_ValueError, "scan_request: start outside the data or a negative limit");
+        return NULL;
+    }
+    const char *base = PyBytes_AS_STRING(args[0]);
+    /* The first blank line, if the whole head fits in max_head bytes. */
+    Py_ssize_t window = size - start < max_head ? size - start : max_head;
+    const char *blank = memmem(base + start, (size_t)window, "\r\n\r\n", 4);
+    if (blank == NULL) {
+        return PyLong_FromLong(-1);
+    }
+    Py_ssize_t stop = blank - base + 4;
+    const char *newline = memchr(base + start, '\n', (size_t)(stop - start));
+    if (newline - (base + start) - 1 > max_line) {
+        return PyLong_FromLong(-1);
+    }
+    PyObject *result = read_request(base, start, stop, max_fields);
+    if (result == Py_None) {
+        Py_DECREF(result);
+        return PyLong_FromSsize_t(stop);
+    }
     return result;
 }
 

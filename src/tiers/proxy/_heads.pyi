@@ -1,9 +1,9 @@
 # The C module built from _heads.c (see setup.py).
 
 def scan_request(
-    data: bytes, start: int, stop: int, max_fields: int, /
+    data: bytes, start: int, max_head: int, max_line: int, max_fields: int, /
 ) -> tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]], list[bytes],
-           dict[bytes, list[bytes]]] | None: ...
+           dict[bytes, list[bytes]], int] | int: ...
 
 def scan_response(
     data: bytes, max_fields: int, /

@@ -14,11 +14,13 @@ from collections.abc import Callable
 __all__ = ["JOIN_HEAD", "SCAN_REQUEST", "SCAN_RESPONSE", "JoinHead", "ScanRequest",
            "ScanResponse", "join_head"]
 
-# (method, target, version, headers, lower-cased names, {special name: values})
+# (data, start, max head size, max request line, max fields) ->
+# (method, target, version, headers, lower-cased names, {special name: values}, head end),
+# or the head end when llhttp must read it, or -1 when the head is not all there
 ScanRequest = Callable[
-    [bytes, int, int, int],
+    [bytes, int, int, int, int],
     tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]], list[bytes],
-          dict[bytes, list[bytes]]] | None,
+          dict[bytes, list[bytes]], int] | int,
 ]
 # (status, reason, version, headers, lower-cased names, head end, content length or -1)
 ScanResponse = Callable[

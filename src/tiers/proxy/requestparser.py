@@ -338,27 +338,24 @@ class RequestParser:
         tail = self._tail
         if not tail and not self._head_used:
             # The common case: a whole head at the start of a read, within limits.
-            found = data.find(b"\r\n\r\n", pos)
-            if found != -1:
-                stop = found + 4
-                if (stop - pos <= self._max_head
-                        and data.find(b"\n", pos, stop) - pos - 1 <= self._max_line):
-                    scan = self._scan
-                    if scan is not None:
-                        scanned = scan(data, pos, stop, self._max_headers)
-                        if scanned is not None:
-                            method, target, version, headers, names, special = scanned
-                            self._complete_head(method, version, target, headers, names,
-                                                special, None)
-                            # No body: the request is whole, as llhttp would say next.
-                            self.on_message_complete()
-                            return stop
-                    self._feeding_head = True
-                    try:
-                        self._execute(data if pos == 0 and stop == len(data) else data[pos:stop])
-                    finally:
-                        self._feeding_head = False
+            scan = self._scan
+            if scan is not None:
+                scanned = scan(data, pos, self._max_head, self._max_line, self._max_headers)
+                if isinstance(scanned, tuple):
+                    method, target, version, headers, names, special, stop = scanned
+                    self._complete_head(method, version, target, headers, names, special, None)
+                    # No body: the request is whole, as llhttp would say next.
+                    self.on_message_complete()
                     return stop
+                if scanned >= 0:
+                    return self._feed_whole_head(data, pos, scanned)
+            else:
+                found = data.find(b"\r\n\r\n", pos)
+                if found != -1:
+                    stop = found + 4
+                    if (stop - pos <= self._max_head
+                            and data.find(b"\n", pos, stop) - pos - 1 <= self._max_line):
+                        return self._feed_whole_head(data, pos, stop)
         size = len(data)
         end = -1
         if tail:
@@ -394,6 +391,15 @@ class RequestParser:
         self._feeding_head = True
         try:
             self._execute(data[pos:stop])
+        finally:
+            self._feeding_head = False
+        return stop
+
+    def _feed_whole_head(self, data: bytes, pos: int, stop: int) -> int:
+        """Have llhttp read the whole head ``data[pos:stop]``, known to be within limits."""
+        self._feeding_head = True
+        try:
+            self._execute(data if pos == 0 and stop == len(data) else data[pos:stop])
         finally:
             self._feeding_head = False
         return stop

@@ -119,8 +119,7 @@ def test_mutated_requests_parse_the_same_with_and_without_the_scanner() -> None:
     scanned = 0
     for data in _mutants(PLAIN_REQUEST, 4000, seed=1):
         assert _request_events(data, True) == _request_events(data, False), data
-        end = data.find(b"\r\n\r\n")
-        if end != -1 and SCAN_REQUEST is not None and SCAN_REQUEST(data, 0, end + 4, 100):
+        if SCAN_REQUEST is not None and isinstance(SCAN_REQUEST(data, 0, 8192, 8190, 100), tuple):
             scanned += 1
     # Mutants the scanner read itself were compared too, not only its refusals.
     assert scanned > 100
@@ -128,8 +127,10 @@ def test_mutated_requests_parse_the_same_with_and_without_the_scanner() -> None:
 
 def test_plain_requests_are_read_by_the_scanner() -> None:
     assert SCAN_REQUEST is not None
-    method, target, version, headers, names, special = SCAN_REQUEST(
-        PLAIN_REQUEST, 0, len(PLAIN_REQUEST), 100) or pytest.fail("declined")
+    scanned = SCAN_REQUEST(PLAIN_REQUEST, 0, 8192, 8190, 100)
+    assert isinstance(scanned, tuple), scanned
+    method, target, version, headers, names, special, stop = scanned
+    assert stop == len(PLAIN_REQUEST)
     assert (method, target, version) == (b"GET", b"/index.html?q=1&r=%41", b"1.1")
     assert headers[0] == (b"Host", b"example.com:8080")
     assert names == [b"host", b"user-agent", b"accept", b"x-forwarded-for", b"connection",
@@ -137,10 +138,11 @@ def test_plain_requests_are_read_by_the_scanner() -> None:
     assert special == {b"host": [b"example.com:8080"], b"user-agent": [b"Mozilla/5.0 (X11)"],
                        b"x-forwarded-for": [b"10.0.0.1"], b"connection": [b"keep-alive"],
                        b"referer": [b"http://a.test/"]}
-    # Within bounds in a larger buffer, HTTP/1.0 too; names met again are the same objects.
+    # At an offset, followed by more, HTTP/1.0 too; names met again are the same objects.
     data = b"xx" + PLAIN_REQUEST.replace(b"HTTP/1.1", b"HTTP/1.0") + b"GET / HTTP/1.1\r\n"
-    again = SCAN_REQUEST(data, 2, 2 + len(PLAIN_REQUEST), 100)
-    assert again is not None and again[2] == b"1.0"
+    again = SCAN_REQUEST(data, 2, 8192, 8190, 100)
+    assert isinstance(again, tuple) and again[2] == b"1.0"
+    assert again[6] == 2 + len(PLAIN_REQUEST)
     assert again[4][0] is names[0] and again[3][0][0] is headers[0][0]
 
 
@@ -164,15 +166,21 @@ def test_plain_requests_are_read_by_the_scanner() -> None:
 ], ids=lambda h: repr(h[:40]))
 def test_the_request_scanner_declines_what_is_not_plain(head: bytes) -> None:
     assert SCAN_REQUEST is not None
-    assert SCAN_REQUEST(head, 0, len(head), 100) is None
+    # Declined, it says where the head ends, for llhttp to read it.
+    assert SCAN_REQUEST(head + b"GET", 0, 8192, 8190, 100) == len(head)
 
 
-def test_the_request_scanner_checks_its_bounds() -> None:
+def test_the_request_scanner_finds_the_head_within_the_limits_or_says_minus_one() -> None:
     assert SCAN_REQUEST is not None
-    with pytest.raises(ValueError, match="bounds"):
-        SCAN_REQUEST(PLAIN_REQUEST, 0, len(PLAIN_REQUEST) + 1, 100)
-    # A blank line short of the stop given is not the head the caller found.
-    assert SCAN_REQUEST(PLAIN_REQUEST + b"x", 0, len(PLAIN_REQUEST) + 1, 100) is None
+    size = len(PLAIN_REQUEST)
+    line = PLAIN_REQUEST.index(b"\r\n")
+    assert isinstance(SCAN_REQUEST(PLAIN_REQUEST, 0, size, line, 100), tuple)
+    assert SCAN_REQUEST(PLAIN_REQUEST, 0, size - 1, line, 100) == -1  # head too large
+    assert SCAN_REQUEST(PLAIN_REQUEST, 0, size, line - 1, 100) == -1  # line too long
+    assert SCAN_REQUEST(PLAIN_REQUEST[:-1], 0, 8192, 8190, 100) == -1  # not all there
+    assert SCAN_REQUEST(PLAIN_REQUEST, size, 8192, 8190, 100) == -1  # nothing at start
+    with pytest.raises(ValueError, match="start outside"):
+        SCAN_REQUEST(PLAIN_REQUEST, size + 1, 8192, 8190, 100)
 
 
 def _whole_or_feed(parser: ResponseParser, data: bytes) -> list[ResponseEvent]:
