@@ -5,8 +5,9 @@ wait for its outcome (a ``Turn``): LOOKUP when it stored the answer, FETCH
 when the answer turned out uncacheable (each waiter goes to the app itself),
 FAILED when no usable answer came. An uncacheable answer also marks the key
 "pass" for ``pass_ttl`` seconds, so the next misses go straight to the app
-instead of queueing behind one another (hit-for-miss); a later cacheable
-answer clears the mark. ``tiers.proxy.cache`` decides what the turns mean.
+instead of queueing behind one another (hit-for-miss); each further
+uncacheable answer renews the mark (at most once a second), and a later
+cacheable answer clears it. ``tiers.proxy.cache`` decides what the turns mean.
 
 Nothing here raises; a waiter that waits ``timeout`` in vain gets FETCH.
 """
@@ -18,6 +19,7 @@ import enum
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Final
 
 
 class Turn(enum.Enum):
@@ -75,6 +77,10 @@ class Lead:
         future = self._future
         if future is not None and not future.done():
             future.set_result(turn)
+
+
+# How long a pass mark stands before an uncacheable answer renews it.
+_REMARK_AFTER: Final = 1.0
 
 
 class Coalescer:
@@ -149,7 +155,13 @@ class Coalescer:
 
     def mark_pass(self, key: bytes) -> None:
         marks = self._marks
-        marks[key] = self._clock() + self._pass_ttl
+        expires = self._clock() + self._pass_ttl
+        old = marks.get(key)
+        if old is not None and expires - old < _REMARK_AFTER:
+            # Renewed less than a second ago: a key that passes under load is
+            # marked again once a second, not on every answer.
+            return
+        marks[key] = expires
         marks.move_to_end(key)
         if len(marks) > self._max_marks:
             marks.popitem(last=False)

@@ -500,6 +500,14 @@ def test_coalescer_pass_marks_expire_and_are_bounded() -> None:
             coalescer.mark_pass(key)
         assert not coalescer.passing(b"a")
         assert coalescer.passing(b"d")
+        # Another uncacheable answer renews a mark, at most once a second.
+        clock.now = 10.5
+        coalescer.mark_pass(b"d")  # marked at 10.0: not renewed
+        clock.now = 11.5
+        coalescer.mark_pass(b"c")  # renewed: until 21.5
+        clock.now = 20.2
+        assert not coalescer.passing(b"d")
+        assert coalescer.passing(b"c")
         assert await coalescer.join(b"x", 1.0, may_lead=False) is Turn.FETCH
 
     asyncio.run(scenario())
