@@ -441,6 +441,7 @@ scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 typedef struct {
     long long content_length; /* -1: none */
+    PyObject *connection;     /* the Connection field's value (borrowed), or NULL */
 } response_ctx;
 
 static int
@@ -449,6 +450,14 @@ response_field(void *ctx_, PyObject *lname, PyObject *value)
     response_ctx *ctx = (response_ctx *)ctx_;
     if (NAME_IS(lname, "transfer-encoding") || NAME_IS(lname, "upgrade")) {
         return FIELDS_DECLINE;
+    }
+    if (NAME_IS(lname, "connection")) {
+        if (ctx->connection != NULL) {
+            return FIELDS_DECLINE; /* repeated: the parser joins them */
+        }
+        /* Held by the headers list, which outlives the scan. */
+        ctx->connection = value;
+        return FIELDS_OK;
     }
     if (NAME_IS(lname, "content-length")) {
         if (ctx->content_length != -1) {
@@ -475,9 +484,12 @@ PyDoc_STRVAR(scan_response_doc,
 "scan_response(data, max_fields)\n"
 "--\n\n"
 "Read the final response head at the start of data if it is a plain one:\n"
-"(status, reason, version, headers, names, head_end, content_length), with\n"
-"content_length -1 when there is no Content-Length. None when it is not,\n"
-"or when data does not hold the whole head: parse it with llhttp instead.");
+"(status, reason, version, headers, names, head_end, content_length,\n"
+"connection), with content_length -1 when there is no Content-Length and\n"
+"connection the Connection field's value or None. None when it is not\n"
+"plain (a transfer coding, an upgrade, a repeated Content-Length or\n"
+"Connection, ...), or when data does not hold the whole head: parse it with\n"
+"llhttp instead.");
 
 static PyObject *
 scan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -525,15 +537,16 @@ scan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     p += 2;
 
-    response_ctx ctx = {-1};
+    response_ctx ctx = {-1, NULL};
     fields_t fields = {NULL, NULL, 0};
     int verdict = scan_fields(base, p, stop, max_fields, &fields, response_field, &ctx);
     PyObject *result = NULL;
     if (verdict == FIELDS_OK) {
         PyObject *reason = cached_bytes(value_cache, base + reason_start, reason_len);
         if (reason != NULL) {
-            result = Py_BuildValue("(iNOOOnL)", status, reason, version, fields.headers,
-                                   fields.names, fields.end, ctx.content_length);
+            result = Py_BuildValue("(iNOOOnLO)", status, reason, version, fields.headers,
+                                   fields.names, fields.end, ctx.content_length,
+                                   ctx.connection != NULL ? ctx.connection : Py_None);
         }
     } else if (verdict == FIELDS_DECLINE) {
         result = Py_None;

@@ -7,7 +7,8 @@ def scan_request(
 
 def scan_response(
     data: bytes, max_fields: int, /
-) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]], list[bytes], int, int] | None: ...
+) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]], list[bytes], int, int,
+           bytes | None] | None: ...
 
 def join_head(
     first: list[bytes], names: list[bytes], headers: list[tuple[bytes, bytes]],

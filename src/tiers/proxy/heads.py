@@ -22,10 +22,12 @@ ScanRequest = Callable[
     tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]], list[bytes],
           dict[bytes, list[bytes]], int] | int,
 ]
-# (status, reason, version, headers, lower-cased names, head end, content length or -1)
+# (status, reason, version, headers, lower-cased names, head end, content length or -1,
+#  the Connection field's value or None)
 ScanResponse = Callable[
     [bytes, int],
-    tuple[int, bytes, bytes, list[tuple[bytes, bytes]], list[bytes], int, int] | None,
+    tuple[int, bytes, bytes, list[tuple[bytes, bytes]], list[bytes], int, int,
+          bytes | None] | None,
 ]
 
 # (first lines, lower-cased names, headers, names to drop, last lines) -> head

@@ -80,20 +80,24 @@ def _split_tokens(value: bytes, found: set[bytes]) -> None:
             found.add(token)
 
 
+def value_tokens(value: bytes) -> frozenset[bytes]:
+    """The lower-cased tokens of one comma-separated header value."""
+    tokens = _token_sets.get(value)
+    if tokens is None:
+        found: set[bytes] = set()
+        _split_tokens(value, found)
+        tokens = frozenset(found)
+        remember(_token_sets, value, tokens)
+    return tokens
+
+
 def header_tokens(values: list[bytes] | None) -> frozenset[bytes]:
     """The lower-cased tokens of a comma-separated header that may be repeated."""
     if values is None:
         return NO_TOKENS
     if len(values) == 1:
-        value = values[0]
-        tokens = _token_sets.get(value)
-        if tokens is None:
-            found: set[bytes] = set()
-            _split_tokens(value, found)
-            tokens = frozenset(found)
-            remember(_token_sets, value, tokens)
-        return tokens
-    found = set()
+        return value_tokens(values[0])
+    found: set[bytes] = set()
     for value in values:
         _split_tokens(value, found)
     return frozenset(found)

@@ -27,6 +27,7 @@ from tiers.proxy.http1 import (
     Framing,
     MessageEnd,
     header_tokens,
+    value_tokens,
 )
 
 # Framing members as module names: cheaper than a lookup through the class.
@@ -75,27 +76,35 @@ def _bodyless(status: int, head_request: bool) -> bool:
     return head_request or status in {204, 304}
 
 
+def _chunked(headers: list[tuple[bytes, bytes]], names: list[bytes]) -> bool:
+    """Whether the body is chunked; UpstreamProtocolError for any other transfer coding."""
+    if b"transfer-encoding" not in names:
+        return False
+    # Only chunked is undone here; another coding would reach the
+    # client undeclared once the header is re-framed.
+    coding = headers[names.index(b"transfer-encoding")][1]
+    if names.count(b"transfer-encoding") > 1 or coding.strip(b" \t").lower() != b"chunked":
+        raise UpstreamProtocolError("unsupported transfer coding in response")
+    return True
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]],
+                       names: list[bytes]) -> frozenset[bytes]:
+    """The tokens of the Connection fields, however many there are."""
+    if b"connection" not in names:
+        return NO_TOKENS
+    if names.count(b"connection") == 1:
+        return header_tokens([headers[names.index(b"connection")][1]])
+    return header_tokens([field[1] for lname, field in zip(names, headers, strict=True)
+                          if lname == b"connection"])
+
+
 def _response_head(status: int, reason: bytes, version: bytes,  # noqa: PLR0917
                    headers: list[tuple[bytes, bytes]], names: list[bytes],
-                   length: int | None, head_request: bool) -> ResponseHead:
-    """The ``ResponseHead`` of a final response whose Content-Length (if any) is ``length``."""
-    chunked = False
-    if b"transfer-encoding" in names:
-        # Only chunked is undone here; another coding would reach the
-        # client undeclared once the header is re-framed.
-        coding = headers[names.index(b"transfer-encoding")][1]
-        if names.count(b"transfer-encoding") > 1 or coding.strip(b" \t").lower() != b"chunked":
-            raise UpstreamProtocolError("unsupported transfer coding in response")
-        chunked = True
-    connection = NO_TOKENS
-    if b"connection" in names:
-        if names.count(b"connection") == 1:
-            connection = header_tokens([headers[names.index(b"connection")][1]])
-        else:
-            connection = header_tokens([
-                field[1] for lname, field in zip(names, headers, strict=True)
-                if lname == b"connection"
-            ])
+                   length: int | None, head_request: bool, chunked: bool,
+                   connection: frozenset[bytes]) -> ResponseHead:
+    """The ``ResponseHead`` of a final response whose Content-Length (if any) is
+    ``length``, chunked or not, with the tokens of its Connection fields."""
     if _bodyless(status, head_request):
         framing = _NONE
     elif chunked:
@@ -203,7 +212,8 @@ class _ResponseReader:
             length = int(headers[names.index(b"content-length")][1].strip(b" \t"))
         head_request = self.head_request
         head = _response_head(status, self.reason, version, headers, names, length,
-                              head_request)
+                              head_request, _chunked(headers, names),
+                              _connection_tokens(headers, names))
         self.framing = head.framing
         self.head = head
         out = self.out
@@ -215,9 +225,11 @@ class _ResponseReader:
 
     def take_scanned(self, data: bytes, status: int, reason: bytes,  # noqa: PLR0917
                      version: bytes, headers: list[tuple[bytes, bytes]], names: list[bytes],
-                     head_end: int, length: int) -> ResponseHead | None:
+                     head_end: int, length: int, connection: bytes | None,
+                     ) -> ResponseHead | None:
         """The head of a whole response the scanner read: its head ends at
-        ``head_end`` and ``length`` is its Content-Length or -1. None unless
+        ``head_end``, ``length`` is its Content-Length or -1 and ``connection``
+        its Connection field (the scanner declines a transfer coding). None unless
         ``data`` holds exactly that response, head and body; its body is then
         the last ``content_length`` bytes of ``data`` (none if it has no body)."""
         size = len(data)
@@ -228,7 +240,8 @@ class _ResponseReader:
         elif length < 0 or head_end + length != size:
             return None
         head = _response_head(status, reason, version, headers, names,
-                              None if length < 0 else length, head_request)
+                              None if length < 0 else length, head_request, False,
+                              NO_TOKENS if connection is None else value_tokens(connection))
         self.head = head
         self.framing = head.framing
         self.in_head = False
@@ -334,9 +347,9 @@ class ResponseParser:
         scanned = scan(data, _MAX_RESPONSE_HEADERS)
         if scanned is None:
             return None
-        status, reason, version, headers, names, head_end, length = scanned
+        status, reason, version, headers, names, head_end, length, connection = scanned
         return reader.take_scanned(data, status, reason, version, headers, names,
-                                   head_end, length)
+                                   head_end, length, connection)
 
     def feed(self, data: bytes) -> list[ResponseEvent]:
         """Parse ``data``; return the events it completes."""

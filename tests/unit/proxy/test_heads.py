@@ -248,6 +248,8 @@ def test_mutated_responses_parse_the_same_with_and_without_the_scanner(
     b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
     b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nConnection: x-a, Keep-Alive\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nConnection: x-a\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
 ], ids=lambda r: repr(r[:30]))
 @pytest.mark.parametrize("head_request", [False, True])
 def test_responses_parse_the_same_with_and_without_the_scanner(
@@ -265,10 +267,12 @@ def test_plain_responses_are_read_by_the_scanner() -> None:
         [(b"Server", b"app"), (b"Content-Type", b"text/html"), (b"Content-Length", b"5"),
          (b"Connection", b"keep-alive")],
         [b"server", b"content-type", b"content-length", b"connection"],
-        len(PLAIN_RESPONSE) - 5, 5)
+        len(PLAIN_RESPONSE) - 5, 5, b"keep-alive")
     assert SCAN_RESPONSE(b"HTTP/1.0 404 Not Found\r\n\r\n", 200) == (
-        404, b"Not Found", b"1.0", [], [], 26, -1)
-    # Incomplete, interim, chunked, too many fields: llhttp's.
+        404, b"Not Found", b"1.0", [], [], 26, -1, None)
+    # Incomplete, interim, chunked, repeated Connection, too many fields: llhttp's.
+    assert SCAN_RESPONSE(
+        b"HTTP/1.1 200 OK\r\nConnection: a\r\nConnection: close\r\n\r\n", 200) is None
     assert SCAN_RESPONSE(PLAIN_RESPONSE[:30], 200) is None
     assert SCAN_RESPONSE(b"HTTP/1.1 103 Early Hints\r\n\r\n", 200) is None
     assert SCAN_RESPONSE(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 200) is None
