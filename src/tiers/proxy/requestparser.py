@@ -512,8 +512,9 @@ class RequestParser:
                 raise _Reject(417, "unsupported expectation")
             expect_continue = version == b"1.1"
         # Origin form, by far the most common. (``find`` rather than ``in``:
-        # bytes.__contains__ first tries its argument as an integer.)
-        if target[:1] == b"/" and target.find(b"#") == -1:
+        # bytes.__contains__ first tries its argument as an integer.) The head
+        # scanner (no ``parser``) reads only origin-form targets without "#".
+        if parser is None or (target[:1] == b"/" and target.find(b"#") == -1):
             path = target
         else:
             path, host = _check_target(method, target, host)
