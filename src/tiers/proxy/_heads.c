@@ -284,40 +284,43 @@ scan_fields(const char *base, Py_ssize_t p, Py_ssize_t stop, Py_ssize_t max_fiel
 
 /* ---- requests -------------------------------------------------------- */
 
+/* The fields the request parser looks at by name (requestparser._SPECIAL, less
+ * the framing ones, which the scanner declines), in the order scan_request
+ * returns their values. */
+enum { F_HOST, F_CONNECTION, F_USER_AGENT, F_FORWARDED_FOR, F_REFERER, F_EXPECT, F_COUNT };
+
 typedef struct {
-    PyObject *special; /* dict: lower-cased name -> list of values */
+    /* Each field's value, or NULL. Borrowed: the headers list holds them. */
+    PyObject *fields[F_COUNT];
 } request_ctx;
 
 static int
 request_field(void *ctx_, PyObject *lname, PyObject *value)
 {
     request_ctx *ctx = (request_ctx *)ctx_;
-    if (NAME_IS(lname, "content-length") || NAME_IS(lname, "transfer-encoding")
-        || NAME_IS(lname, "upgrade")) {
+    int field;
+    if (NAME_IS(lname, "host")) {
+        field = F_HOST;
+    } else if (NAME_IS(lname, "user-agent")) {
+        field = F_USER_AGENT;
+    } else if (NAME_IS(lname, "connection")) {
+        field = F_CONNECTION;
+    } else if (NAME_IS(lname, "x-forwarded-for")) {
+        field = F_FORWARDED_FOR;
+    } else if (NAME_IS(lname, "referer")) {
+        field = F_REFERER;
+    } else if (NAME_IS(lname, "expect")) {
+        field = F_EXPECT;
+    } else if (NAME_IS(lname, "content-length") || NAME_IS(lname, "transfer-encoding")
+               || NAME_IS(lname, "upgrade")) {
         return FIELDS_DECLINE; /* a body to frame or a protocol switch: llhttp's */
+    } else {
+        return FIELDS_OK;
     }
-    /* The names the request parser collects by name (requestparser._SPECIAL,
-     * less the framing ones, declined above). */
-    if (NAME_IS(lname, "host") || NAME_IS(lname, "connection") || NAME_IS(lname, "user-agent")
-        || NAME_IS(lname, "x-forwarded-for") || NAME_IS(lname, "referer")
-        || NAME_IS(lname, "expect")) {
-        PyObject *values = PyDict_GetItemWithError(ctx->special, lname);
-        if (values != NULL) {
-            return PyList_Append(values, value) < 0 ? FIELDS_ERROR : FIELDS_OK;
-        }
-        if (PyErr_Occurred()) {
-            return FIELDS_ERROR;
-        }
-        values = PyList_New(1);
-        if (values == NULL) {
-            return FIELDS_ERROR;
-        }
-        Py_INCREF(value);
-        PyList_SET_ITEM(values, 0, value);
-        int failed = PyDict_SetItem(ctx->special, lname, values) < 0;
-        Py_DECREF(values);
-        return failed ? FIELDS_ERROR : FIELDS_OK;
+    if (ctx->fields[field] != NULL) {
+        return FIELDS_DECLINE; /* repeated: the parser joins or refuses them */
     }
+    ctx->fields[field] = value;
     return FIELDS_OK;
 }
 
@@ -359,10 +362,7 @@ read_request(const char *base, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t max
     }
     p += 11;
 
-    request_ctx ctx = {PyDict_New()};
-    if (ctx.special == NULL) {
-        return NULL;
-    }
+    request_ctx ctx = {{NULL}};
     fields_t fields = {NULL, NULL, 0};
     int verdict = scan_fields(base, p, stop, max_fields, &fields, request_field, &ctx);
     PyObject *result = NULL;
@@ -372,8 +372,16 @@ read_request(const char *base, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t max
     if (verdict == FIELDS_OK) {
         PyObject *target = PyBytes_FromStringAndSize(base + target_start, target_len);
         if (target != NULL) {
-            result = Py_BuildValue("(OOOOOOn)", method, target, version, fields.headers,
-                                   fields.names, ctx.special, stop);
+            PyObject **f = ctx.fields;
+            for (int i = 0; i < F_COUNT; i++) {
+                if (f[i] == NULL) {
+                    f[i] = Py_None;
+                }
+            }
+            result = Py_BuildValue("(OOOOOnOOOOOO)", method, target, version, fields.headers,
+                                   fields.names, stop, f[F_HOST], f[F_CONNECTION],
+                                   f[F_USER_AGENT], f[F_FORWARDED_FOR], f[F_REFERER],
+                                   f[F_EXPECT]);
             Py_DECREF(target);
         }
     } else if (verdict == FIELDS_DECLINE) {
@@ -382,7 +390,6 @@ read_request(const char *base, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t max
     }
     Py_XDECREF(fields.headers);
     Py_XDECREF(fields.names);
-    Py_DECREF(ctx.special);
     return result;
 }
 
@@ -392,8 +399,10 @@ PyDoc_STRVAR(scan_request_doc,
 "Find the request head that begins at data[start] and read it if it is a\n"
 "plain one without a body. The head must end (blank line included) within\n"
 "max_head bytes and its request line, CRLF excluded, be at most max_line.\n"
-"Returns (method, target, version, headers, names, special, stop) when read,\n"
-"where the head is data[start:stop]; the int stop when the head is there\n"
+"Returns (method, target, version, headers, names, stop, host, connection,\n"
+"user_agent, forwarded_for, referer, expect) when read, where the head is\n"
+"data[start:stop] and each of the last six is that field's value or None\n"
+"(a repeated one is declined); the int stop when the head is there\n"
 "within the limits but not plain (parse data[start:stop] with llhttp); -1\n"
 "when the head does not end within data or the limits.");
 

@@ -2,8 +2,9 @@
 
 def scan_request(
     data: bytes, start: int, max_head: int, max_line: int, max_fields: int, /
-) -> tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]], list[bytes],
-           dict[bytes, list[bytes]], int] | int: ...
+) -> tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]], list[bytes], int,
+           bytes | None, bytes | None, bytes | None, bytes | None, bytes | None,
+           bytes | None] | int: ...
 
 def scan_response(
     data: bytes, max_fields: int, /

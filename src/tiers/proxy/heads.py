@@ -15,12 +15,14 @@ __all__ = ["JOIN_HEAD", "SCAN_REQUEST", "SCAN_RESPONSE", "JoinHead", "ScanReques
            "ScanResponse", "join_head"]
 
 # (data, start, max head size, max request line, max fields) ->
-# (method, target, version, headers, lower-cased names, {special name: values}, head end),
+# (method, target, version, headers, lower-cased names, head end,
+#  Host, Connection, User-Agent, X-Forwarded-For, Referer, Expect (each a value or None)),
 # or the head end when llhttp must read it, or -1 when the head is not all there
 ScanRequest = Callable[
     [bytes, int, int, int, int],
-    tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]], list[bytes],
-          dict[bytes, list[bytes]], int] | int,
+    tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]], list[bytes], int,
+          bytes | None, bytes | None, bytes | None, bytes | None, bytes | None,
+          bytes | None] | int,
 ]
 # (status, reason, version, headers, lower-cased names, head end, content length or -1,
 #  the Connection field's value or None)

@@ -40,6 +40,7 @@ from tiers.proxy.http1 import (
     MessageEnd,
     header_tokens,
     remember,
+    value_tokens,
 )
 
 
@@ -261,6 +262,21 @@ def _check_target(method: bytes, target: bytes, host: bytes | None) -> tuple[byt
     raise _Reject(400, "invalid request target")
 
 
+def _keeps_alive(version: bytes, connection: frozenset[bytes]) -> bool:
+    if version == b"1.1":
+        return b"close" not in connection
+    return b"keep-alive" in connection
+
+
+def _expects_continue(expect: bytes | None, version: bytes) -> bool:
+    """Whether the client waits for 100 Continue; 417 for any other expectation."""
+    if expect is None:
+        return False
+    if expect.strip(b" \t").lower() != b"100-continue":
+        raise _Reject(417, "unsupported expectation")
+    return version == b"1.1"
+
+
 class RequestParser:
     """Turns the bytes of one client connection into request events.
 
@@ -342,8 +358,11 @@ class RequestParser:
             if scan is not None:
                 scanned = scan(data, pos, self._max_head, self._max_line, self._max_headers)
                 if isinstance(scanned, tuple):
-                    method, target, version, headers, names, special, stop = scanned
-                    self._complete_head(method, version, target, headers, names, special, None)
+                    (method, target, version, headers, names, stop, host, connection,
+                     user_agent, forwarded_for, referer, expect) = scanned
+                    self._complete_scanned(method, version, target, headers, names, host,
+                                           connection, user_agent, forwarded_for, referer,
+                                           expect)
                     # No body: the request is whole, as llhttp would say next.
                     self.on_message_complete()
                     return stop
@@ -485,8 +504,8 @@ class RequestParser:
     def _complete_head(self, method: bytes, version: bytes, target: bytes,  # noqa: PLR0917
                        headers: list[tuple[bytes, bytes]], names: list[bytes],
                        special: dict[bytes, list[bytes]],
-                       parser: httptools.HttpRequestParser | None) -> None:
-        """Check a parsed head; emit its ``RequestHead`` (``parser``: llhttp, if it read it)."""
+                       parser: httptools.HttpRequestParser) -> None:
+        """Check a head llhttp read; emit its ``RequestHead``."""
         if method == b"CONNECT":
             raise _Reject(501, "CONNECT is not supported")
         hosts = special.get(b"host")
@@ -501,63 +520,66 @@ class RequestParser:
             framing, length = _NONE, None
         tokens = special.get(b"connection")
         connection = NO_TOKENS if tokens is None else header_tokens(tokens)
-        if version == b"1.1":
-            keep_alive = b"close" not in connection
-        else:
-            keep_alive = b"keep-alive" in connection
-        expect_continue = False
+        keep_alive = _keeps_alive(version, connection)
         expect = special.get(b"expect")
-        if expect is not None:
-            if len(expect) != 1 or expect[0].strip(b" \t").lower() != b"100-continue":
-                raise _Reject(417, "unsupported expectation")
-            expect_continue = version == b"1.1"
+        if expect is not None and len(expect) != 1:
+            raise _Reject(417, "unsupported expectation")
+        expect_continue = _expects_continue(None if expect is None else expect[0], version)
         # Origin form, by far the most common. (``find`` rather than ``in``:
-        # bytes.__contains__ first tries its argument as an integer.) The head
-        # scanner (no ``parser``) reads only origin-form targets without "#".
-        if parser is None or (target[:1] == b"/" and target.find(b"#") == -1):
+        # bytes.__contains__ first tries its argument as an integer.)
+        if target[:1] == b"/" and target.find(b"#") == -1:
             path = target
         else:
             path, host = _check_target(method, target, host)
 
-        if framing is not _NONE and parser is not None and parser.should_upgrade():
+        if framing is not _NONE and parser.should_upgrade():
             self._resume_framing = framing
             self._skip_end = True
-        self._keep_alive = keep_alive
         if framing is _LENGTH:
             self._phase = _BODY_LENGTH
             self._remaining = length or 0
         elif framing is _CHUNKED:
             self._phase = _BODY_CHUNKED
+        user_agent = special.get(b"user-agent")
+        forwarded = special.get(b"x-forwarded-for")
+        referer = special.get(b"referer")
+        self._emit(RequestHead(
+            method, target, path, version, headers, host, keep_alive, framing, length,
+            expect_continue, connection,
+            None if user_agent is None else user_agent[0],
+            None if forwarded is None
+            else forwarded[0] if len(forwarded) == 1 else b", ".join(forwarded),
+            None if referer is None else referer[0],
+            names,
+        ))
+
+    def _complete_scanned(self, method: bytes, version: bytes, target: bytes,  # noqa: PLR0917
+                          headers: list[tuple[bytes, bytes]], names: list[bytes],
+                          host_field: bytes | None, connection_field: bytes | None,
+                          user_agent: bytes | None, forwarded_for: bytes | None,
+                          referer: bytes | None, expect: bytes | None) -> None:
+        """``_complete_head`` for a head the C scanner read: a method other than
+        CONNECT, an origin-form target without "#", no body, and none of the
+        fields it reports repeated."""
+        host = None if host_field is None else _valid_hosts.get(host_field)
+        if host is None:
+            host = _check_host(None if host_field is None else [host_field], version)
+        connection = NO_TOKENS if connection_field is None else value_tokens(connection_field)
+        keep_alive = _keeps_alive(version, connection)
+        self._emit(RequestHead(
+            method, target, target, version, headers, host, keep_alive, _NONE, None,
+            _expects_continue(expect, version), connection, user_agent, forwarded_for,
+            referer, names,
+        ))
+
+    def _emit(self, head: RequestHead) -> None:
+        """Emit a checked head; the parser's head state starts afresh."""
+        self._keep_alive = head.keep_alive
         self._head_used = 0
         self._line_len = 0
         self._line_done = False
         self._tail = b""
-        user_agent = special.get(b"user-agent")
-        forwarded = special.get(b"x-forwarded-for")
-        referer = special.get(b"referer")
-        self._out.append(
-            RequestHead(
-                method,
-                target,
-                path,
-                version,
-                headers,
-                host,
-                keep_alive,
-                framing,
-                length,
-                expect_continue,
-                connection,
-                None if user_agent is None else user_agent[0],
-                None
-                if forwarded is None
-                else forwarded[0]
-                if len(forwarded) == 1
-                else b", ".join(forwarded),
-                None if referer is None else referer[0],
-                names,
-            )
-        )
+        self._out.append(head)
 
     def on_body(self, body: bytes) -> None:
         self._out.append(BodyData(body))

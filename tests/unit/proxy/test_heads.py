@@ -34,7 +34,9 @@ PLAIN_RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: app\r\nContent-Type: text/html\r\
 # Bytes that break a plain head in interesting ways where they land.
 _MUTANT_BYTES = [b"\r", b"\n", b" ", b"\t", b":", b"\x00", b"\x7f", b"\x80", b"#", b"\r\n",
                  b"\r\n ", b"\r\n\r\n", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 3\r\n",
-                 b"Host: b\r\n", b"\xff", b"\"", b"{", b"HTTP/1.1", b"0", b"9"]
+                 b"Host: b\r\n", b"\xff", b"\"", b"{", b"HTTP/1.1", b"0", b"9",
+                 b"Expect: 100-continue\r\n", b"Connection: close\r\n", b"Referer: r\r\n",
+                 b"X-Forwarded-For: 10.9.9.9\r\n", b"User-Agent: u\r\n"]
 
 
 @pytest.fixture(autouse=True)
@@ -129,20 +131,20 @@ def test_plain_requests_are_read_by_the_scanner() -> None:
     assert SCAN_REQUEST is not None
     scanned = SCAN_REQUEST(PLAIN_REQUEST, 0, 8192, 8190, 100)
     assert isinstance(scanned, tuple), scanned
-    method, target, version, headers, names, special, stop = scanned
+    method, target, version, headers, names, stop, *fields = scanned
     assert stop == len(PLAIN_REQUEST)
     assert (method, target, version) == (b"GET", b"/index.html?q=1&r=%41", b"1.1")
     assert headers[0] == (b"Host", b"example.com:8080")
     assert names == [b"host", b"user-agent", b"accept", b"x-forwarded-for", b"connection",
                      b"referer"]
-    assert special == {b"host": [b"example.com:8080"], b"user-agent": [b"Mozilla/5.0 (X11)"],
-                       b"x-forwarded-for": [b"10.0.0.1"], b"connection": [b"keep-alive"],
-                       b"referer": [b"http://a.test/"]}
+    # Host, Connection, User-Agent, X-Forwarded-For, Referer, Expect
+    assert fields == [b"example.com:8080", b"keep-alive", b"Mozilla/5.0 (X11)", b"10.0.0.1",
+                      b"http://a.test/", None]
     # At an offset, followed by more, HTTP/1.0 too; names met again are the same objects.
     data = b"xx" + PLAIN_REQUEST.replace(b"HTTP/1.1", b"HTTP/1.0") + b"GET / HTTP/1.1\r\n"
     again = SCAN_REQUEST(data, 2, 8192, 8190, 100)
     assert isinstance(again, tuple) and again[2] == b"1.0"
-    assert again[6] == 2 + len(PLAIN_REQUEST)
+    assert again[5] == 2 + len(PLAIN_REQUEST)
     assert again[4][0] is names[0] and again[3][0][0] is headers[0][0]
 
 
@@ -163,6 +165,9 @@ def test_plain_requests_are_read_by_the_scanner() -> None:
     b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
     b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-For: 2.2.2.2\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: a\r\nConnection: close\r\n\r\n",
 ], ids=lambda h: repr(h[:40]))
 def test_the_request_scanner_declines_what_is_not_plain(head: bytes) -> None:
     assert SCAN_REQUEST is not None
