@@ -76,6 +76,14 @@ def _bodyless(status: int, head_request: bool) -> bool:
     return head_request or status in {204, 304}
 
 
+def whole_body(head: ResponseHead, data: bytes) -> bytes:
+    """The body of the whole response ``data`` whose head ``feed_whole`` gave."""
+    length = head.content_length
+    if head.framing is _LENGTH and length:
+        return data[len(data) - length:]
+    return b""
+
+
 def _chunked(headers: list[tuple[bytes, bytes]], names: list[bytes]) -> bool:
     """Whether the body is chunked; UpstreamProtocolError for any other transfer coding."""
     if b"transfer-encoding" not in names:
@@ -330,9 +338,8 @@ class ResponseParser:
     def feed_whole(self, data: bytes) -> ResponseHead | None:
         """Parse ``data`` if it is exactly one whole response the head scanner reads.
 
-        Then its head, with the body the last ``content_length`` bytes of
-        ``data`` (none when the framing says there is none): the events
-        ``feed`` would have given, without making them. Else None, and
+        Then its head (``whole_body`` gives the body): what the events of
+        ``feed`` would have said, without making them. Else None, and
         nothing has changed: ``feed`` takes the bytes as usual.
         """
         if self._reader.done:
@@ -359,9 +366,8 @@ class ResponseParser:
             return []
         head = self._scan_whole(data)
         if head is not None:
-            if head.framing is _LENGTH and head.content_length:
-                return [head, BodyData(data[len(data) - head.content_length:]), END]
-            return [head, END]
+            body = whole_body(head, data)
+            return [head, BodyData(body), END] if body else [head, END]
         out: list[ResponseEvent] = []
         reader.out = out
         llhttp = self._llhttp

@@ -35,15 +35,13 @@ from tiers.proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from tiers.proxy.http1 import END, BodyData, Framing
-from tiers.proxy.responseparser import ResponseEvent, ResponseHead, ResponseParser
+from tiers.proxy.http1 import END, BodyData
+from tiers.proxy.responseparser import ResponseEvent, ResponseHead, ResponseParser, whole_body
 from tiers.proxy.waittimer import WaitTimer
 from tiers.proxy.writebatch import WriteBatch
 
 if TYPE_CHECKING:
     from tiers.proxy.upstream import Backend
-
-_LENGTH: Final = Framing.LENGTH
 
 # Response bytes buffered per connection before reading from the backend pauses.
 _HIGH_WATER: Final = 256 * 1024
@@ -296,10 +294,7 @@ class UpstreamConnection(asyncio.Protocol):
         if head is not None:
             data = self._whole_data
             self._whole, self._whole_data = None, b""
-            length = head.content_length
-            if head.framing is _LENGTH and length:
-                return head, data[len(data) - length:]
-            return head, b""
+            return head, whole_body(head, data)
         events = self._events
         if not events or events[-1] is not END:
             return None
