@@ -369,6 +369,7 @@ class PageCache:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self._enabled = config.enabled  # read per request: config is not compiled
         self.clock = clock
         self.store = Store(config.memory, config.max_object)
         self.coalescer = Coalescer(pass_ttl=pass_ttl)
@@ -391,7 +392,7 @@ class PageCache:
         pool route with the defaults.
         """
         method = head.method
-        if method not in _GET_HEAD or not self.config.enabled:
+        if method not in _GET_HEAD or not self._enabled:
             return None
         if route is not None and (route.kind is not _POOL or not route.cache):
             return None

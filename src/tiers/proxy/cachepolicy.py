@@ -53,6 +53,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from tiers.proxy.http1 import remember
 from tiers.proxy.httpdate import parse_http_date
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -147,12 +148,18 @@ def cache_key(host: bytes | None, target: bytes) -> bytes:
     depend on the method, so a HEAD is answered from what a GET stored.
     """
     if host is None:
-        host = b""
-    else:
-        host = host.lower()
-        if host.endswith(b":80"):
-            host = host[:-3]
-    return host + target
+        return target
+    key_host = _key_hosts.get(host)
+    if key_host is None:
+        key_host = host.lower()
+        if key_host.endswith(b":80"):
+            key_host = key_host[:-3]
+        remember(_key_hosts, host, key_host)
+    return key_host + target
+
+
+# Host as sent -> host as keyed; a site is served under few names.
+_key_hosts: dict[bytes, bytes] = {}
 
 
 def url_key(url: bytes) -> bytes:

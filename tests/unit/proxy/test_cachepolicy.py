@@ -125,6 +125,13 @@ def test_operator_urls_map_to_keys(url: bytes, key: bytes) -> None:
     assert cache_key(b"EXAMPLE.test", b"/x") == b"example.test/x"
 
 
+def test_cache_keys_of_hosts_met_again_are_the_same() -> None:
+    for _ in range(2):  # the second time from the memo of hosts
+        assert cache_key(b"Example.TEST:80", b"/x?y") == b"example.test/x?y"
+        assert cache_key(b"example.test:8080", b"/x") == b"example.test:8080/x"
+        assert cache_key(None, b"/x") == b"/x"
+
+
 # ---- requests --------------------------------------------------------------------
 
 REQUEST_CASES: list[tuple[str, bytes, Headers, bool, tuple[bool, float | None, float] | None]] = [
