@@ -40,6 +40,16 @@ def test_workers_share_the_port_and_are_kept_at_their_count(
         status, _, _ = p.get(f"/spread/{i}")
         assert status == 200
 
+    def spread_ids() -> list[bytes]:
+        lines = [parse_line(line) for line in p.access_log.read_bytes().splitlines()]
+        return [line["reqid"] for line in lines if line["uri"].startswith(b"/spread/")]
+
+    # Each worker writes its log lines within a second; read them before one
+    # of the workers is killed with its buffer.
+    assert _wait(lambda: len(spread_ids()) == 40, 5)
+    prefixes = {reqid.split(b"-")[0] for reqid in spread_ids()}
+    assert len(prefixes) == 2  # both workers served some of the 40 connections
+
     first = workers_of(p)
     victim = first[1]
     victim.kill()
@@ -59,10 +69,6 @@ def test_workers_share_the_port_and_are_kept_at_their_count(
     assert {c.pid for c in workers_of(p)} == {c.pid for c in children}
     assert p.stop() == 0
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
-    prefixes = {parse_line(line)["reqid"].split(b"-")[0]
-                for line in p.access_log.read_bytes().splitlines()
-                if parse_line(line)["uri"].startswith(b"/spread/")}
-    assert len(prefixes) == 2  # both workers served some of the 40 connections
 
 
 def _start_with_admin(tmp_path: Path, backend: Backend) -> tuple[Proxy, int]:
