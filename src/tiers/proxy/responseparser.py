@@ -84,6 +84,12 @@ def whole_body(head: ResponseHead, data: bytes) -> bytes:
     return b""
 
 
+def whole_events(head: ResponseHead, data: bytes) -> list[ResponseEvent]:
+    """The events ``feed`` gives for the whole response ``data`` whose head ``feed_whole`` gave."""
+    body = whole_body(head, data)
+    return [head, BodyData(body), END] if body else [head, END]
+
+
 def _chunked(headers: list[tuple[bytes, bytes]], names: list[bytes]) -> bool:
     """Whether the body is chunked; UpstreamProtocolError for any other transfer coding."""
     if b"transfer-encoding" not in names:
@@ -340,7 +346,7 @@ class ResponseParser:
 
         Then its head (``whole_body`` gives the body): what the events of
         ``feed`` would have said, without making them. Else None, and
-        nothing has changed: ``feed`` takes the bytes as usual.
+        nothing has changed: ``feed_rest`` takes the bytes as ``feed`` would.
         """
         if self._reader.done:
             return None
@@ -360,14 +366,17 @@ class ResponseParser:
 
     def feed(self, data: bytes) -> list[ResponseEvent]:
         """Parse ``data``; return the events it completes."""
+        head = self.feed_whole(data)
+        if head is not None:
+            return whole_events(head, data)
+        return self.feed_rest(data)
+
+    def feed_rest(self, data: bytes) -> list[ResponseEvent]:
+        """``feed`` for bytes that ``feed_whole`` declined: llhttp reads them."""
         reader = self._reader
         if reader.done:
             reader.extra = True
             return []
-        head = self._scan_whole(data)
-        if head is not None:
-            body = whole_body(head, data)
-            return [head, BodyData(body), END] if body else [head, END]
         out: list[ResponseEvent] = []
         reader.out = out
         llhttp = self._llhttp

@@ -36,7 +36,13 @@ from tiers.proxy.errors import (
     UpstreamTimeout,
 )
 from tiers.proxy.http1 import END, BodyData
-from tiers.proxy.responseparser import ResponseEvent, ResponseHead, ResponseParser, whole_body
+from tiers.proxy.responseparser import (
+    ResponseEvent,
+    ResponseHead,
+    ResponseParser,
+    whole_body,
+    whole_events,
+)
 from tiers.proxy.waittimer import WaitTimer
 from tiers.proxy.writebatch import WriteBatch
 
@@ -103,14 +109,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamProtocolError("unsolicited bytes from backend"))
             return
         self.received += len(data)
-        if self._listener is not None and not self._events and self._whole is None:
-            whole = parser.feed_whole(data)
-            if whole is not None:
-                self._whole, self._whole_data = whole, data
-                self._listener()
-                return
+        # A whole response comes only first in an exchange: nothing is queued or kept.
+        whole = parser.feed_whole(data)
+        if whole is not None and self._listener is not None:
+            self._whole, self._whole_data = whole, data
+            self._listener()
+            return
         try:
-            events = parser.feed(data)
+            events = parser.feed_rest(data) if whole is None else whole_events(whole, data)
         except UpstreamProtocolError as exc:
             self._fail(exc)
             return
@@ -266,7 +272,8 @@ class UpstreamConnection(asyncio.Protocol):
         """
         self._listener = listener
         if listener is None and self._whole is not None:
-            self._events.extend(self._whole_events())
+            self._events.extend(whole_events(self._whole, self._whole_data))
+            self._whole, self._whole_data = None, b""
         if listener is None and self._events:
             self._buffered = sum(len(e.data) for e in self._events if type(e) is BodyData)
             if not self._reading_paused and self._buffered > _HIGH_WATER and self._transport:
@@ -304,13 +311,6 @@ class UpstreamConnection(asyncio.Protocol):
         body = [event.data for event in events if type(event) is BodyData]
         events.clear()
         return first, body[0] if len(body) == 1 else b"".join(body)
-
-    def _whole_events(self) -> list[ResponseEvent]:
-        """The events of the whole response kept by ``data_received``; it is no longer kept."""
-        taken = self.take_response()
-        assert taken is not None
-        head, body = taken
-        return [head, BodyData(body), END] if body else [head, END]
 
     def _pop(self) -> ResponseEvent:
         event = self._events.popleft()
