@@ -324,6 +324,13 @@ request_field(void *ctx_, PyObject *lname, PyObject *value)
     return FIELDS_OK;
 }
 
+/* The version object of "HTTP/1.<minor>", or NULL for another minor version. */
+static PyObject *
+http1_version(char minor)
+{
+    return minor == '1' ? version_11 : minor == '0' ? version_10 : NULL;
+}
+
 /* The plain request head base[start:stop] (which ends with the blank line) as
  * scan_request's tuple; None if it is not plain; NULL with an error set. */
 static PyObject *
@@ -352,12 +359,8 @@ read_request(const char *base, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t max
         || base[p + 9] != '\r' || base[p + 10] != '\n') {
         Py_RETURN_NONE;
     }
-    PyObject *version;
-    if (base[p + 8] == '1') {
-        version = version_11;
-    } else if (base[p + 8] == '0') {
-        version = version_10;
-    } else {
+    PyObject *version = http1_version(base[p + 8]);
+    if (version == NULL) {
         Py_RETURN_NONE;
     }
     p += 11;
@@ -366,9 +369,7 @@ read_request(const char *base, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t max
     fields_t fields = {NULL, NULL, 0};
     int verdict = scan_fields(base, p, stop, max_fields, &fields, request_field, &ctx);
     PyObject *result = NULL;
-    if (verdict == FIELDS_OK && fields.end != stop) {
-        verdict = FIELDS_DECLINE; /* the blank line is not where the caller found it */
-    }
+    /* On FIELDS_OK the blank line read is the first one, which ends at stop. */
     if (verdict == FIELDS_OK) {
         PyObject *target = PyBytes_FromStringAndSize(base + target_start, target_len);
         if (target != NULL) {
@@ -517,12 +518,8 @@ scan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (stop < 13 || memcmp(base, "HTTP/1.", 7) != 0 || base[8] != ' ' || base[12] != ' ') {
         Py_RETURN_NONE;
     }
-    PyObject *version;
-    if (base[7] == '1') {
-        version = version_11;
-    } else if (base[7] == '0') {
-        version = version_10;
-    } else {
+    PyObject *version = http1_version(base[7]);
+    if (version == NULL) {
         Py_RETURN_NONE;
     }
     int status = 0;

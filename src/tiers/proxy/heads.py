@@ -1,7 +1,8 @@
 """The head scanners and writer of the C module ``tiers.proxy._heads``, if built.
 
-Each scanner reads a plain message head in one call and returns None for
-anything else, which the parsers then hand to llhttp (see ``_heads.c``).
+Each scanner reads a plain message head in one call and declines anything
+else (the request scanner saying where the head ends, if it is all there),
+which the parsers then hand to llhttp (see ``_heads.c``).
 ``join_head`` writes a head; ``JOIN_HEAD`` is its C twin. Without the C
 module (no compiler at install time) the scanners are None, llhttp reads
 every head and ``JOIN_HEAD`` is ``join_head``, with the same results.
