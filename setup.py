@@ -1,4 +1,4 @@
-"""Build: Python plus one small C module by default; with TIERS_COMPILE=1 the
+"""Build: Python plus two small C modules by default; with TIERS_COMPILE=1 the
 proxy's request path is compiled to C extensions by mypyc as well (the same
 typed sources; about half the proxy's own CPU per request).
 

@@ -1,7 +1,7 @@
 """The two builds of tiers' proxy that ``proxy.py`` measures, each in its own copy.
 
 ``pure``: the checkout's sources as ``pip install .`` builds them: Python,
-plus the C head scanner (``tiers.proxy._heads``). ``compiled``: the same
+plus the C helpers (``tiers.proxy._heads``, ``tiers.proxy._ltsv``). ``compiled``: the same
 sources built with TIERS_COMPILE=1, the request path compiled by mypyc as
 well, as ``TIERS_COMPILE=1 pip install .`` builds them. Each copy is a
 directory to put first on PYTHONPATH; neither touches the checkout (whose

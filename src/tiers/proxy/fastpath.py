@@ -215,11 +215,8 @@ class FastPath(Forwarding):
         x.responded = True
         transport = self._transport
         assert transport is not None
-        if body:
-            x.size = len(body)
-            self._server.writes.write(transport, client_head + body)
-        else:
-            self._server.writes.write(transport, client_head)
+        x.size = len(body)
+        self._server.writes.write(transport, client_head + body)
         if capturing:
             assert fill is not None
             if not body or fill.on_body(body):
