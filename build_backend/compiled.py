@@ -37,6 +37,7 @@ COMPILED_MODULES = (
     "tiers.proxy.responseparser",
     "tiers.proxy.routing",
     "tiers.proxy.settings",
+    "tiers.proxy.shared",
     "tiers.proxy.upstream",
     "tiers.proxy.upstreamconn",
     "tiers.proxy.waittimer",

@@ -324,6 +324,22 @@ request_field(void *ctx_, PyObject *lname, PyObject *value)
     return FIELDS_OK;
 }
 
+/* A tuple of the n borrowed references in items (Py_BuildValue without
+ * reading a format string on every call); NULL with an error set. */
+static PyObject *
+tuple_of(PyObject **items, Py_ssize_t n)
+{
+    PyObject *tuple = PyTuple_New(n);
+    if (tuple == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_INCREF(items[i]);
+        PyTuple_SET_ITEM(tuple, i, items[i]);
+    }
+    return tuple;
+}
+
 /* The version object of "HTTP/1.<minor>", or NULL for another minor version. */
 static PyObject *
 http1_version(char minor)
@@ -379,10 +395,14 @@ read_request(const char *base, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t max
                     f[i] = Py_None;
                 }
             }
-            result = Py_BuildValue("(OOOOOnOOOOOO)", method, target, version, fields.headers,
-                                   fields.names, stop, f[F_HOST], f[F_CONNECTION],
-                                   f[F_USER_AGENT], f[F_FORWARDED_FOR], f[F_REFERER],
-                                   f[F_EXPECT]);
+            PyObject *end = PyLong_FromSsize_t(stop);
+            if (end != NULL) {
+                PyObject *items[] = {method, target, version, fields.headers, fields.names, end,
+                                     f[F_HOST], f[F_CONNECTION], f[F_USER_AGENT],
+                                     f[F_FORWARDED_FOR], f[F_REFERER], f[F_EXPECT]};
+                result = tuple_of(items, 12);
+                Py_DECREF(end);
+            }
             Py_DECREF(target);
         }
     } else if (verdict == FIELDS_DECLINE) {
@@ -549,11 +569,18 @@ scan_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = NULL;
     if (verdict == FIELDS_OK) {
         PyObject *reason = cached_bytes(value_cache, base + reason_start, reason_len);
-        if (reason != NULL) {
-            result = Py_BuildValue("(iNOOOnLO)", status, reason, version, fields.headers,
-                                   fields.names, fields.end, ctx.content_length,
-                                   ctx.connection != NULL ? ctx.connection : Py_None);
+        PyObject *code = reason == NULL ? NULL : PyLong_FromLong(status);
+        PyObject *end = code == NULL ? NULL : PyLong_FromSsize_t(fields.end);
+        PyObject *length = end == NULL ? NULL : PyLong_FromLongLong(ctx.content_length);
+        if (length != NULL) {
+            PyObject *items[] = {code, reason, version, fields.headers, fields.names, end, length,
+                                 ctx.connection != NULL ? ctx.connection : Py_None};
+            result = tuple_of(items, 8);
         }
+        Py_XDECREF(reason);
+        Py_XDECREF(code);
+        Py_XDECREF(end);
+        Py_XDECREF(length);
     } else if (verdict == FIELDS_DECLINE) {
         result = Py_None;
         Py_INCREF(result);

@@ -391,20 +391,24 @@ class PageCache:
         ``cachepolicy.request_cacheability`` say so. ``route`` None means a
         pool route with the defaults.
         """
-        method = head.method
-        if method not in _GET_HEAD or not self._enabled:
-            return None
         if route is not None and (route.kind is not _POOL or not route.cache):
             return None
-        if head.framing is not _NO_BODY:
+        return self.admit(head, route, client_ip,
+                          private_ok=route is not None and route.cache_private_requests)
+
+    def admit(
+        self, head: RequestHead, route: Route | None, client_ip: bytes, *, private_ok: bool
+    ) -> CacheRequest | None:
+        """``request`` for a pool route known to cache, whose private-request rule is given.
+
+        The proxy's compiled routes carry both, so it need not read them from
+        the route's configuration for every request.
+        """
+        method = head.method
+        if method not in _GET_HEAD or not self._enabled or head.framing is not _NO_BODY:
             return None
         rules = request_cacheability(
-            method,
-            head.host,
-            head.path,
-            head.headers,
-            private_ok=route is not None and route.cache_private_requests,
-            names=head.names,
+            method, head.host, head.path, head.headers, private_ok=private_ok, names=head.names
         )
         if rules is None:
             return None

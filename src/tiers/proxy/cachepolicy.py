@@ -159,7 +159,7 @@ def cache_key(host: bytes | None, target: bytes) -> bytes:
 
 
 # Host as sent -> host as keyed; a site is served under few names.
-_key_hosts: dict[bytes, bytes] = {}
+_key_hosts: Final[dict[bytes, bytes]] = {}
 
 
 def url_key(url: bytes) -> bytes:

@@ -34,6 +34,7 @@ from tiers.proxy.waittimer import WaitTimer
 
 if TYPE_CHECKING:
     from tiers.proxy.server import ProxyServer
+    from tiers.proxy.shared import Shared
 
 log = logging.getLogger("tiers.proxy")
 
@@ -62,6 +63,7 @@ class ClientIO(asyncio.Protocol):
 
     def __init__(self, server: ProxyServer) -> None:
         self._server = server
+        self._shared: Shared = server.shared
         self._settings = server.settings
         self._loop = server.loop
         self._parser = RequestParser(server.settings.limits)
@@ -94,7 +96,7 @@ class ClientIO(asyncio.Protocol):
         one to this connection must not be overtaken by a later direct write
         nor lost by a close.
         """
-        self._server.writes.flush()
+        self._shared.writes.flush()
 
     # ---- the event queue --------------------------------------------------------
 
@@ -213,7 +215,7 @@ class ClientIO(asyncio.Protocol):
         keep_alive = (
             x.body_done
             and x.head.keep_alive
-            and not self._server.stopping
+            and not self._shared.stopping
             and status not in (400, 408, 413)
         )
         head_only = x.head.method == b"HEAD"
@@ -234,8 +236,8 @@ class ClientIO(asyncio.Protocol):
         body = error_response(status, reason, keep_alive=False)
         self._flush_batched()
         self._transport.write(body)
-        self._server.counters.count(status, len(reason) + 1)
-        access_log = self._server.access_log
+        self._shared.counters.count(status, len(reason) + 1)
+        access_log = self._shared.access_log
         if access_log is not None:
             access_log.record(
                 host=self._client_ip,
@@ -280,9 +282,9 @@ class ClientIO(asyncio.Protocol):
 
     def _log(self, x: Exchange, now: float) -> None:
         """Count ``x`` and write its access log line; ``now`` is the loop's time."""
-        server = self._server
-        server.counters.count(x.status, x.size)
-        access_log = server.access_log
+        shared = self._shared
+        shared.counters.count(x.status, x.size)
+        access_log = shared.access_log
         if access_log is not None:
             head = x.head
             version = head.version
@@ -303,4 +305,5 @@ class ClientIO(asyncio.Protocol):
                 x.cache,
                 x.route,
                 x.request_id,
+                now,
             )

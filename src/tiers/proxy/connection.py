@@ -237,16 +237,19 @@ class ClientConnection(FastPath):
             return
         route = found
         if route.kind is not _POOL:
-            self._hand_over(x, lambda: self._serve_static(x, route))
+            self._hand_over(x, functools.partial(self._serve_static, x, route))
             return
         assert route.pool is not None
-        upstreams = self._server.pools[route.pool]
-        cache = self._server.cache
-        req = cache.request(x.head, route.route, self._client_ip)
+        upstreams = self._shared.pools[route.pool]
+        cache = self._shared.cache
+        req = None
+        if route.cache:
+            req = cache.admit(x.head, route.route, self._client_ip,
+                              private_ok=route.cache_private_requests)
         if req is not None:
             plan = cache.prepare_nowait(req)
             if plan is None:  # another request is fetching this page: wait for it
-                self._hand_over(x, lambda: self._from_pool(x, route, upstreams))
+                self._hand_over(x, functools.partial(self._from_pool, x, route, upstreams))
                 return
             if type(plan) is Serve:
                 self._exchange_done(x, self._serve_cached(x, req, plan), now)
@@ -420,16 +423,16 @@ class ClientConnection(FastPath):
         What needs no backend and no file is answered here; then the result
         says whether the connection stays usable.
         """
-        server = self._server
+        shared = self._shared
         head = x.head
-        verdict = server.abuse.check(self._client_ip, head.user_agent, now)
+        verdict = shared.abuse.check(self._client_ip, head.user_agent, now)
         if verdict is not ALLOW:
             retry = b"Retry-After: %d\r\n" % verdict.retry_after if verdict.retry_after else b""
             return self._answer(x, verdict.status, verdict.reason, extra=retry)
-        limit = server.settings.policy.max_body_size
+        limit = shared.max_body_size
         if limit and head.content_length is not None and head.content_length > limit:
             return self._answer(x, 413, "request body too large")
-        route = server.router.route_head(head, self._client_ip)
+        route = shared.router.route_head(head, self._client_ip)
         if route is None:
             return self._answer(x, 404, "no route for this request")
         x.route = route.label
@@ -449,12 +452,12 @@ class ClientConnection(FastPath):
             return found
         if found.kind is _POOL:
             assert found.pool is not None
-            return await self._from_pool(x, found, self._server.pools[found.pool])
+            return await self._from_pool(x, found, self._shared.pools[found.pool])
         return await self._serve_static(x, found)
 
     async def _from_pool(self, x: Exchange, route: CompiledRoute, upstreams: Upstreams) -> bool:
         """Answer from the page cache when it can, else forward (filling the cache)."""
-        cache = self._server.cache
+        cache = self._shared.cache
         req = cache.request(x.head, route.route, self._client_ip)
         if req is not None:
             plan = cache.prepare_nowait(req)
@@ -479,7 +482,7 @@ class ClientConnection(FastPath):
             return self._answer(x, 404, "not found")
         plan = plan_static_file(self._server.static_roots[route.name], head.method, relative,
                                 head.headers, time.time(), path=head.path)
-        keep_alive = x.body_done and head.keep_alive and not self._server.stopping
+        keep_alive = x.body_done and head.keep_alive and not self._shared.stopping
         x.status, x.responded, x.size = plan.status, True, plan.size
         assert self._transport is not None
         self._flush_batched()

@@ -40,6 +40,7 @@ to or closes a client connection directly sends the batch first
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
@@ -108,10 +109,10 @@ class FastPath(Forwarding):
 
     def _forward_now(self, x: Exchange, upstreams: Upstreams, now: float) -> None:
         """Forward ``x`` (a request without a body) by callbacks, or hand it to a task."""
-        x.request_id = self._server.request_ids.next()
+        x.request_id = self._shared.request_ids.next()
         found = upstreams.try_acquire((), x.head.path, now)
         if found is BUSY:
-            self._hand_over(x, lambda: self._forward_pool(x, upstreams))
+            self._hand_over(x, functools.partial(self._forward_pool, x, upstreams))
             return
         if found is None:
             self._end(x, self._fail(x, 503, "no backend is available"), now)
@@ -120,7 +121,7 @@ class FastPath(Forwarding):
         conn = upstreams.take_idle(backend, now)
         if conn is None:
             resume = Resume(backend)
-            self._hand_over(x, lambda: self._forward_pool(x, upstreams, resume))
+            self._hand_over(x, functools.partial(self._forward_pool, x, upstreams, resume))
             return
         fill = x.fill
         sent = x.head if fill is None else fill.request_head
@@ -133,7 +134,7 @@ class FastPath(Forwarding):
         try:
             conn.write_batched(upstream_request_head(sent, self._client_ip, backend.label_bytes,
                                                      request_id=x.request_id),
-                               self._server.writes)
+                               self._shared.writes)
         except UpstreamError:
             # Closed under our feet: the task path finds out and retries by its rules.
             self._fast_hand_over(expired=False)
@@ -208,7 +209,7 @@ class FastPath(Forwarding):
             capturing = fill.on_head(response)
         head = x.head
         plan = plan_response(head, response, request_body_done=True,
-                             stopping=self._server.stopping)
+                             stopping=self._shared.stopping)
         client_head = client_response_head(response, plan, head,
                                            b"" if fill is None else X_CACHE_MISS)
         x.status = response.status
@@ -216,7 +217,7 @@ class FastPath(Forwarding):
         transport = self._transport
         assert transport is not None
         x.size = len(body)
-        self._server.writes.write(transport, client_head + body)
+        self._shared.writes.write(transport, client_head + body)
         if capturing:
             assert fill is not None
             if not body or fill.on_body(body):
@@ -228,7 +229,7 @@ class FastPath(Forwarding):
         fill = x.fill
         if fill is not None:
             fill.close()
-        self._server.cache.invalidate(x.head, x.upstream_status)
+        self._shared.cache.invalidate(x.head, x.upstream_status)
         self._exchange_done(x, keep_alive, now)
 
     # ---- leaving the callback path --------------------------------------------------
@@ -246,7 +247,7 @@ class FastPath(Forwarding):
         assert conn is not None
         self._fast_clear(conn)
         resume = Resume(backend, conn, self._fast_sent_at, expired=expired)
-        self._hand_over(x, lambda: self._forward_pool(x, upstreams, resume))
+        self._hand_over(x, functools.partial(self._forward_pool, x, upstreams, resume))
 
     def _fast_expired(self) -> None:
         """The backend was silent for ``read_timeout``: 504, or a cut if its head came."""

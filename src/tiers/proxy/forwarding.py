@@ -61,13 +61,13 @@ class Forwarding(ClientIO):
                 fill.close()
             # After a successful POST, PUT, DELETE, ...: by what the backend
             # answered, even if the client left before reading all of it.
-            self._server.cache.invalidate(x.head, x.upstream_status)
+            self._shared.cache.invalidate(x.head, x.upstream_status)
 
     def _serve_cached(self, x: Exchange, req: CacheRequest, serve: Serve) -> bool:
-        keep_alive = x.head.keep_alive and not self._server.stopping and not self._lost
+        keep_alive = x.head.keep_alive and not self._shared.stopping and not self._lost
         answer = serve.response(req, keep_alive=keep_alive)
         assert self._transport is not None
-        self._server.writes.write(self._transport,
+        self._shared.writes.write(self._transport,
                                   answer.head + answer.body if answer.body else answer.head)
         x.status, x.size, x.responded, x.cache = answer.status, len(answer.body), True, serve.label
         return keep_alive
@@ -85,7 +85,7 @@ class Forwarding(ClientIO):
                        resume: Resume | None = None) -> bool:
         head = x.head
         if x.request_id is None:
-            x.request_id = self._server.request_ids.next()
+            x.request_id = self._shared.request_ids.next()
         idempotent = head.method in IDEMPOTENT_METHODS
         tried: set[int] = set()
         fresh_only = False
@@ -220,7 +220,7 @@ class Forwarding(ClientIO):
                     return self._serve_cached(x, x.cache_req, stale)
             capturing = fill.on_head(response)
         plan = plan_response(
-            head, response, request_body_done=x.body_done, stopping=self._server.stopping
+            head, response, request_body_done=x.body_done, stopping=self._shared.stopping
         )
         x.status = response.status
         x.responded = True

@@ -62,7 +62,7 @@ _T = TypeVar("_T")
 # checked once rather than once per message.
 _MEMO_SIZE: Final = 256
 _MEMO_KEY_LIMIT: Final = 256
-_token_sets: dict[bytes, frozenset[bytes]] = {}
+_token_sets: Final[dict[bytes, frozenset[bytes]]] = {}
 
 
 def remember(table: dict[bytes, _T], key: bytes, value: _T) -> None:

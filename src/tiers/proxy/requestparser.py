@@ -166,7 +166,7 @@ _SPECIAL: Final = frozenset(
 _HOST_RE: Final = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 _SYNTHETIC_CHUNKED: Final = b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
 # Host values already found valid (see ``tiers.proxy.http1.remember``).
-_valid_hosts: dict[bytes, bytes] = {}
+_valid_hosts: Final[dict[bytes, bytes]] = {}
 
 
 def _llhttp_reject(exc: Exception) -> _Reject:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 from tiers.config.proxy import RouteKind
 from tiers.errors import ProxyError
@@ -31,6 +31,7 @@ from tiers.proxy.peers import PeerListener, ask, ask_all, merge_status
 from tiers.proxy.responseparser import ResponseHead
 from tiers.proxy.routing import Router
 from tiers.proxy.settings import ProxySettings
+from tiers.proxy.shared import Shared
 from tiers.proxy.static import StaticRoot
 from tiers.proxy.upstream import Pools
 from tiers.proxy.upstreamconn import UpstreamConnection
@@ -44,31 +45,52 @@ def _static_roots(settings: ProxySettings) -> dict[str, StaticRoot]:
             if r.kind is RouteKind.STATIC}
 
 
+_T = TypeVar("_T")
+
+
+class _SharedAttr(Generic[_T]):
+    """``server.<name>`` stands for ``server.shared.<name>``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, server: ProxyServer, owner: type | None = None) -> _T:
+        return cast(_T, getattr(server.shared, self._name))
+
+    def __set__(self, server: ProxyServer, value: _T) -> None:
+        setattr(server.shared, self._name, value)
+
+
 class ProxyServer:
     """The listening socket, the client connections, the backends and the access log."""
 
+    # What the connections read per request, kept in ``self.shared``.
+    settings = _SharedAttr[ProxySettings]()
+    router = _SharedAttr[Router]()
+    abuse = _SharedAttr[Abuse]()
+    pools = _SharedAttr[Pools]()
+    cache = _SharedAttr[PageCache]()
+    request_ids = _SharedAttr[RequestIds]()
+    counters = _SharedAttr[RequestCounters]()
+    writes = _SharedAttr[WriteBatch]()
+    access_log = _SharedAttr["AccessLog | None"]()
+    stopping = _SharedAttr[bool]()
+
     def __init__(self, settings: ProxySettings) -> None:
-        self.settings = settings
         policy = settings.policy
         # Compiling checks the policy once more (regexes, networks, roots): a
         # ConfigError here stops the start with the key named.
-        self.router = Router.compile(policy.routes, pools={p.name for p in policy.pools})
-        self.abuse = Abuse.compile(policy.abuse)
+        router = Router.compile(policy.routes, pools={p.name for p in policy.pools})
+        self.shared = Shared(settings, router, Abuse.compile(policy.abuse),
+                             Pools(policy.pools, settings.upstream_settings()),
+                             self._new_cache(settings))
         self.static_roots = _static_roots(settings)
-        self.pools = Pools(policy.pools, settings.upstream_settings())
-        self.request_ids = RequestIds()
-        self.cache = self._new_cache(settings)
         self._retiring: set[asyncio.Task[None]] = set()
-        self.access_log: AccessLog | None = None
-        self.counters = RequestCounters()
-        # The callback paths' writes, sent together at the end of each loop iteration.
-        self.writes = WriteBatch()
         self.admin: AdminServer | None = None
         self.peers: PeerListener | None = None
         self._telling: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
         self.connections: set[ClientConnection] = set()
-        self.stopping = False
         self.address: tuple[str, int] = (settings.listen.host, settings.listen.port)
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

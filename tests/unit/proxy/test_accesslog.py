@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,32 @@ def test_line_has_every_label_in_order(tmp_path: Path) -> None:
     for label in ("referer", "cache", "route", "reqid"):
         assert first[label] == b"-"
     assert first["reqsize"] == b"0"
+
+
+def test_given_the_loop_time_the_wall_clock_is_read_once_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wall = [1_800_000_000.25]
+    readings: list[float] = []
+
+    def fake_time() -> float:
+        readings.append(wall[0])
+        return wall[0]
+
+    monkeypatch.setattr(time, "time", fake_time)
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    for tenth in range(5):  # 0.0-0.4 s later: the second that began 0.25 s before
+        _record(log, monotonic=100.0 + tenth / 10)
+    assert len(readings) == 1
+    wall[0] += 0.8  # as the loop's clock moved
+    _record(log, monotonic=100.8)  # that second is over: the clock is read again
+    _record(log)  # without the loop's time, it is read every time
+    assert len(readings) == 3
+    log.close()
+    stamps = [parse_line(line)["time"] for line in path.read_bytes().splitlines()]
+    assert len(set(stamps[:5])) == 1
+    assert stamps[5] == stamps[6] != stamps[0]
 
 
 def test_optional_labels_are_written_escaped(tmp_path: Path) -> None:

@@ -238,6 +238,21 @@ def test_the_cache_stays_out_where_config_route_or_request_say_so() -> None:
     assert cache.request(request_head(method=b"POST")) is None
 
 
+def test_admit_takes_the_route_rules_as_given() -> None:
+    """What the proxy calls with its compiled route's flags: the request's own rules still hold."""
+    cache = PageCache(CacheConfig())
+    pool = Route("app", RouteKind.POOL, pool="app")
+    with_cookie = request_head(headers=b"Cookie: s=1\r\n")
+    assert cache.admit(with_cookie, pool, b"-", private_ok=False) is None
+    req = cache.admit(with_cookie, pool, b"10.0.0.1", private_ok=True)
+    assert req is not None and req.route is pool and req.client_ip == b"10.0.0.1"
+    assert cache.admit(request_head(method=b"POST"), pool, b"-", private_ok=True) is None
+    assert cache.admit(request_head(headers=b"Content-Length: 3\r\n"), pool, b"-",
+                       private_ok=True) is None
+    assert PageCache(CacheConfig(enabled=False)).admit(request_head(), pool, b"-",
+                                                       private_ok=True) is None
+
+
 # ---- miss, store, hit ------------------------------------------------------------
 
 
