@@ -185,13 +185,48 @@ format_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return line;
 }
 
+PyDoc_STRVAR(request_id_doc,
+"request_id(prefix, count)\n"
+"--\n\n"
+"prefix, a dash and count (0 <= count < 2**64) in lower-case hex: b\"%s-%x\".");
+
+static PyObject *
+request_id(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "request_id(prefix: bytes, count: int)");
+        return NULL;
+    }
+    unsigned long long count = PyLong_AsUnsignedLongLong(args[1]);
+    if (count == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    char digits[16];
+    int n = 0;
+    do {
+        digits[15 - n++] = "0123456789abcdef"[count & 15];
+        count >>= 4;
+    } while (count != 0);
+    Py_ssize_t prefix_len = PyBytes_GET_SIZE(args[0]);
+    PyObject *id = PyBytes_FromStringAndSize(NULL, prefix_len + 1 + n);
+    if (id == NULL) {
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(id);
+    memcpy(out, PyBytes_AS_STRING(args[0]), prefix_len);
+    out[prefix_len] = '-';
+    memcpy(out + prefix_len + 1, digits + 16 - n, n);
+    return id;
+}
+
 static PyMethodDef ltsv_methods[] = {
     {"format_line", (PyCFunction)(void (*)(void))format_line, METH_FASTCALL, format_line_doc},
+    {"request_id", (PyCFunction)(void (*)(void))request_id, METH_FASTCALL, request_id_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef ltsv_module = {
-    PyModuleDef_HEAD_INIT, "tiers.proxy._ltsv", "The access log's LTSV line in one C call.",
+    PyModuleDef_HEAD_INIT, "tiers.proxy._ltsv", "The access log's LTSV line and request ids in one C call each.",
     -1, ltsv_methods,
 };
 

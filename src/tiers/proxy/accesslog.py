@@ -18,7 +18,8 @@ Lines are buffered and written at least every second, when the buffer grows
 past 64 KiB, and on ``close``. Writes are blocking appends of whole lines:
 small, and what nginx does too.
 
-``RequestIds`` makes the reqid values (also sent to backends as X-Request-Id).
+``RequestIds`` makes the reqid values (also sent to backends as X-Request-Id),
+with ``request_id`` or its C twin.
 
 Each line is made by ``format_line``, or by the same function in C
 (``_ltsv.c``) when that was built, which makes it several times faster.
@@ -126,6 +127,24 @@ def _line_format() -> LineFormat:
 
 
 FORMAT_LINE: Final = _line_format()
+
+
+def request_id(prefix: bytes, count: int) -> bytes:
+    """``prefix``, a dash and ``count`` in lower-case hex (0 <= count < 2**64)."""
+    if not 0 <= count < 1 << 64:
+        raise OverflowError(f"request id count out of range: {count}")
+    return b"%s-%x" % (prefix, count)
+
+
+def _request_id_format() -> Callable[[bytes, int], bytes]:
+    try:
+        from tiers.proxy._ltsv import request_id as c_request_id
+    except ImportError:
+        return request_id
+    return c_request_id
+
+
+REQUEST_ID: Final = _request_id_format()
 
 
 def unescape(value: bytes) -> bytes:
@@ -266,4 +285,4 @@ class RequestIds:
 
     def next(self) -> bytes:
         self._count += 1
-        return b"%s-%x" % (self._prefix, self._count)
+        return REQUEST_ID(self._prefix, self._count)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
@@ -98,7 +97,9 @@ class Coalescer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._flights: dict[bytes, Lead] = {}
-        self._marks: OrderedDict[bytes, float] = OrderedDict()
+        # In the order marked or renewed, oldest first (a plain dict keeps
+        # insertion order, and its methods are the compiled build's primitives).
+        self._marks: dict[bytes, float] = {}
         self._pass_ttl = pass_ttl
         self._max_marks = max_marks
         self._clock = clock
@@ -161,10 +162,11 @@ class Coalescer:
             # Renewed less than a second ago: a key that passes under load is
             # marked again once a second, not on every answer.
             return
+        if old is not None:
+            del marks[key]  # to be inserted again as the newest
         marks[key] = expires
-        marks.move_to_end(key)
         if len(marks) > self._max_marks:
-            marks.popitem(last=False)
+            del marks[next(iter(marks))]
 
     def clear_pass(self, key: bytes) -> None:
         self._marks.pop(key, None)

@@ -11,12 +11,21 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from tiers.proxy.accesslog import AccessLog, escape, format_line, parse_line, unescape
+from tiers.proxy.accesslog import (
+    AccessLog,
+    RequestIds,
+    escape,
+    format_line,
+    parse_line,
+    request_id,
+    unescape,
+)
 
 try:
     from tiers.proxy._ltsv import format_line as c_format_line
+    from tiers.proxy._ltsv import request_id as c_request_id
 except ImportError:
-    c_format_line = None
+    c_format_line = c_request_id = None
 
 LABELS = [
     "time", "host", "forwardedfor", "method", "uri", "protocol", "status", "size", "reqsize",
@@ -254,3 +263,31 @@ def test_the_c_line_refuses_what_is_not_a_field() -> None:
     for seconds in (1e300, -1e300, float("inf"), float("-inf"), float("nan"), -float("nan")):
         with_seconds = [*args[:10], seconds, seconds, *args[12:]]
         assert c_format_line(*with_seconds) == format_line(*with_seconds)  # type: ignore[arg-type]
+
+
+def test_the_c_request_id_is_the_python_one() -> None:
+    require(c_request_id is not None,
+            "the C module tiers.proxy._ltsv is not built (pip install -e . needs a C compiler)")
+    assert c_request_id is not None
+    rng = random.Random(11)
+    counts = [0, 1, 9, 10, 15, 16, 255, 256, 2 ** 32, 2 ** 63, 2 ** 64 - 1]
+    counts += [rng.randrange(0, 2 ** rng.randrange(1, 65)) for _ in range(2000)]
+    for count in counts:
+        for prefix in (b"", b"5f0c2a9e11d4"):
+            assert c_request_id(prefix, count) == request_id(prefix, count)
+            assert request_id(prefix, count) == prefix + b"-" + hex(count)[2:].encode()
+    for bad in (-1, 2 ** 64):
+        with pytest.raises(OverflowError):
+            c_request_id(b"p", bad)
+        with pytest.raises(OverflowError):
+            request_id(b"p", bad)
+    with pytest.raises(TypeError):
+        c_request_id("p", 1)  # type: ignore[arg-type]
+
+
+def test_request_ids_differ_between_processes_and_count_up() -> None:
+    first, second = RequestIds(), RequestIds()
+    a, b = first.next(), first.next()
+    prefix = a.rsplit(b"-", 1)[0]
+    assert a == prefix + b"-1" and b == prefix + b"-2"
+    assert second.next().rsplit(b"-", 1)[0] != prefix

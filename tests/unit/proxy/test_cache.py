@@ -498,6 +498,19 @@ def test_what_an_unstored_answer_means_for_the_next_requests(raw: bytes, passing
     asyncio.run(scenario())
 
 
+def test_a_renewed_pass_mark_is_the_last_to_go() -> None:
+    clock = Clock(0.0)
+    coalescer = Coalescer(pass_ttl=10.0, max_marks=3, clock=clock)
+    for key in (b"a", b"b", b"c"):
+        coalescer.mark_pass(key)
+    clock.now = 2.0
+    coalescer.mark_pass(b"a")  # renewed: now the newest
+    coalescer.mark_pass(b"d")  # one too many: the oldest, b, goes
+    assert [coalescer.passing(k) for k in (b"a", b"b", b"c", b"d")] == [True, False, True, True]
+    coalescer.mark_pass(b"e")
+    assert [coalescer.passing(k) for k in (b"a", b"c", b"d", b"e")] == [True, False, True, True]
+
+
 def test_coalescer_pass_marks_expire_and_are_bounded() -> None:
     async def scenario() -> None:
         clock = Clock(0.0)
