@@ -254,8 +254,12 @@ class Fill:
         """Other requests wait for this fetch."""
         return self._lead is not None
 
-    def on_head(self, response: ResponseHead) -> bool:
-        """Judge the response head; True if its body should be fed to the cache."""
+    def on_head(self, response: ResponseHead, now: float | None = None) -> bool:
+        """Judge the response head; True if its body should be fed to the cache.
+
+        ``now`` is the event loop's time, if the caller has it (it times a
+        pass mark, see ``Coalescer``).
+        """
         if self._response is not None or not self._stores:
             return False
         self._response = response
@@ -277,7 +281,7 @@ class Fill:
         if freshness is None or (length is not None and length > cache.store.max_object):
             status = response.status
             # A 5xx or a 304 says nothing about what the next answer will be.
-            self._uncached(passing=status < 500 and status != 304)
+            self._uncached(passing=status < 500 and status != 304, now=now)
             return False
         self._freshness = freshness
         self._chunks = []
@@ -337,13 +341,13 @@ class Fill:
         if self._lead is not None:
             self._lead.failed()
 
-    def _uncached(self, *, passing: bool) -> None:
+    def _uncached(self, *, passing: bool, now: float | None = None) -> None:
         lead = self._lead
         if passing:
             if lead is not None:
                 lead.uncacheable()
             else:
-                self._cache.coalescer.mark_pass(self.request.rules.key)
+                self._cache.coalescer.mark_pass(self.request.rules.key, now)
         elif lead is not None:
             lead.failed()
 
@@ -414,18 +418,19 @@ class PageCache:
             return None
         return CacheRequest(rules, head, route, client_ip)
 
-    def prepare_nowait(self, req: CacheRequest) -> Serve | Fill | None:
+    def prepare_nowait(self, req: CacheRequest, now: float | None = None) -> Serve | Fill | None:
         """``prepare`` as far as it goes without waiting.
 
         None when another request's fetch of the key is in flight: then
         ``prepare`` waits for it. Returning None changes nothing, so the
-        caller may go on with ``prepare``.
+        caller may go on with ``prepare``. ``now`` is the event loop's time,
+        if the caller has it (it times pass marks, see ``Coalescer``).
         """
         rules = req.rules
         found = self._look(req, rules.reload, None) if self.store.holds(rules.key) else None
         if isinstance(found, Serve):
             return found
-        turn = self.coalescer.try_join(rules.key, may_lead=not rules.head_only)
+        turn = self.coalescer.try_join(rules.key, may_lead=not rules.head_only, now=now)
         if turn is None:
             return None
         self.store.stats.misses += 1

@@ -87,6 +87,9 @@ class Coalescer:
 
     Pass marks (keys whose last answer was uncacheable) last ``pass_ttl``
     seconds of ``clock`` and at most ``max_marks`` are kept (oldest out).
+    The methods that read ``clock`` also take ``now``, a reading of it the
+    caller already has (the event loop's time: ``time.monotonic``'s clock,
+    the default), which spares reading it once more.
     """
 
     def __init__(
@@ -117,11 +120,13 @@ class Coalescer:
         self._flights[key] = lead
         return lead
 
-    def try_join(self, key: bytes, *, may_lead: bool = True) -> Lead | Turn | None:
+    def try_join(
+        self, key: bytes, *, may_lead: bool = True, now: float | None = None
+    ) -> Lead | Turn | None:
         """What ``join`` decides without waiting: a ``Lead``, FETCH, or None (one is in flight)."""
         if key in self._flights:
             return None
-        if not may_lead or self.passing(key):
+        if not may_lead or self.passing(key, now):
             return Turn.FETCH
         lead = Lead(self, key)
         self._flights[key] = lead
@@ -145,18 +150,18 @@ class Coalescer:
         self.timeouts += 1
         return Turn.FETCH
 
-    def passing(self, key: bytes) -> bool:
+    def passing(self, key: bytes, now: float | None = None) -> bool:
         expires = self._marks.get(key)
         if expires is None:
             return False
-        if expires <= self._clock():
+        if expires <= (self._clock() if now is None else now):
             del self._marks[key]
             return False
         return True
 
-    def mark_pass(self, key: bytes) -> None:
+    def mark_pass(self, key: bytes, now: float | None = None) -> None:
         marks = self._marks
-        expires = self._clock() + self._pass_ttl
+        expires = (self._clock() if now is None else now) + self._pass_ttl
         old = marks.get(key)
         if old is not None and expires - old < _REMARK_AFTER:
             # Renewed less than a second ago: a key that passes under load is

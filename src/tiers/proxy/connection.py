@@ -247,7 +247,7 @@ class ClientConnection(FastPath):
             req = cache.admit(x.head, route.route, self._client_ip,
                               private_ok=route.cache_private_requests)
         if req is not None:
-            plan = cache.prepare_nowait(req)
+            plan = cache.prepare_nowait(req, now)
             if plan is None:  # another request is fetching this page: wait for it
                 self._hand_over(x, functools.partial(self._from_pool, x, route, upstreams))
                 return

@@ -187,7 +187,7 @@ class FastPath(Forwarding):
         status = response.status
         x.upstream_status = status
         try:
-            keep_alive = self._relay(x, conn, response, body)
+            keep_alive = self._relay(x, conn, response, body, now)
             upstreams.release(conn, now)  # back to the idle pool, unless it cannot be reused
         finally:
             # Before anything else is served: least connections must not see
@@ -196,8 +196,11 @@ class FastPath(Forwarding):
         self._end(x, keep_alive, now)
 
     def _relay(self, x: Exchange, conn: UpstreamConnection, response: ResponseHead,
-               body: bytes) -> bool:
-        """Write the response to the client and fill the cache; True if the client stays."""
+               body: bytes, now: float) -> bool:
+        """Write the response to the client and fill the cache; True if the client stays.
+
+        ``now`` is the loop's time, read at the start of the callback.
+        """
         fill = x.fill
         capturing = False
         if fill is not None:
@@ -206,7 +209,7 @@ class FastPath(Forwarding):
                 if stale is not None:  # stale-if-error: the old page beats an error
                     conn.abort()
                     return self._serve_cached(x, x.cache_req, stale)
-            capturing = fill.on_head(response)
+            capturing = fill.on_head(response, now)
         head = x.head
         plan = plan_response(head, response, request_body_done=True,
                              stopping=self._shared.stopping)

@@ -511,6 +511,19 @@ def test_a_renewed_pass_mark_is_the_last_to_go() -> None:
     assert [coalescer.passing(k) for k in (b"a", b"c", b"d", b"e")] == [True, False, True, True]
 
 
+def test_a_reading_of_the_clock_given_stands_for_the_clock() -> None:
+    clock = Clock(1000.0)  # what the coalescer would read: far from the times given
+    coalescer = Coalescer(pass_ttl=10.0, clock=clock)
+    coalescer.mark_pass(b"k", now=0.0)  # until 10.0
+    assert coalescer.passing(b"k", now=9.9)
+    assert coalescer.try_join(b"k", now=9.9) is Turn.FETCH
+    coalescer.mark_pass(b"k", now=5.0)  # renewed: until 15.0
+    assert coalescer.passing(b"k", now=14.9)
+    assert isinstance(coalescer.try_join(b"k", now=15.0), Lead)  # expired: this one leads
+    coalescer.mark_pass(b"j", now=0.0)
+    assert not coalescer.passing(b"j")  # by the clock itself, long expired
+
+
 def test_coalescer_pass_marks_expire_and_are_bounded() -> None:
     async def scenario() -> None:
         clock = Clock(0.0)
