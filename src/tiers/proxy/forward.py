@@ -42,6 +42,7 @@ _CHUNKED: Final = Framing.CHUNKED
 _CLOSE: Final = Framing.CLOSE
 _NONE: Final = Framing.NONE
 _STATUS_LINES: Final = {status: b"HTTP/1.1 %d " % status for status in range(100, 600)}
+_PROTO_HTTP: Final = b"X-Forwarded-Proto: http"
 
 
 def upstream_request_head(
@@ -65,7 +66,7 @@ def upstream_request_head(
     if not isinstance(names, list) or len(names) != len(headers):
         names = _lower_names(headers)
     named = head.connection
-    drop = _REQUEST_DROP if named <= _REQUEST_DROP else _REQUEST_DROP | named
+    drop = _REQUEST_DROP if not named or named <= _REQUEST_DROP else _REQUEST_DROP | named
     if request_id is not None and b"x-request-id" in names and b"x-request-id" not in drop:
         request_id = None  # the client's (or an outer proxy's) id travels on
     # Own lines, without their CRLF. The parser joined repeated X-Forwarded-For.
@@ -74,7 +75,7 @@ def upstream_request_head(
         last = [b"X-Forwarded-For: %s, %s" % (forwarded, client_ip)]
     else:
         last = [b"X-Forwarded-For: " + client_ip]
-    last.append(b"X-Forwarded-Proto: " + proto)
+    last.append(_PROTO_HTTP if proto == b"http" else b"X-Forwarded-Proto: " + proto)
     if request_id is not None:
         last.append(b"X-Request-Id: " + request_id)
     if head.framing is _CHUNKED:
@@ -142,7 +143,7 @@ def client_response_head(
         names = _lower_names(headers)
     named = response.connection
     # Hop-by-hop, plus what the Connection header named.
-    drop = _RESPONSE_DROP if named <= _RESPONSE_DROP else _RESPONSE_DROP | named
+    drop = _RESPONSE_DROP if not named or named <= _RESPONSE_DROP else _RESPONSE_DROP | named
     # Own lines, without their CRLF.
     last: list[bytes] = []
     if plan.chunked:
