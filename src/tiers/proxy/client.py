@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Final
 
 from tiers.proxy.errors import ClientGone
@@ -43,6 +42,8 @@ _HIGH_WATER: Final = 256 * 1024
 _LOW_WATER: Final = 64 * 1024
 # Pipelined requests parsed ahead of the one being served.
 _MAX_QUEUED: Final = 64
+# Served events an EventQueue keeps at its start before dropping them.
+_COMPACT_AFTER: Final = 256
 # A request body up to this size is kept until the response starts, so an
 # idempotent request can be sent again to another backend.
 REPLAY_LIMIT: Final = 64 * 1024
@@ -58,6 +59,51 @@ def wake(waiter: asyncio.Future[bool] | None, value: bool = True) -> None:
         waiter.set_result(value)
 
 
+class EventQueue:
+    """A connection's parsed request events waiting to be served, oldest first.
+
+    A list read from a moving start rather than a deque: in the compiled
+    build every step here is a native operation, where a deque's methods
+    are looked up by name.
+    """
+
+    __slots__ = ("_events", "_start")
+
+    def __init__(self) -> None:
+        self._events: list[RequestEvent] = []
+        self._start = 0
+
+    def __len__(self) -> int:
+        return len(self._events) - self._start
+
+    def __bool__(self) -> bool:
+        return self._start < len(self._events)
+
+    def append(self, event: RequestEvent) -> None:
+        self._events.append(event)
+
+    def peek(self, index: int = 0) -> RequestEvent | None:
+        """The event ``index`` places from the oldest, or None if there are fewer."""
+        at = self._start + index
+        events = self._events
+        return events[at] if at < len(events) else None
+
+    def popleft(self) -> RequestEvent:
+        """Remove and return the oldest event (IndexError when there is none)."""
+        events = self._events
+        start = self._start
+        event = events[start]
+        start += 1
+        if start == len(events):
+            events.clear()
+            start = 0
+        elif start >= _COMPACT_AFTER:
+            del events[:start]  # a long run of pipelined requests: drop the served ones
+            start = 0
+        self._start = start
+        return event
+
+
 class ClientIO(asyncio.Protocol):
     """The shared state of one client connection; see the module docstring."""
 
@@ -67,7 +113,7 @@ class ClientIO(asyncio.Protocol):
         self._settings = server.settings
         self._loop = server.loop
         self._parser = RequestParser(server.settings.limits)
-        self._events: deque[RequestEvent] = deque()
+        self._events = EventQueue()
         self._buffered = 0
         self._reading_paused = False
         self._waiter: asyncio.Future[bool] | None = None

@@ -187,9 +187,9 @@ class ClientConnection(FastPath):
                         self._write_blocked = True
                         self._deadline.set(now + self._settings.send_timeout)
                     return
-                head = queue[0]
+                head = queue.peek()
                 if (type(head) is not RequestHead or head.framing is not _NONE
-                        or len(queue) < 2 or queue[1] is not END):
+                        or queue.peek(1) is not END):
                     self._hand_over_queue()  # a body, a malformed request, ...
                     return
                 queue.popleft()
@@ -350,9 +350,8 @@ class ClientConnection(FastPath):
         queue = self._events
         if not queue:
             return True
-        head = queue[0]
-        return (type(head) is RequestHead and head.framing is _NONE
-                and len(queue) > 1 and queue[1] is END)
+        head = queue.peek()
+        return type(head) is RequestHead and head.framing is _NONE and queue.peek(1) is END
 
     async def _next_head(self, first: bool) -> RequestHead | None:
         settings = self._settings

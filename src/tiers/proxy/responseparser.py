@@ -161,13 +161,14 @@ class _ResponseReader:
     def __init__(self, head_request: bool) -> None:
         self.llhttp: httptools.HttpResponseParser | None = None
         self.out: list[ResponseEvent] = []
+        # The fields of the message llhttp reads, made anew by on_message_begin.
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.names: list[bytes] = []
         self.reset(head_request)
 
     def reset(self, head_request: bool) -> None:
         """Expect a new response (to a HEAD request if ``head_request``)."""
         self.head_request = head_request
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.names: list[bytes] = []
         self.reason = b""
         self.in_head = True
         self.head_used = 0
