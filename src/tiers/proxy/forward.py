@@ -95,13 +95,14 @@ class ResponsePlan:
     has_body: bool
 
 
-# Every plan there can be, made once: deciding a response allocates nothing.
-_PLANS: Final = {
-    (chunked, keep_alive, has_body): ResponsePlan(chunked, keep_alive, has_body)
+# Every plan there can be, made once and indexed by its three flags as bits
+# (chunked 4, keep_alive 2, has_body 1): deciding a response allocates nothing.
+_PLANS: Final = [
+    ResponsePlan(chunked, keep_alive, has_body)
     for chunked in (False, True)
     for keep_alive in (False, True)
     for has_body in (False, True)
-}
+]
 
 
 def plan_response(
@@ -125,7 +126,7 @@ def plan_response(
         else:
             close_delimited = True
     keep_alive = request.keep_alive and request_body_done and not close_delimited and not stopping
-    return _PLANS[chunked, keep_alive, framing is not _NONE]
+    return _PLANS[(4 if chunked else 0) + (2 if keep_alive else 0) + (framing is not _NONE)]
 
 
 def client_response_head(
