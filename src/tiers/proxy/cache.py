@@ -10,13 +10,14 @@ Three layers, the lower ones usable alone:
     PageCache   what the proxy calls, per request:
 
         req = cache.request(head, route, client_ip)     # None: bypass the cache
-        plan = await cache.prepare(req)                 # Serve or Fill
+        plan = await cache.prepare(req)                 # Serve, Fill or PASS
                                                         # (prepare_nowait: the same
                                                         # unless it would wait: None)
         Serve: write plan.response(req, keep_alive=...) (X-Cache HIT or STALE)
         Fill:  forward plan.request_head to the app; feed the response to
                plan.on_head / on_body / on_end; on a failure try
                plan.serve_stale(); always plan.close()
+        PASS:  forward the request as it is; mark the answer X-Cache: MISS
 
 What the rules of RFC 9111 admit is decided in ``tiers.proxy.cachepolicy``;
 this module adds the clock and the event loop.
@@ -27,7 +28,11 @@ the answer, the waiters look the store up again and are served from it. When
 the answer turns out uncacheable (Set-Cookie, private, too large, ...), the
 waiters each go to the app themselves, and the key is marked "pass" for
 ``pass_ttl`` seconds so the next misses go straight to the app instead of
-queueing; a later cacheable answer clears the mark. When the leader fails
+queueing; a later cacheable answer clears the mark. Within a second of the
+mark being set or renewed, such a miss gets PASS: there is nothing to
+judge, as the mark is renewed at most once a second; the first miss after
+that second gets a Fill again, whose answer renews or clears the mark.
+When the leader fails
 (no answer, a 5xx, its client gone), the waiters are woken: those holding an
 entry inside its stale-if-error window serve it, the others start over and
 one of them leads the next fetch. A waiter never waits longer than
@@ -87,6 +92,7 @@ _SAFE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 # that finished, so a handful covers a few Vary variants in a row.
 _MAX_ROUNDS: Final = 8
 _MAX_REFRESHES: Final = 256
+_PASS_TURN: Final = Turn.PASS
 
 
 # ---- answers made from entries -----------------------------------------------------
@@ -176,6 +182,19 @@ class CacheRequest:
         self.head = head
         self.route = route
         self.client_ip = client_ip
+
+
+class Pass:
+    """Forward without the cache: the key passes and was judged under a second ago.
+
+    The answer is relayed marked X-Cache: MISS; there is nothing to feed,
+    close or serve stale. ``PASS`` is the one instance.
+    """
+
+    __slots__ = ()
+
+
+PASS: Final = Pass()
 
 
 class Serve:
@@ -418,7 +437,9 @@ class PageCache:
             return None
         return CacheRequest(rules, head, route, client_ip)
 
-    def prepare_nowait(self, req: CacheRequest, now: float | None = None) -> Serve | Fill | None:
+    def prepare_nowait(
+        self, req: CacheRequest, now: float | None = None
+    ) -> Serve | Fill | Pass | None:
         """``prepare`` as far as it goes without waiting.
 
         None when another request's fetch of the key is in flight: then
@@ -434,10 +455,12 @@ class PageCache:
         if turn is None:
             return None
         self.store.stats.misses += 1
+        if turn is _PASS_TURN and found is None:
+            return PASS
         return Fill(self, req, turn if type(turn) is Lead else None, found)
 
-    async def prepare(self, req: CacheRequest) -> Serve | Fill:
-        """Decide how to answer ``req``: from the store (Serve) or from the app (Fill).
+    async def prepare(self, req: CacheRequest) -> Serve | Fill | Pass:
+        """Decide how to answer ``req``: from the store (Serve) or from the app (Fill, PASS).
 
         May wait, at most ``wait_timeout`` in all, for another request's
         fetch of the same key. A Fill whose ``leading`` is true makes others
@@ -464,7 +487,7 @@ class PageCache:
             if type(turn) is Lead:
                 self.store.stats.misses += 1
                 return Fill(self, req, turn, stale)
-            if turn is Turn.FETCH:
+            if turn is Turn.FETCH or turn is Turn.PASS:
                 break
             if turn is Turn.FAILED:
                 fallback = self._serve_stale(stale)

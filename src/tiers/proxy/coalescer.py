@@ -7,7 +7,10 @@ FAILED when no usable answer came. An uncacheable answer also marks the key
 "pass" for ``pass_ttl`` seconds, so the next misses go straight to the app
 instead of queueing behind one another (hit-for-miss); each further
 uncacheable answer renews the mark (at most once a second), and a later
-cacheable answer clears it. ``tiers.proxy.cache`` decides what the turns mean.
+cacheable answer clears it. A miss on a key whose mark was set or renewed
+less than a second ago gets PASS rather than FETCH: its answer need not be
+judged, as the mark will not be renewed before that second is over.
+``tiers.proxy.cache`` decides what the turns mean.
 
 Nothing here raises; a waiter that waits ``timeout`` in vain gets FETCH.
 """
@@ -26,6 +29,7 @@ class Turn(enum.Enum):
 
     LOOKUP = "lookup"  # the fetch stored an answer: look the store up again
     FETCH = "fetch"  # go to the app yourself (uncacheable, passing, or waited too long)
+    PASS = "pass"  # as FETCH; the key's pass mark is under a second old (see above)
     FAILED = "failed"  # the fetch failed: serve stale-if-error, or start over
 
 
@@ -123,11 +127,21 @@ class Coalescer:
     def try_join(
         self, key: bytes, *, may_lead: bool = True, now: float | None = None
     ) -> Lead | Turn | None:
-        """What ``join`` decides without waiting: a ``Lead``, FETCH, or None (one is in flight)."""
+        """What ``join`` decides without waiting.
+
+        A ``Lead``, FETCH, PASS, or None when a fetch of ``key`` is in flight.
+        """
         if key in self._flights:
             return None
-        if not may_lead or self.passing(key, now):
+        if not may_lead:
             return Turn.FETCH
+        expires = self._marks.get(key)
+        if expires is not None:
+            if now is None:
+                now = self._clock()
+            if expires > now:
+                return Turn.PASS if expires - self._pass_ttl + _REMARK_AFTER > now else Turn.FETCH
+            del self._marks[key]
         lead = Lead(self, key)
         self._flights[key] = lead
         return lead
@@ -136,7 +150,8 @@ class Coalescer:
         """Lead the fetch for ``key``, or wait up to ``timeout`` seconds for the one in flight.
 
         Without a fetch in flight: a ``Lead`` if ``may_lead`` and the key is
-        not passing, else FETCH. With one: its outcome, or FETCH on timeout.
+        not passing, else FETCH or PASS. With one: its outcome, or FETCH on
+        timeout.
         Cancelling a waiter does not disturb the fetch or the other waiters.
         """
         decided = self.try_join(key, may_lead=may_lead)

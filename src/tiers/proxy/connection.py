@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, cast
 
 from tiers.config.proxy import RouteKind
-from tiers.proxy.cache import MISS_LABEL, Fill, Serve
+from tiers.proxy.cache import MISS_LABEL, PASS, Fill, Serve
 from tiers.proxy.client import wake
 from tiers.proxy.errors import ClientGone, StaticFileError
 from tiers.proxy.exchange import CLIENT_CLOSED, Exchange
@@ -254,8 +254,11 @@ class ClientConnection(FastPath):
             if type(plan) is Serve:
                 self._exchange_done(x, self._serve_cached(x, req, plan), now)
                 return
-            assert isinstance(plan, Fill)
-            x.fill, x.cache_req, x.cache = plan, req, MISS_LABEL
+            if plan is PASS:
+                x.cache = MISS_LABEL
+            else:
+                assert isinstance(plan, Fill)
+                x.fill, x.cache_req, x.cache = plan, req, MISS_LABEL
         self._forward_now(x, upstreams, now)
 
     def _exchange_done(self, x: Exchange, keep_alive: bool, now: float) -> None:
@@ -464,8 +467,11 @@ class ClientConnection(FastPath):
                 plan = await cache.prepare(req)
             if type(plan) is Serve:
                 return self._serve_cached(x, req, plan)
-            assert isinstance(plan, Fill)
-            x.fill, x.cache_req, x.cache = plan, req, MISS_LABEL
+            if plan is PASS:
+                x.cache = MISS_LABEL
+            else:
+                assert isinstance(plan, Fill)
+                x.fill, x.cache_req, x.cache = plan, req, MISS_LABEL
         return await self._forward_pool(x, upstreams)
 
     async def _serve_static(self, x: Exchange, route: CompiledRoute) -> bool:

@@ -214,7 +214,7 @@ class FastPath(Forwarding):
         plan = plan_response(head, response, request_body_done=True,
                              stopping=self._shared.stopping)
         client_head = client_response_head(response, plan, head,
-                                           b"" if fill is None else X_CACHE_MISS)
+                                           b"" if x.cache is None else X_CACHE_MISS)
         x.status = response.status
         x.responded = True
         transport = self._transport

@@ -228,7 +228,7 @@ class Forwarding(ClientIO):
         assert transport is not None
         chunked = plan.chunked
         pieces = [client_response_head(response, plan, head,
-                                       b"" if fill is None else X_CACHE_MISS)]
+                                       b"" if x.cache is None else X_CACHE_MISS)]
         size = 0
         try:
             while True:

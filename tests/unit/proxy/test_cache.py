@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from tiers.config.proxy import CacheConfig, Route, RouteKind
 from tiers.proxy.cache import (
+    PASS,
     CacheRequest,
     Fill,
     PageCache,
@@ -450,8 +452,13 @@ def test_an_uncacheable_answer_sends_waiters_to_the_app_and_marks_the_key_pass()
         gate.set()
         bodies = await asyncio.gather(*tasks)
         assert fetches == 6 and bodies == [b"fetched"] * 6
-        # Hit-for-pass: the next miss does not lead, so nobody would queue behind it.
-        plan = await cache.prepare(cache_request(cache))
+        # Hit-for-pass: the next miss does not lead, so nobody would queue behind it;
+        # within a second of the mark it has no answer to judge either.
+        assert await cache.prepare(cache_request(cache)) is PASS
+        assert cache.prepare_nowait(cache_request(cache)) is PASS
+        # Past that second, a miss judges its answer again (to renew the mark, or end it).
+        later = time.monotonic() + 1.5
+        plan = cache.prepare_nowait(cache_request(cache), now=later)
         assert isinstance(plan, Fill) and not plan.leading
         # A cacheable answer on that path is stored and ends the pass.
         assert feed(plan, response_bytes(b"now public"))
@@ -529,7 +536,9 @@ def test_coalescer_pass_marks_expire_and_are_bounded() -> None:
         clock = Clock(0.0)
         coalescer = Coalescer(pass_ttl=10.0, max_marks=3, clock=clock)
         coalescer.mark_pass(b"k")
-        assert await coalescer.join(b"k", 1.0) is Turn.FETCH
+        assert await coalescer.join(b"k", 1.0) is Turn.PASS  # marked under a second ago
+        clock.now = 1.5
+        assert await coalescer.join(b"k", 1.0) is Turn.FETCH  # its answer is to be judged
         clock.now = 10.0
         lead = await coalescer.join(b"k", 1.0)
         assert isinstance(lead, Lead)
@@ -862,13 +871,15 @@ def test_a_passing_key_gets_a_fill_at_once_and_an_answer_without_freshness_is_no
 ) -> None:
     async def scenario() -> None:
         cache = new_cache(Clock())
-        first = cache.prepare_nowait(cache_request(cache))
+        now = time.monotonic()
+        first = cache.prepare_nowait(cache_request(cache), now)
         assert isinstance(first, Fill)
         plain = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npage"
         assert not feed(first, plain)
         first.close()
         assert cache.coalescer.passing(cache_request(cache).rules.key)
-        again = cache.prepare_nowait(cache_request(cache))
+        assert cache.prepare_nowait(cache_request(cache), now + 0.5) is PASS
+        again = cache.prepare_nowait(cache_request(cache), now + 1.5)
         assert isinstance(again, Fill) and not again.leading
         assert feed(again, response_bytes(b"now fresh"))  # and it still may be stored
         again.close()
