@@ -1,6 +1,6 @@
 """Build: Python plus two small C modules by default; with TIERS_COMPILE=1 the
 proxy's request path is compiled to C extensions by mypyc as well (the same
-typed sources; about half the proxy's own CPU per request).
+typed sources; about a fifth of the pure build's CPU for the proxy's own work).
 
 The C modules are two helpers of the proxy's request path:
 ``tiers.proxy._heads`` reads plain HTTP heads in one call, ``tiers.proxy._ltsv``
