@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
+from tests.unit.proxy.fakes import FakeTransport
 from tiers.proxy.__main__ import parse_args
 from tiers.proxy.connection import ClientConnection
 from tiers.proxy.server import ProxyServer
@@ -16,36 +17,6 @@ _CACHEABLE = (b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nCache-Control: public, m
 _REQUEST = b"GET /page HTTP/1.1\r\nHost: site.test\r\n\r\n"
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def writelines(self, data: list[bytes]) -> None:
-        self.write(b"".join(data))
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 50000) if name == "peername" else default
-
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-
-    def can_write_eof(self) -> bool:
-        return False
-
-
 def test_within_a_second_of_its_pass_mark_a_page_goes_by_unjudged_but_marked_miss() -> None:
     async def scenario() -> None:
         settings, _ = parse_args(["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"])
@@ -54,25 +25,25 @@ def test_within_a_second_of_its_pass_mark_a_page_goes_by_unjudged_but_marked_mis
         server._loop = loop  # what start() sets, without binding or health checks
         backend = server.pools["default"].pick(())
         assert backend is not None
-        upstream_side = _Transport()
+        upstream_side = FakeTransport()
         upstream = UpstreamConnection(backend, loop)
         upstream.connection_made(cast(asyncio.Transport, upstream_side))
         upstream.finish(loop.time())
         backend.pool.put(upstream)
-        client_side = _Transport()
+        client_side = FakeTransport()
         client = ClientConnection(server)
         client.connection_made(cast(asyncio.Transport, client_side))
 
         async def exchange(response: bytes) -> bytes:
-            sent = len(upstream_side.writes)
+            sent = len(upstream_side.written())
             client.data_received(_REQUEST)
             await asyncio.sleep(0)
-            assert len(upstream_side.writes) == sent + 1  # the request went to the backend
-            answered = len(client_side.writes)
+            assert len(upstream_side.written()) == sent + 1  # the request went to the backend
+            answered = len(client_side.written())
             upstream.data_received(response)
             await asyncio.sleep(0)
-            assert len(client_side.writes) == answered + 1
-            return client_side.writes[-1]
+            assert len(client_side.written()) == answered + 1
+            return client_side.written()[-1]
 
         # Judged: uncacheable, so the page passes from now on.
         assert b"\r\nX-Cache: MISS\r\n" in await exchange(_UNCACHEABLE)

@@ -6,41 +6,12 @@ import asyncio
 from dataclasses import replace
 from typing import cast
 
+from tests.unit.proxy.fakes import FakeTransport
 from tiers.proxy.__main__ import parse_args
 from tiers.proxy.accesslog import AccessLog
 from tiers.proxy.connection import ClientConnection
 from tiers.proxy.routing import Router
 from tiers.proxy.server import ProxyServer
-
-
-class _Transport:
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def writelines(self, data: list[bytes]) -> None:
-        self.write(b"".join(data))
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 50000) if name == "peername" else default
-
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-
-    def can_write_eof(self) -> bool:
-        return False
 
 
 def _server() -> ProxyServer:
@@ -80,17 +51,17 @@ def test_an_open_connection_sees_settings_swapped_under_it() -> None:
         server = _server()
         server._loop = asyncio.get_running_loop()  # what start() sets, without binding
         client = ClientConnection(server)
-        transport = _Transport()
+        transport = FakeTransport()
         client.connection_made(cast(asyncio.Transport, transport))
         settings = server.settings
         server.settings = replace(settings, policy=replace(settings.policy, max_body_size=10))
         client.data_received(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 20\r\n\r\n")
         for _ in range(20):
-            if transport.data:
+            if transport.written():
                 break
             await asyncio.sleep(0.01)
         client.connection_lost(None)
         await asyncio.sleep(0)
-        return transport.data
+        return b"".join(transport.written())
 
     assert asyncio.run(scenario()).startswith(b"HTTP/1.1 413 ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
+from tests.unit.proxy.fakes import FakeTransport
 from tiers.proxy.__main__ import parse_args
 from tiers.proxy.connection import ClientConnection
 from tiers.proxy.server import ProxyServer
@@ -12,27 +13,9 @@ from tiers.proxy.upstreamconn import UpstreamConnection
 from tiers.proxy.writebatch import WriteBatch
 
 
-class _Transport:
-    """Records what reaches it, in one log shared by every transport of a test."""
-
-    def __init__(self, name: str, log: list[tuple[str, bytes]]) -> None:
-        self.name = name
-        self.log = log
-        self.closing = False
-        self.fail = False
-
-    def write(self, data: bytes) -> None:
-        if self.fail:
-            raise RuntimeError("transport is broken")
-        self.log.append((self.name, data))
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-
 def _pair(log: list[tuple[str, bytes]]) -> tuple[asyncio.Transport, asyncio.Transport]:
-    return (cast(asyncio.Transport, _Transport("a", log)),
-            cast(asyncio.Transport, _Transport("b", log)))
+    return (cast(asyncio.Transport, FakeTransport("a", log)),
+            cast(asyncio.Transport, FakeTransport("b", log)))
 
 
 def test_the_first_write_of_an_iteration_goes_at_once_the_rest_at_its_end() -> None:
@@ -74,14 +57,14 @@ def test_a_closed_transport_gets_nothing_and_a_broken_one_does_not_stop_the_othe
     async def scenario() -> None:
         log: list[tuple[str, bytes]] = []
         a, b = _pair(log)
-        c = cast(asyncio.Transport, _Transport("c", log))
+        c = cast(asyncio.Transport, FakeTransport("c", log))
         batch = WriteBatch()
         batch.write(a, b"first")
         batch.write(a, b"late")
         batch.write(b, b"broken")
         batch.write(c, b"fine")
-        cast(_Transport, a).closing = True  # closed or aborted meanwhile
-        cast(_Transport, b).fail = True
+        cast(FakeTransport, a).closing = True  # closed or aborted meanwhile
+        cast(FakeTransport, b).fail = True
         await asyncio.sleep(0)
         assert log == [("a", b"first"), ("c", b"fine")]
 
@@ -92,29 +75,6 @@ def test_a_closed_transport_gets_nothing_and_a_broken_one_does_not_stop_the_othe
 
 _RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
              b"Connection: keep-alive\r\n\r\nhello")
-
-
-class _Recorder(_Transport):
-    """A transport of a proxied connection: writes and closes, in one shared log."""
-
-    def writelines(self, data: list[bytes]) -> None:
-        self.write(b"".join(data))
-
-    def close(self) -> None:
-        self.log.append((self.name, b"<close>"))
-        self.closing = True
-
-    def abort(self) -> None:
-        self.close()
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 50000) if name == "peername" else default
-
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-
-    def can_write_eof(self) -> bool:
-        return False
 
 
 def test_a_batched_answer_goes_out_before_the_close_that_follows_it() -> None:
@@ -130,14 +90,14 @@ def test_a_batched_answer_goes_out_before_the_close_that_follows_it() -> None:
         ups = []
         for name in ("up1", "up2"):
             up = UpstreamConnection(backend, loop)
-            up.connection_made(cast(asyncio.Transport, _Recorder(name, log)))
+            up.connection_made(cast(asyncio.Transport, FakeTransport(name, log)))
             up.finish(loop.time())
             backend.pool.put(up)
             ups.append(up)
         clients = []
         for name in ("keep", "close"):
             client = ClientConnection(server)
-            client.connection_made(cast(asyncio.Transport, _Recorder(name, log)))
+            client.connection_made(cast(asyncio.Transport, FakeTransport(name, log)))
             clients.append(client)
         # One loop iteration: both requests, then both answers. Only the very
         # first write goes out at once; the close answer is batched.
