@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast, overload
 
 from tiers.config.proxy import RouteKind
 from tiers.errors import ProxyError
@@ -54,7 +54,16 @@ class _SharedAttr(Generic[_T]):
     def __set_name__(self, owner: type, name: str) -> None:
         self._name = name
 
-    def __get__(self, server: ProxyServer, owner: type | None = None) -> _T:
+    @overload
+    def __get__(self, server: None, owner: type | None = None) -> _SharedAttr[_T]: ...
+    @overload
+    def __get__(self, server: ProxyServer, owner: type | None = None) -> _T: ...
+
+    def __get__(
+        self, server: ProxyServer | None, owner: type | None = None
+    ) -> _T | _SharedAttr[_T]:
+        if server is None:  # looked up on the class, as help() and inspect do
+            return self
         return cast(_T, getattr(server.shared, self._name))
 
     def __set__(self, server: ProxyServer, value: _T) -> None:

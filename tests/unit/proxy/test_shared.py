@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from dataclasses import replace
 from typing import cast
 
@@ -33,6 +34,11 @@ def test_the_server_attributes_are_the_shared_ones() -> None:
     server.stopping = True
     assert shared.stopping
     log.close()
+
+
+def test_the_class_itself_can_be_looked_through() -> None:
+    assert ProxyServer.cache is ProxyServer.__dict__["cache"]  # the descriptor itself
+    assert "cache" in dict(inspect.getmembers(ProxyServer))
 
 
 def test_the_body_limit_follows_the_settings() -> None:
