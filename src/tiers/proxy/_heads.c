@@ -444,7 +444,8 @@ scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (start < 0 || start > size || max_head < 0 || max_line < 0) {
-        PyErr_SetString(PyExc_ValueError, "scan_request: start outside the data or a negative limit");
+        PyErr_SetString(PyExc_ValueError,
+                        "scan_request: start outside the data or a negative limit");
         return NULL;
     }
     const char *base = PyBytes_AS_STRING(args[0]);

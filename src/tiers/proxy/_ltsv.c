@@ -226,8 +226,8 @@ static PyMethodDef ltsv_methods[] = {
 };
 
 static struct PyModuleDef ltsv_module = {
-    PyModuleDef_HEAD_INIT, "tiers.proxy._ltsv", "The access log's LTSV line and request ids in one C call each.",
-    -1, ltsv_methods,
+    PyModuleDef_HEAD_INIT, "tiers.proxy._ltsv",
+    "The access log's LTSV line and request ids in one C call each.", -1, ltsv_methods,
 };
 
 PyMODINIT_FUNC

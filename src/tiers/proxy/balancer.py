@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -174,21 +175,22 @@ class ServerState:
         return _RAMP_FLOOR + (1.0 - _RAMP_FLOOR) * progress
 
 
-class Policy:
+class Policy(ABC):
     """Chooses one server for a request, or None when no server qualifies.
 
     A server qualifies when it is up, in the tier in use (``backup``), not in
     ``exclude`` (already tried for this request) and, when ``limit`` is not
     0, carries fewer than ``limit`` requests.
 
-    A base class rather than a protocol: the compiled build then calls
-    ``choose`` through a native method table, without boxing its arguments.
+    An abstract base class rather than a protocol: the compiled build then
+    calls ``choose`` through a native method table, without boxing its
+    arguments.
     """
 
+    @abstractmethod
     def choose(
         self, key: bytes, exclude: Collection[int], backup: bool, limit: int, now: float
-    ) -> int | None:
-        raise NotImplementedError
+    ) -> int | None: ...
 
 
 def _candidates(

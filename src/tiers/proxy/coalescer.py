@@ -135,13 +135,9 @@ class Coalescer:
             return None
         if not may_lead:
             return Turn.FETCH
-        expires = self._marks.get(key)
-        if expires is not None:
-            if now is None:
-                now = self._clock()
-            if expires > now:
-                return Turn.PASS if expires - self._pass_ttl + _REMARK_AFTER > now else Turn.FETCH
-            del self._marks[key]
+        age = self._mark_age(key, now)
+        if age is not None:
+            return Turn.PASS if age < _REMARK_AFTER else Turn.FETCH
         lead = Lead(self, key)
         self._flights[key] = lead
         return lead
@@ -166,27 +162,36 @@ class Coalescer:
         return Turn.FETCH
 
     def passing(self, key: bytes, now: float | None = None) -> bool:
-        expires = self._marks.get(key)
-        if expires is None:
-            return False
-        if expires <= (self._clock() if now is None else now):
-            del self._marks[key]
-            return False
-        return True
+        return self._mark_age(key, now) is not None
 
     def mark_pass(self, key: bytes, now: float | None = None) -> None:
-        marks = self._marks
-        expires = (self._clock() if now is None else now) + self._pass_ttl
-        old = marks.get(key)
-        if old is not None and expires - old < _REMARK_AFTER:
+        if now is None:
+            now = self._clock()
+        age = self._mark_age(key, now)
+        if age is not None and age < _REMARK_AFTER:
             # Renewed less than a second ago: a key that passes under load is
             # marked again once a second, not on every answer.
             return
-        if old is not None:
-            del marks[key]  # to be inserted again as the newest
-        marks[key] = expires
+        marks = self._marks
+        marks.pop(key, None)  # to be inserted again as the newest
+        marks[key] = now + self._pass_ttl
         if len(marks) > self._max_marks:
             del marks[next(iter(marks))]
+
+    def _mark_age(self, key: bytes, now: float | None) -> float | None:
+        """Seconds since the pass mark of ``key`` was set or renewed; None if it has none.
+
+        An expired mark is dropped here. The clock is read only for a mark.
+        """
+        expires = self._marks.get(key)
+        if expires is None:
+            return None
+        if now is None:
+            now = self._clock()
+        if expires <= now:
+            del self._marks[key]
+            return None
+        return now - (expires - self._pass_ttl)
 
     def clear_pass(self, key: bytes) -> None:
         self._marks.pop(key, None)

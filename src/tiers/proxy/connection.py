@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, cast
 
 from tiers.config.proxy import RouteKind
-from tiers.proxy.cache import MISS_LABEL, PASS, Fill, Serve
+from tiers.proxy.cache import MISS_LABEL, CacheRequest, Fill, Pass, Serve
 from tiers.proxy.client import wake
 from tiers.proxy.errors import ClientGone, StaticFileError
 from tiers.proxy.exchange import CLIENT_CLOSED, Exchange
@@ -242,23 +242,16 @@ class ClientConnection(FastPath):
         assert route.pool is not None
         upstreams = self._shared.pools[route.pool]
         cache = self._shared.cache
-        req = None
-        if route.cache:
-            req = cache.admit(x.head, route.route, self._client_ip,
-                              private_ok=route.cache_private_requests)
+        req = self._cache_request(x, route)
         if req is not None:
             plan = cache.prepare_nowait(req, now)
             if plan is None:  # another request is fetching this page: wait for it
                 self._hand_over(x, functools.partial(self._from_pool, x, route, upstreams))
                 return
-            if type(plan) is Serve:
+            if isinstance(plan, Serve):
                 self._exchange_done(x, self._serve_cached(x, req, plan), now)
                 return
-            if plan is PASS:
-                x.cache = MISS_LABEL
-            else:
-                assert isinstance(plan, Fill)
-                x.fill, x.cache_req, x.cache = plan, req, MISS_LABEL
+            _fetch_for_cache(x, req, plan)
         self._forward_now(x, upstreams, now)
 
     def _exchange_done(self, x: Exchange, keep_alive: bool, now: float) -> None:
@@ -460,19 +453,22 @@ class ClientConnection(FastPath):
     async def _from_pool(self, x: Exchange, route: CompiledRoute, upstreams: Upstreams) -> bool:
         """Answer from the page cache when it can, else forward (filling the cache)."""
         cache = self._shared.cache
-        req = cache.request(x.head, route.route, self._client_ip)
+        req = self._cache_request(x, route)
         if req is not None:
             plan = cache.prepare_nowait(req)
             if plan is None:
                 plan = await cache.prepare(req)
-            if type(plan) is Serve:
+            if isinstance(plan, Serve):
                 return self._serve_cached(x, req, plan)
-            if plan is PASS:
-                x.cache = MISS_LABEL
-            else:
-                assert isinstance(plan, Fill)
-                x.fill, x.cache_req, x.cache = plan, req, MISS_LABEL
+            _fetch_for_cache(x, req, plan)
         return await self._forward_pool(x, upstreams)
+
+    def _cache_request(self, x: Exchange, route: CompiledRoute) -> CacheRequest | None:
+        """``x`` as the page cache sees it, or None when the cache stays out of it."""
+        if not route.cache:
+            return None
+        return self._shared.cache.admit(x.head, route.route, self._client_ip,
+                                        private_ok=route.cache_private_requests)
 
     async def _serve_static(self, x: Exchange, route: CompiledRoute) -> bool:
         head = x.head
@@ -499,6 +495,13 @@ class ClientConnection(FastPath):
             self._cut_client()
             return False
         return keep_alive and not self._lost
+
+
+def _fetch_for_cache(x: Exchange, req: CacheRequest, plan: Fill | Pass) -> None:
+    """Forward ``x`` on the cache's behalf: feeding ``plan`` if a Fill; marked MISS either way."""
+    if type(plan) is Fill:
+        x.fill, x.cache_req = plan, req
+    x.cache = MISS_LABEL
 
 
 def _cancel(task: asyncio.Task[None]) -> None:

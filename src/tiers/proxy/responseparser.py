@@ -108,7 +108,7 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]],
     if b"connection" not in names:
         return NO_TOKENS
     if names.count(b"connection") == 1:
-        return header_tokens([headers[names.index(b"connection")][1]])
+        return value_tokens(headers[names.index(b"connection")][1])
     return header_tokens([field[1] for lname, field in zip(names, headers, strict=True)
                           if lname == b"connection"])
 
@@ -349,14 +349,9 @@ class ResponseParser:
         ``feed`` would have said, without making them. Else None, and
         nothing has changed: ``feed_rest`` takes the bytes as ``feed`` would.
         """
-        if self._reader.done:
-            return None
-        return self._scan_whole(data)
-
-    def _scan_whole(self, data: bytes) -> ResponseHead | None:
         reader = self._reader
         scan = self._scan
-        if scan is None or not reader.in_head or reader.head_used != 0:
+        if scan is None or reader.done or not reader.in_head or reader.head_used != 0:
             return None
         scanned = scan(data, _MAX_RESPONSE_HEADERS)
         if scanned is None:
