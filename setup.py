@@ -1,33 +1,41 @@
-"""Build: Python plus two small C modules by default; with TIERS_COMPILE=1 the
-proxy's request path is compiled to C extensions by mypyc as well (the same
-typed sources; about a fifth of the pure build's CPU for the proxy's own work).
+"""Build: Python, two small C modules, and the proxy's request path compiled
+to C extensions by mypyc from the same typed sources, which takes about four
+fifths off the proxy's own CPU per request.
 
 The C modules are two helpers of the proxy's request path:
 ``tiers.proxy._heads`` reads plain HTTP heads in one call, ``tiers.proxy._ltsv``
 makes the access log line. Both are optional: without a C compiler the
 install goes on, and the Python code does their work (the proxy's start log
-line names the helpers it runs with). An editable install builds them in
-place; after editing a ``.c`` file, rebuild with
-``python setup.py build_ext --inplace``.
+line names the helpers it runs with). After editing a ``.c`` file in a
+checkout, rebuild them with ``python setup.py build_ext --inplace``.
 
-    TIERS_COMPILE=1 pip install '.[test]'      # a compiled install
-    TIERS_COMPILE=1 python setup.py build_ext --inplace   # compiled, in a checkout
+The compiled request path follows TIERS_COMPILE (build_backend/compiled.py):
 
-An editable install stays pure Python unless built in place as above: a
-compiled module next to its source shadows it, so edits to that source would
-not take effect until the next build (``tiers.proxy.compiled_modules()`` tells
-what is compiled in a running process).
+    pip install tiers, pip install ., pip install -e .   # compiled where it can be, else pure
+    TIERS_COMPILE=1 pip install .              # compiled, or the install fails
+    TIERS_COMPILE=0 pip install -e .           # pure Python, no mypy needed, a quicker install
+    TIERS_COMPILE=1 python setup.py build_ext --inplace   # compiled again, in a checkout
+
+Built in place (an editable install), a compiled module sits next to its
+source and Python would import it first; the build also writes the digest of
+each compiled source, and ``tiers.proxy.requestpath`` runs the Python sources
+instead as soon as one of them no longer matches, so edits always take effect
+(the proxy's start log says so, and why).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+from typing import Any
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import BaseError, CCompilerError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "build_backend"))
-from compiled import COMPILED_MODULES, compile_requested
+from compiled import COMPILED_MODULES, MANIFEST, compile_mode
 
 # Optional: a failed compile leaves the package without them, not uninstallable.
 _C_HELPERS = [
@@ -37,8 +45,13 @@ _C_HELPERS = [
 ]
 
 
-def _mypyc_extensions() -> list[object]:
-    if not compile_requested():
+def _warn(message: str) -> None:
+    print(f"warning: tiers: {message}; the proxy's request path stays pure Python "
+          "(about five times its CPU per request)", file=sys.stderr)
+
+
+def _mypyc_extensions(mode: str) -> list[Any]:
+    if mode == "0":
         return []
     try:
         from mypyc.build import mypycify
@@ -46,6 +59,9 @@ def _mypyc_extensions() -> list[object]:
         if set(sys.argv[1:]) & {"egg_info", "dist_info"}:
             # pip runs this file to learn the build requirements before it has
             # installed them (build_backend/backend.py adds mypy to them).
+            return []
+        if mode == "auto":
+            _warn("mypyc is not installed for this build (pip install 'mypy>=1.10')")
             return []
         raise SystemExit("TIERS_COMPILE=1 needs mypyc: pip install 'mypy>=1.10'") from None
 
@@ -56,4 +72,64 @@ def _mypyc_extensions() -> list[object]:
                          opt_level="3", group_name="tiers_proxy"))
 
 
-setup(ext_modules=[*_C_HELPERS, *_mypyc_extensions()])
+class _BuildExt(build_ext):
+    """build_ext that, under TIERS_COMPILE=auto, builds the compiled modules all or none.
+
+    They are one group: each module's extension imports the shared library
+    that holds the code, so a partial set would fail at import. If any of
+    them fails to build (no C compiler, no Python headers), those already
+    built are removed, the rest of the build goes on, and the package runs
+    its Python sources.
+    """
+
+    compiled_built = False
+
+    def run(self) -> None:
+        super().run()
+        if self.compiled_built:
+            self._write_manifest()
+
+    def build_extensions(self) -> None:
+        compiled = [ext for ext in self.extensions if ext.name not in _HELPER_NAMES]
+        if not compiled or compile_mode() != "auto":
+            super().build_extensions()
+            self.compiled_built = bool(compiled)
+            return
+        self.extensions = [ext for ext in self.extensions if ext.name in _HELPER_NAMES]
+        super().build_extensions()
+        try:
+            for ext in compiled:
+                self.build_extension(ext)
+        except (CCompilerError, BaseError) as error:
+            for ext in compiled:
+                built = self.get_ext_fullpath(ext.name)
+                if os.path.exists(built):
+                    os.remove(built)
+            _warn(f"building the compiled modules failed ({error})")
+        else:
+            self.compiled_built = True
+            # Listed again for what follows the build: the copy next to the
+            # sources (--inplace) and the list of files a wheel installs.
+            self.extensions.extend(compiled)
+
+
+    def _write_manifest(self) -> None:
+        """Each compiled source's digest, beside the built modules (tiers.proxy.requestpath)."""
+        package = self.get_finalized_command("build_py").get_package_dir("tiers.proxy")
+        lines = []
+        for name in COMPILED_MODULES:
+            filename = name.rpartition(".")[2] + ".py"
+            with open(os.path.join(package, filename), "rb") as f:
+                lines.append(f"{hashlib.sha256(f.read()).hexdigest()}  {filename}\n")
+        targets = [os.path.join(self.build_lib, "tiers", "proxy", MANIFEST)]
+        if self.inplace:
+            targets.append(os.path.join(package, MANIFEST))
+        for target in targets:
+            with open(target, "w", encoding="ascii") as f:
+                f.writelines(lines)
+
+
+_HELPER_NAMES = {ext.name for ext in _C_HELPERS}
+
+setup(ext_modules=[*_C_HELPERS, *_mypyc_extensions(compile_mode())],
+      cmdclass={"build_ext": _BuildExt})

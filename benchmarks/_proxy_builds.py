@@ -1,9 +1,11 @@
 """The two builds of tiers' proxy that ``proxy.py`` measures, each in its own copy.
 
-``pure``: the checkout's sources as ``pip install .`` builds them: Python,
-plus the C helpers (``tiers.proxy._heads``, ``tiers.proxy._ltsv``). ``compiled``: the same
-sources built with TIERS_COMPILE=1, the request path compiled by mypyc as
-well, as ``TIERS_COMPILE=1 pip install .`` builds them. Each copy is a
+``compiled``: the checkout's sources as ``pip install .`` builds them by
+default: the request path compiled by mypyc, plus the C helpers
+(``tiers.proxy._heads``, ``tiers.proxy._ltsv``); built with TIERS_COMPILE=1 so
+that a failed compile stops the benchmark instead of measuring the fallback.
+``pure``: Python plus the C helpers, as an editable install or
+``TIERS_COMPILE=0 pip install .`` builds them. Each copy is a
 directory to put first on PYTHONPATH; neither touches the checkout (whose
 own compiled modules, if it was built in place, are left out).
 """
@@ -16,7 +18,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SKIP = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
+_SKIP = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "compiled.sha256")
 
 
 def _build_copy(tmp: str, name: str, python: str, compile_: bool) -> tuple[str | None, str]:
@@ -41,12 +43,12 @@ def _build_copy(tmp: str, name: str, python: str, compile_: bool) -> tuple[str |
 
 
 def pure_copy(tmp: str, python: str = sys.executable) -> tuple[str | None, str]:
-    """Build the default install in a copy: (its ``src/`` path, "") or (None, why not)."""
+    """Build the Python sources in a copy: (its ``src/`` path, "") or (None, why not)."""
     return _build_copy(tmp, "pure", python, compile_=False)
 
 
 def compiled_copy(tmp: str, python: str = sys.executable) -> tuple[str | None, str]:
-    """Build the compiled proxy in a copy: (its ``src/`` path, "") or (None, why not)."""
+    """Build the default install in a copy: (its ``src/`` path, "") or (None, why not)."""
     probe = subprocess.run([python, "-c", "import mypyc.build"], capture_output=True,
                            check=False)
     if probe.returncode != 0:

@@ -11,10 +11,11 @@ request written to a file. wrk loads each in turn, the order rotating every
 round; the table gives medians over the rounds and the ratios tiers/peer.
 
 tiers runs in two builds of the same sources, each from a copy in the
-temporary directory: the default one (Python, and the C head scanner), and
-compiled by mypyc as ``TIERS_COMPILE=1 pip install .`` builds it (about a
+temporary directory: ``tiers``, the request path compiled by mypyc as
+``pip install tiers`` and ``pip install .`` build it by default (about a
 minute to build; needs mypy, which the bench extra installs;
-``--no-compiled`` skips it).
+``--no-compiled`` skips it), and ``tiers pure``, the Python sources (with the
+C helpers) that an editable checkout or ``TIERS_COMPILE=0`` runs.
 
 Two reference rows come with the first part: the backend loaded directly,
 and ``_relay.py``, a uvloop byte relay with no HTTP work at all (no
@@ -399,7 +400,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each run")
     p.add_argument("--skip-cache", action="store_true", help="skip the cached-page part")
     p.add_argument("--no-compiled", action="store_true",
-                   help="measure only the pure-Python build of tiers")
+                   help="skip the compiled build (the installed default); "
+                        "measure only the Python sources")
     args = p.parse_args(argv)
     if not 0 < args.duration <= 600:
         p.error("--duration must be in (0, 600] seconds")
@@ -414,10 +416,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 @dataclass
 class Build:
-    """One build of tiers: its name and the ``src/`` copy it runs from."""
+    """One build of tiers: its name, the ``src/`` copy it runs from, and which it is."""
 
     name: str
     src: str
+    compiled: bool
 
     @property
     def env(self) -> dict[str, str]:
@@ -425,19 +428,22 @@ class Build:
 
 
 def prepare_builds(args: argparse.Namespace, tmp: str, python: str) -> list[Build]:
+    """The installed build (compiled), then the Python sources (an editable checkout)."""
+    builds = []
+    if args.no_compiled:
+        print("tiers (compiled): skipped (--no-compiled)")
+    else:
+        print("building the compiled proxy (mypyc, about a minute)...", file=sys.stderr,
+              flush=True)
+        src, why_not = compiled_copy(tmp, python)
+        if src is None:
+            print(f"tiers (compiled): skipped: {why_not}")
+        else:
+            builds.append(Build("tiers", src, compiled=True))
     src, why_not = pure_copy(tmp, python)
     if src is None:
         raise h.BenchmarkError(why_not)
-    builds = [Build("tiers", src)]
-    if args.no_compiled:
-        print("tiers compiled: skipped (--no-compiled)")
-        return builds
-    print("building the compiled proxy (mypyc, about a minute)...", file=sys.stderr, flush=True)
-    src, why_not = compiled_copy(tmp, python)
-    if src is None:
-        print(f"tiers compiled: skipped: {why_not}")
-    else:
-        builds.append(Build("tiers compiled", src))
+    builds.append(Build("tiers pure", src, compiled=False))
     return builds
 
 
@@ -451,7 +457,6 @@ def start_tiers(children: h.Children, python: str, build: Build, *, name: str, p
         env=build.env,
     )
     children.wait_listening(child, port)
-    compiled = build.name.endswith("compiled")
     deadline = time.monotonic() + 5
     while True:
         log = children.log_tail(child, 50)
@@ -460,7 +465,7 @@ def start_tiers(children: h.Children, python: str, build: Build, *, name: str, p
         if time.monotonic() > deadline:
             raise h.BenchmarkError(f"{name}: no 'request path' line in its log:\n{log}")
         time.sleep(0.05)
-    if ("request path: compiled" in log) != compiled:
+    if ("request path: compiled" in log) != build.compiled:
         raise h.BenchmarkError(f"{name} does not run the {build.name} build:\n{log}")
     if "C helpers: head scanner, log line" not in log:
         raise h.BenchmarkError(f"{name} runs without its C helpers:\n{log}")

@@ -1,7 +1,7 @@
-"""What the compiled build compiles, and whether it was asked for.
+"""What the compiled build compiles, and when it is built.
 
 Shared by ``setup.py`` and the in-tree build backend (``backend.py``), which
-adds mypy to the build requirements only when a compiled build is asked for.
+adds mypy to the build requirements whenever a build may compile.
 """
 
 from __future__ import annotations
@@ -50,10 +50,31 @@ COMPILED_MODULES = (
 # (--ignore-missing-imports in setup.py).
 COMPILE_REQUIREMENTS = ("mypy>=1.10", "httptools>=0.6")
 
+# TIERS_COMPILE: "1" compiles or fails, "0" never compiles, "auto" compiles
+# where it can and otherwise builds the pure-Python request path with a
+# warning. Unset, an install through pip (``pip install tiers``, ``pip install
+# .``, ``pip install -e .``) is "auto", and ``python setup.py build_ext`` is
+# "0" (the quick rebuild of the C helpers after editing one).
+COMPILE_MODES = ("0", "1", "auto")
+ENV = "TIERS_COMPILE"
 
-def compile_requested() -> bool:
-    """True when the environment asks for a compiled build (TIERS_COMPILE=1)."""
-    value = os.environ.get("TIERS_COMPILE", "0")
-    if value not in ("0", "1"):
-        raise SystemExit(f"TIERS_COMPILE must be 0 or 1, got {value!r}")
-    return value == "1"
+# The digests of the compiled sources, written beside the built modules;
+# tiers.proxy.requestpath reads it (and names it: keep the two the same).
+MANIFEST = "compiled.sha256"
+
+
+def compile_mode(default: str = "0") -> str:
+    """The build's mode: TIERS_COMPILE when set, else ``default``."""
+    value = os.environ.get(ENV) or default
+    if value not in COMPILE_MODES:
+        raise SystemExit(f"{ENV} must be one of {', '.join(COMPILE_MODES)}, got {value!r}")
+    return value
+
+
+def default_to_auto() -> None:
+    """Make "auto" the mode of this build unless TIERS_COMPILE says otherwise.
+
+    The backend calls it in the hooks of a wheel or editable build; each hook
+    runs in its own process, and setup.py runs in that process.
+    """
+    os.environ[ENV] = compile_mode(default="auto")

@@ -51,7 +51,8 @@ def test_round_robin_and_keep_alive_reuse(backends: Any, proxy: Any) -> None:
 
 def test_the_start_log_names_the_build_that_runs(backends: Any, proxy: Any) -> None:
     # The proxy process runs the install these tests import: compiled modules
-    # (TIERS_COMPILE=1, setup.py) or pure Python.
+    # (setup.py) or the Python sources, and then says why when a compiled
+    # build is there (TIERS_PURE_PYTHON=1, or sources changed since).
     compiled = tiers.proxy.fastpath.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
     (a,) = backends(1)
     p = proxy([a])
@@ -59,7 +60,8 @@ def test_the_start_log_names_the_build_that_runs(backends: Any, proxy: Any) -> N
     if compiled:
         assert re.fullmatch(r"compiled \((\d+) modules\)", said), said
     else:
-        assert said == "pure Python"
+        assert said == tiers.proxy.request_path()
+        assert re.fullmatch(r"pure Python( \(.+\))?", said), said
     # The C helpers are part of both builds wherever a compiler was at hand.
     assert helpers == (", ".join(c_helpers()) or "none (built without a C compiler)")
     require(helpers == "head scanner, log line", "the C helpers are not built")

@@ -53,6 +53,7 @@ Operating it:
     peers           worker processes asking each other for the admin listener
     workers         several worker processes on one port
     errors          the proxy's branch of the error tree
+    requestpath     the compiled build of the request path, or its Python sources
 
 Run it with ``python -m tiers.proxy`` (see ``tiers.proxy.__main__``).
 """
@@ -60,8 +61,13 @@ Run it with ``python -m tiers.proxy`` (see ``tiers.proxy.__main__``).
 from __future__ import annotations
 
 import importlib
-import importlib.machinery
-import sys
+import os
+
+from tiers.proxy import requestpath
+
+# Before any module of the request path is imported: a compiled build that no
+# longer matches its sources gives way to them (requestpath).
+_PURE_REASON = requestpath.choose(os.path.dirname(os.path.abspath(__file__)))
 
 # Written in C, not compiled from Python sources: part of every build that
 # had a C compiler (setup.py), by what each does.
@@ -83,14 +89,14 @@ def c_helpers() -> list[str]:
 def compiled_modules() -> list[str]:
     """The proxy's loaded modules compiled from their Python sources.
 
-    Empty in the default install; a build with TIERS_COMPILE=1 (see
-    setup.py) compiles the request path with mypyc.
+    Empty when the request path runs its Python sources: an editable or
+    wheel install that had no C compiler, a build with TIERS_COMPILE=0, a
+    compiled build older than its sources, or TIERS_PURE_PYTHON=1 (see
+    setup.py and requestpath).
     """
-    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    return sorted(
-        name
-        for name, module in list(sys.modules.items())
-        if name.startswith("tiers.proxy.") and name not in _C_HELPERS
-        and (getattr(module, "__file__", None) or "").endswith(suffixes)
-    )
+    return requestpath.compiled_modules(list(_C_HELPERS))
 
+
+def request_path() -> str:
+    """The start log's words for the build of the request path this process runs."""
+    return requestpath.describe(list(_C_HELPERS), _PURE_REASON)

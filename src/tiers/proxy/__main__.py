@@ -39,7 +39,7 @@ from tiers.config import load_topology
 from tiers.config.model import Address, ProxyConfig
 from tiers.config.proxy import AdminConfig, Pool, ProxyPolicy, Route, RouteKind, Server
 from tiers.errors import ConfigError, ProxyError, TiersError
-from tiers.proxy import c_helpers, compiled_modules
+from tiers.proxy import c_helpers, request_path
 from tiers.proxy.server import ProxyServer
 from tiers.proxy.settings import ProxySettings
 
@@ -271,9 +271,7 @@ async def serve(settings: ProxySettings, reload: Reloader | None = None) -> int:
         port,
         ", ".join(str(b) for b in settings.backends),
     )
-    compiled = compiled_modules()
-    log.info("request path: %s; C helpers: %s",
-             f"compiled ({len(compiled)} modules)" if compiled else "pure Python",
+    log.info("request path: %s; C helpers: %s", request_path(),
              ", ".join(c_helpers()) or "none (built without a C compiler)")
     await stop.wait()
     log.info("stopping: finishing requests in flight")
