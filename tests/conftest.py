@@ -9,11 +9,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # SIGTERM (a CI job cancelled, kill) would end the run where it stands:
+    # the servers a test started stop by themselves, but no fixture teardown
+    # runs, and their directories stay in /tmp. As an interrupt, like
+    # Ctrl-C, it lets pytest run every teardown before it exits.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def require(condition: bool, reason: str) -> None:
