@@ -43,6 +43,7 @@ _C_HELPERS = [
               extra_compile_args=["-O2"])
     for name in ("_heads", "_ltsv")
 ]
+_HELPER_NAMES = {ext.name for ext in _C_HELPERS}
 
 
 def _warn(message: str) -> None:
@@ -112,7 +113,6 @@ class _BuildExt(build_ext):
             # sources (--inplace) and the list of files a wheel installs.
             self.extensions.extend(compiled)
 
-
     def _write_manifest(self) -> None:
         """Each compiled source's digest, beside the built modules (tiers.proxy.requestpath)."""
         package = self.get_finalized_command("build_py").get_package_dir("tiers.proxy")
@@ -128,8 +128,6 @@ class _BuildExt(build_ext):
             with open(target, "w", encoding="ascii") as f:
                 f.writelines(lines)
 
-
-_HELPER_NAMES = {ext.name for ext in _C_HELPERS}
 
 setup(ext_modules=[*_C_HELPERS, *_mypyc_extensions(compile_mode())],
       cmdclass={"build_ext": _BuildExt})
