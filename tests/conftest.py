@@ -22,12 +22,19 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     # SIGTERM (a CI job cancelled, kill) would end the run where it stands:
     # the servers a test started stop by themselves, but no fixture teardown
     # runs, and their directories stay in /tmp. As an interrupt, like
-    # Ctrl-C, it lets pytest run every teardown before it exits.
+    # Ctrl-C, it lets pytest run every teardown before it exits. Only in
+    # this process: a process a test forks (a prefork server, say) must die
+    # of SIGTERM as before, not run this session's teardown.
     signal.signal(signal.SIGTERM, _interrupt)
+    os.register_at_fork(after_in_child=_default_sigterm)
 
 
 def require(condition: bool, reason: str) -> None:
