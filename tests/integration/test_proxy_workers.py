@@ -4,6 +4,7 @@ and one admin listener that speaks for all of them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -25,8 +26,13 @@ from tiers.proxy.peers import PeerListener, ask, new_prefix, socket_name
 
 
 def workers_of(proxy: Proxy) -> list[psutil.Process]:
-    return [c for c in psutil.Process(proxy.process.pid).children()
-            if c.status() != psutil.STATUS_ZOMBIE]
+    workers = []
+    for child in psutil.Process(proxy.process.pid).children():
+        # A child may be reaped between the listing and this look at it.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.status() != psutil.STATUS_ZOMBIE:
+                workers.append(child)
+    return workers
 
 
 def test_workers_share_the_port_and_are_kept_at_their_count(
@@ -68,6 +74,23 @@ def test_workers_share_the_port_and_are_kept_at_their_count(
     assert _wait(lambda: sum("nothing to reload" in line for line in p.lines[mark:]) == 2, 5)
     assert {c.pid for c in workers_of(p)} == {c.pid for c in children}
     assert p.stop() == 0
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+def test_a_stop_while_a_worker_is_about_to_be_started_again_stops_everything(
+        backends: Callable[[int], list[Backend]], proxy: Callable[..., Proxy]) -> None:
+    (a,) = backends(1)
+    p = proxy([a], "--workers", "2")
+    assert _wait(lambda: sum("listening on" in line for line in p.lines) == 2, 10)
+    children = workers_of(p)
+    victim = children[0]
+    victim.kill()
+    p.wait_for(rf"worker \d \(pid {victim.pid}\) was killed by SIGKILL", timeout=5)
+    mark = len(p.lines)
+    # The master pauses before it starts the worker again; a stop in that
+    # pause ends the proxy without a new worker.
+    assert p.stop(timeout=10) == 0
+    assert not any("listening on" in line for line in p.lines[mark:]), p.lines[mark:]
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
 
 

@@ -9,10 +9,11 @@ relays signals and keeps the count:
                        finished its requests in flight (status 0)
     SIGHUP             passed on: each worker reloads its configuration (a
                        worker still starting holds it until it can)
-    a worker dies      it is started again after a short pause, with the
-                       configuration the file holds then; a worker that
-                       dies this way ``_MAX_QUICK_DEATHS`` times in a row within
-                       a second of starting stops the proxy (status 1)
+    a worker dies      it is started again after a short pause (unless a
+                       stop came meanwhile), with the configuration the
+                       file holds then; a worker that dies this way
+                       ``_MAX_QUICK_DEATHS`` times in a row within a second
+                       of starting stops the proxy (status 1)
 
 Each worker gets SIGTERM if the master dies (even by SIGKILL), so none is
 left behind. Only worker 0 runs the admin listener; it asks every worker
@@ -43,6 +44,7 @@ _PR_SET_PDEATHSIG = 1
 _QUICK = 1.0  # seconds: a worker dying sooner than this counts as failing to start
 _MAX_QUICK_DEATHS = 5
 _RESPAWN_PAUSE = 0.5
+_HELD_AT_FORK = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 # Runs one worker to completion and returns its exit status.
 WorkerMain = Callable[[ProxySettings, int], int]
@@ -106,7 +108,8 @@ class Master:
                 continue
             log.warning("worker %d (pid %d) %s; starting it again", index, pid, reason)
             time.sleep(_RESPAWN_PAUSE)
-            self._spawn(index)
+            if not self._stop_asked():  # a stop during the pause: nothing to start
+                self._spawn(index)
         if reserved is not None:
             reserved.close()
         return status
@@ -132,30 +135,38 @@ class Master:
     def _note(self, signum: int, _frame: object) -> None:
         self._pending.append(signum)
 
+    def _stop_asked(self) -> bool:
+        return any(signum != signal.SIGHUP for signum in self._pending)
+
     def _signal_all(self, signum: int) -> None:
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
     def _spawn(self, index: int) -> None:
-        # SIGHUP would kill a worker that has not set up its handler yet, or
-        # land in the master's handler copied into it: the worker is forked
-        # with SIGHUP blocked (the mask is inherited), and it stays blocked
-        # until the worker can reload. The master holds it back for the fork only.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        # A signal that reached a new worker before it reset its handlers
+        # would land in the master's handler copied into it, which only notes
+        # it in the worker's copy of the master: a SIGTERM lost that way left
+        # the worker running and the master waiting for it. So the worker is
+        # forked with these signals blocked (the mask is inherited) and lets
+        # SIGTERM and SIGINT through once they are back at their defaults.
+        # SIGHUP stays blocked until the worker can reload (a default SIGHUP
+        # would kill it). The master holds them back for the fork only.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_AT_FORK)
         try:
             pid = os.fork()
             if pid == 0:
                 code = 1
                 try:
-                    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    for signum in _HELD_AT_FORK:
                         signal.signal(signum, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
                     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
                     code = self.run_worker(worker_settings(self.settings, index), index)
                 finally:
                     os._exit(code)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_AT_FORK)
         self.children[pid] = (index, time.monotonic())
 
 
