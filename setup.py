@@ -37,6 +37,8 @@ from setuptools.errors import BaseError, CCompilerError
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "build_backend"))
 from compiled import COMPILED_MODULES, MANIFEST, compile_mode
 
+_MODE = compile_mode()
+
 # Optional: a failed compile leaves the package without them, not uninstallable.
 _C_HELPERS = [
     Extension(f"tiers.proxy.{name}", [f"src/tiers/proxy/{name}.c"], optional=True,
@@ -92,7 +94,7 @@ class _BuildExt(build_ext):
 
     def build_extensions(self) -> None:
         compiled = [ext for ext in self.extensions if ext.name not in _HELPER_NAMES]
-        if not compiled or compile_mode() != "auto":
+        if not compiled or _MODE != "auto":
             super().build_extensions()
             self.compiled_built = bool(compiled)
             return
@@ -129,5 +131,5 @@ class _BuildExt(build_ext):
                 f.writelines(lines)
 
 
-setup(ext_modules=[*_C_HELPERS, *_mypyc_extensions(compile_mode())],
+setup(ext_modules=[*_C_HELPERS, *_mypyc_extensions(_MODE)],
       cmdclass={"build_ext": _BuildExt})

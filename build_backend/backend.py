@@ -6,9 +6,10 @@ so they ask for mypy to be installed (see compiled.py and setup.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from compiled import COMPILE_REQUIREMENTS, compile_mode, default_to_auto
+from compiled import COMPILE_REQUIREMENTS, default_to_auto
 from setuptools import build_meta as _setuptools
 from setuptools.build_meta import (  # noqa: F401 (the hooks this backend passes through)
     build_sdist,
@@ -18,28 +19,26 @@ from setuptools.build_meta import (  # noqa: F401 (the hooks this backend passes
 )
 
 
-def _with_compile_requirements(requires: list[str]) -> list[str]:
-    if compile_mode() != "0":
-        requires.extend(COMPILE_REQUIREMENTS)
-    return requires
+def _with_compile_requirements(requires: Iterable[str]) -> list[str]:
+    """setuptools' ``requires``, plus what compiling needs unless TIERS_COMPILE=0."""
+    if default_to_auto() == "0":
+        return list(requires)
+    return [*requires, *COMPILE_REQUIREMENTS]
 
 
 def get_requires_for_build_wheel(config_settings: dict[str, Any] | None = None) -> list[str]:
-    default_to_auto()
+    return _with_compile_requirements(_setuptools.get_requires_for_build_wheel(config_settings))
+
+
+def get_requires_for_build_editable(config_settings: dict[str, Any] | None = None) -> list[str]:
     return _with_compile_requirements(
-        list(_setuptools.get_requires_for_build_wheel(config_settings)))
+        _setuptools.get_requires_for_build_editable(config_settings))
 
 
 def build_wheel(wheel_directory: str, config_settings: dict[str, Any] | None = None,
                 metadata_directory: str | None = None) -> str:
     default_to_auto()
     return str(_setuptools.build_wheel(wheel_directory, config_settings, metadata_directory))
-
-
-def get_requires_for_build_editable(config_settings: dict[str, Any] | None = None) -> list[str]:
-    default_to_auto()
-    return _with_compile_requirements(
-        list(_setuptools.get_requires_for_build_editable(config_settings)))
 
 
 def build_editable(wheel_directory: str, config_settings: dict[str, Any] | None = None,

@@ -71,10 +71,12 @@ def compile_mode(default: str = "0") -> str:
     return value
 
 
-def default_to_auto() -> None:
-    """Make "auto" the mode of this build unless TIERS_COMPILE says otherwise.
+def default_to_auto() -> str:
+    """Make "auto" the mode of this build unless TIERS_COMPILE says otherwise; the mode.
 
     The backend calls it in the hooks of a wheel or editable build; each hook
     runs in its own process, and setup.py runs in that process.
     """
-    os.environ[ENV] = compile_mode(default="auto")
+    mode = compile_mode(default="auto")
+    os.environ[ENV] = mode
+    return mode

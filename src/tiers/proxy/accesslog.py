@@ -118,17 +118,6 @@ LineFormat = Callable[
 ]
 
 
-def _line_format() -> LineFormat:
-    try:
-        from tiers.proxy._ltsv import format_line as c_format_line
-    except ImportError:
-        return format_line
-    return c_format_line
-
-
-FORMAT_LINE: Final = _line_format()
-
-
 def request_id(prefix: bytes, count: int) -> bytes:
     """``prefix``, a dash and ``count`` in lower-case hex (0 <= count < 2**64)."""
     if not 0 <= count < 1 << 64:
@@ -136,15 +125,21 @@ def request_id(prefix: bytes, count: int) -> bytes:
     return b"%s-%x" % (prefix, count)
 
 
-def _request_id_format() -> Callable[[bytes, int], bytes]:
+RequestIdFormat = Callable[[bytes, int], bytes]
+
+
+def _load() -> tuple[LineFormat, RequestIdFormat]:
+    """``format_line`` and ``request_id``, or their C twins in ``_ltsv`` where it was built."""
     try:
-        from tiers.proxy._ltsv import request_id as c_request_id
+        from tiers.proxy import _ltsv
     except ImportError:
-        return request_id
-    return c_request_id
+        return format_line, request_id
+    return _ltsv.format_line, _ltsv.request_id
 
 
-REQUEST_ID: Final = _request_id_format()
+_FORMATS: Final = _load()
+FORMAT_LINE: Final = _FORMATS[0]
+REQUEST_ID: Final = _FORMATS[1]
 
 
 def unescape(value: bytes) -> bytes:
