@@ -38,6 +38,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bui
 from compiled import COMPILED_MODULES, MANIFEST, compile_mode
 
 _MODE = compile_mode()
+# The compiled modules' code is in one shared library, named by mypyc after the group.
+_GROUP = "tiers_proxy"
+_GROUP_LIBRARY = f"{_GROUP}__mypyc"
 
 # Optional: a failed compile leaves the package without them, not uninstallable.
 _C_HELPERS = [
@@ -72,7 +75,7 @@ def _mypyc_extensions(mode: str) -> list[Any]:
     # A build environment holds only the build requirements: the types of
     # the other libraries the package imports are not at hand there.
     return list(mypycify(["--ignore-missing-imports", *paths],
-                         opt_level="3", group_name="tiers_proxy"))
+                         opt_level="3", group_name=_GROUP))
 
 
 class _BuildExt(build_ext):
@@ -94,6 +97,10 @@ class _BuildExt(build_ext):
 
     def build_extensions(self) -> None:
         compiled = [ext for ext in self.extensions if ext.name not in _HELPER_NAMES]
+        if not compiled:
+            # A wheel takes all of the build directory, where an earlier
+            # compiled build may have left its modules.
+            self._remove_compiled()
         if not compiled or _MODE != "auto":
             super().build_extensions()
             self.compiled_built = bool(compiled)
@@ -104,16 +111,25 @@ class _BuildExt(build_ext):
             for ext in compiled:
                 self.build_extension(ext)
         except (CCompilerError, BaseError) as error:
-            for ext in compiled:
-                built = self.get_ext_fullpath(ext.name)
-                if os.path.exists(built):
-                    os.remove(built)
+            self._remove_compiled()
             _warn(f"building the compiled modules failed ({error})")
         else:
             self.compiled_built = True
             # Listed again for what follows the build: the copy next to the
             # sources (--inplace) and the list of files a wheel installs.
             self.extensions.extend(compiled)
+
+    def _remove_compiled(self) -> None:
+        """Delete the compiled modules and their manifest from the build directory.
+
+        Called while extensions are built, when setuptools builds them there
+        even for --inplace (it copies them next to the sources afterwards).
+        """
+        stale = [self.get_ext_fullpath(name) for name in (*COMPILED_MODULES, _GROUP_LIBRARY)]
+        stale.append(os.path.join(self.build_lib, "tiers", "proxy", MANIFEST))
+        for path in stale:
+            if os.path.exists(path):
+                os.remove(path)
 
     def _write_manifest(self) -> None:
         """Each compiled source's digest, beside the built modules (tiers.proxy.requestpath)."""

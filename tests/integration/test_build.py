@@ -4,6 +4,7 @@ Python where they cannot (setup.py, build_backend/)."""
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import os
 import shutil
 import subprocess
@@ -118,3 +119,26 @@ def test_without_mypyc_an_automatic_build_goes_on_in_python(tmp_path: Path) -> N
     assert not (tmp_path / "src/tiers/proxy/compiled.sha256").exists()
     # The C helpers are built all the same.
     assert list(tmp_path.glob("src/tiers/proxy/_heads*.so"))
+
+
+def test_a_build_without_the_compiled_modules_drops_those_an_earlier_one_left(
+        tmp_path: Path) -> None:
+    # A wheel takes the whole build directory, which pip keeps between builds
+    # of a checkout: what a compiled build left there must not come along.
+    _copy_checkout(tmp_path)
+    lib = tmp_path / "lib"
+    package = lib / "tiers" / "proxy"
+    package.mkdir(parents=True)
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    stale = [package / f"fastpath{suffix}", lib / f"tiers_proxy__mypyc{suffix}",
+             package / "compiled.sha256"]
+    for path in stale:
+        path.write_bytes(b"")
+    done = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--build-lib", str(lib)], cwd=tmp_path,
+        env={**os.environ, "TIERS_COMPILE": "0"},
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [path for path in stale if path.exists()] == []
+    assert list(package.glob("_heads*.so"))  # the C helpers are built as ever
